@@ -1,0 +1,227 @@
+"""Records that travel between the modules: settings, links, per-user state, run reports.
+
+Contacts themselves stay as the JSON dicts the two APIs speak (BC API v2.0 field names, Graph
+contact field names): the mapping module is the one place that knows both shapes, and keeping the
+raw dicts means nothing an API returns is lost on the way through.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+DEFAULT_FOLDER = "Business Central"
+
+# A mailbox address (UPN) or an Entra object id. Deliberately strict: the value ends up in Graph URLs
+# and Table keys, so anything outside this shape is refused before it reaches either.
+_UPN_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")  # noqa: E501
+_GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Characters Outlook does not allow in a folder name, plus control characters.
+_BAD_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+class ValidationError(ValueError):
+    """Bad input from a user or a settings row. `field` names the offending setting."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(dt: datetime) -> str:
+    """UTC timestamp as the APIs write it (ISO 8601 with Z)."""
+    return dt.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def normalize_user(value: Any) -> str:
+    """The canonical key of a user: a lower-cased UPN or GUID. Raises ValidationError otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError("user", "a mailbox address (UPN) or Entra object id is required")
+    v = value.strip()
+    if len(v) > 254 or not (_UPN_RE.match(v) or _GUID_RE.match(v)):
+        raise ValidationError("user", "must be a mailbox address such as alice@contoso.com or an object id (GUID)")
+    return v.lower()
+
+
+def normalize_company_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _GUID_RE.match(value.strip()):
+        raise ValidationError("companyId", "must be a Business Central company id (GUID) or null")
+    return value.strip().lower()
+
+
+def normalize_folder_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError("folderName", "must be a non-empty text")
+    v = value.strip()
+    if len(v) > 255:
+        raise ValidationError("folderName", "must be at most 255 characters")
+    if _BAD_FOLDER_CHARS.search(v):
+        raise ValidationError("folderName", "must not contain control characters, '/' or '\\'")
+    return v
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    """One salesperson's sync setup (SPEC §5)."""
+
+    user: str
+    enabled: bool = True
+    company_id: str | None = None
+    folder_name: str = DEFAULT_FOLDER
+    filter: dict[str, str] = field(default_factory=dict)
+    pull_new_from_outlook: bool = True
+    pull_edits_from_outlook: bool = False
+    remove_from_outlook: bool = True
+
+    _JSON_FIELDS = {
+        "user": "user",
+        "enabled": "enabled",
+        "companyId": "company_id",
+        "folderName": "folder_name",
+        "filter": "filter",
+        "pullNewFromOutlook": "pull_new_from_outlook",
+        "pullEditsFromOutlook": "pull_edits_from_outlook",
+        "removeFromOutlook": "remove_from_outlook",
+    }
+
+    @classmethod
+    def from_json(cls, data: Any, user: str | None = None) -> UserSettings:
+        """Validate a settings document. Unknown fields are refused so a typo never goes unnoticed.
+
+        `user`, when given (e.g. from the URL), must agree with the body's `user` if that is present.
+        """
+        from shared.filters import parse_filter  # late import: filters depends on nothing here
+
+        if not isinstance(data, dict):
+            raise ValidationError("body", "must be a JSON object")
+        unknown = sorted(set(data) - set(cls._JSON_FIELDS))
+        if unknown:
+            raise ValidationError(unknown[0], f"unknown setting (known: {', '.join(cls._JSON_FIELDS)})")
+        body_user = data.get("user")
+        if user is not None and body_user is not None and normalize_user(body_user) != normalize_user(user):
+            raise ValidationError("user", "does not match the user in the URL")
+        key = normalize_user(user if user is not None else body_user)
+        kwargs: dict[str, Any] = {"user": key}
+        for name in ("enabled", "pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook"):
+            if name in data:
+                if not isinstance(data[name], bool):
+                    raise ValidationError(name, "must be true or false")
+                kwargs[cls._JSON_FIELDS[name]] = data[name]
+        if "companyId" in data:
+            kwargs["company_id"] = normalize_company_id(data["companyId"])
+        if "folderName" in data:
+            kwargs["folder_name"] = normalize_folder_name(data["folderName"])
+        if "filter" in data and data["filter"] is not None:
+            flt = data["filter"]
+            if not isinstance(flt, dict):
+                raise ValidationError("filter", "must be an object of field → Business Central filter expression")
+            parse_filter(flt)  # raises ValidationError naming the field
+            kwargs["filter"] = dict(flt)
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {j: getattr(self, a) for j, a in self._JSON_FIELDS.items()}
+
+
+@dataclass
+class Link:
+    """Ties one BC contact to one Outlook contact for one user (SPEC §4.1).
+
+    The hashes are of the mapped view of each side as last written or seen, so a later run can tell
+    "this side changed since we last agreed" from "nothing happened" without asking either API.
+    """
+
+    bc_id: str
+    outlook_id: str
+    bc_hash: str = ""
+    outlook_hash: str = ""
+    email: str = ""
+    etag: str | None = None  # Table Storage etag, for conditional writes
+
+
+@dataclass
+class UserState:
+    """Per-user watermarks and the Outlook folder we own."""
+
+    user: str
+    bc_watermark: str | None = None  # ISO UTC: BC lastModifiedDateTime already synced
+    delta_link: str | None = None  # full Graph deltaLink URL of the folder
+    folder_id: str | None = None
+    folder_name: str | None = None
+    company_id: str | None = None
+    settings_hash: str | None = None  # filter/scope the links were built under
+    last_full_sync: str | None = None
+    last_run_id: str | None = None
+    last_status: str | None = None
+    etag: str | None = None
+
+
+ACTIONS = (
+    "outlookCreated",
+    "outlookUpdated",
+    "outlookDeleted",
+    "outlookRecreated",
+    "bcCreated",
+    "bcUpdated",
+    "linked",
+    "skipped",
+    "failed",
+)
+
+
+@dataclass
+class ReportItem:
+    action: str  # one of ACTIONS (or "unlinked", "safetyStop" for report-only items)
+    bcId: str | None = None  # noqa: N815 - SPEC §7 names
+    outlookId: str | None = None  # noqa: N815
+    email: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class RunReport:
+    """The run report of SPEC §7, built as the run goes and persisted at the end."""
+
+    user: str
+    mode: str
+    dryRun: bool = False  # noqa: N815
+    runId: str = field(default_factory=lambda: uuid.uuid4().hex)  # noqa: N815
+    status: str = "running"
+    startedAt: str = field(default_factory=lambda: iso(utcnow()))  # noqa: N815
+    finishedAt: str | None = None  # noqa: N815
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
+    items: list[ReportItem] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=lambda: {"bc": 0, "graph": 0})
+    message: str | None = None
+
+    def add(self, action: str, bc_id: str | None = None, outlook_id: str | None = None,
+            email: str | None = None, reason: str | None = None) -> None:  # fmt: skip
+        if action in self.counts:
+            self.counts[action] += 1
+        self.items.append(ReportItem(action, bc_id, outlook_id, email, reason))
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data.get("message") is None:
+            data.pop("message", None)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunReport:
+        items = [ReportItem(**i) for i in data.get("items", [])]
+        fields = {k: v for k, v in data.items() if k != "items"}
+        return cls(items=items, **fields)
