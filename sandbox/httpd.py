@@ -189,7 +189,9 @@ class Counters:
 
     def http_count(self, method: str | None = None, kind: str | None = None) -> int:
         return sum(
-            n for (m, k), n in self.http.items() if (method is None or m == method) and (kind is None or k == kind)
+            n
+            for (m, k), n in self.http.items()
+            if (method is None or m == method) and (kind is None or k == kind)
         )
 
     def item_count(self, method: str | None = None, kind: str | None = None) -> int:
@@ -328,9 +330,12 @@ def _fmt_seconds(value: float) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as separate small writes; without TCP_NODELAY, Nagle's algorithm and
+    # delayed ACKs add ~40 ms to every response, which would swamp any latency model.
+    disable_nagle_algorithm = True
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _handle(self) -> None:
@@ -421,7 +426,7 @@ class SandboxServer:
 
     def start(self) -> SandboxServer:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"sandbox-{self.service.name}", daemon=True
+            target=self._server.serve_forever, args=(0.05,), name=f"sandbox-{self.service.name}", daemon=True
         )
         self._thread.start()
         return self

@@ -17,7 +17,9 @@ DEFAULT_FOLDER = "Business Central"
 
 # A mailbox address (UPN) or an Entra object id. Deliberately strict: the value ends up in Graph URLs
 # and Table keys, so anything outside this shape is refused before it reaches either.
-_UPN_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")  # noqa: E501
+_UPN_RE = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Characters Outlook does not allow in a folder name, plus control characters.
 _BAD_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
@@ -51,7 +53,9 @@ def normalize_user(value: Any) -> str:
         raise ValidationError("user", "a mailbox address (UPN) or Entra object id is required")
     v = value.strip()
     if len(v) > 254 or not (_UPN_RE.match(v) or _GUID_RE.match(v)):
-        raise ValidationError("user", "must be a mailbox address such as alice@contoso.com or an object id (GUID)")
+        raise ValidationError(
+            "user", "must be a mailbox address such as alice@contoso.com or an object id (GUID)"
+        )
     return v.lower()
 
 
@@ -128,7 +132,9 @@ class UserSettings:
         if "filter" in data and data["filter"] is not None:
             flt = data["filter"]
             if not isinstance(flt, dict):
-                raise ValidationError("filter", "must be an object of field → Business Central filter expression")
+                raise ValidationError(
+                    "filter", "must be an object of field → Business Central filter expression"
+                )
             parse_filter(flt)  # raises ValidationError naming the field
             kwargs["filter"] = dict(flt)
         return cls(**kwargs)
@@ -186,8 +192,8 @@ ACTIONS = (
 @dataclass
 class ReportItem:
     action: str  # one of ACTIONS (or "unlinked", "safetyStop" for report-only items)
-    bcId: str | None = None  # noqa: N815 - SPEC §7 names
-    outlookId: str | None = None  # noqa: N815
+    bcId: str | None = None
+    outlookId: str | None = None
     email: str | None = None
     reason: str | None = None
 
@@ -198,18 +204,24 @@ class RunReport:
 
     user: str
     mode: str
-    dryRun: bool = False  # noqa: N815
-    runId: str = field(default_factory=lambda: uuid.uuid4().hex)  # noqa: N815
+    dryRun: bool = False
+    runId: str = field(default_factory=lambda: uuid.uuid4().hex)
     status: str = "running"
-    startedAt: str = field(default_factory=lambda: iso(utcnow()))  # noqa: N815
-    finishedAt: str | None = None  # noqa: N815
+    startedAt: str = field(default_factory=lambda: iso(utcnow()))
+    finishedAt: str | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
     items: list[ReportItem] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=lambda: {"bc": 0, "graph": 0})
     message: str | None = None
 
-    def add(self, action: str, bc_id: str | None = None, outlook_id: str | None = None,
-            email: str | None = None, reason: str | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        action: str,
+        bc_id: str | None = None,
+        outlook_id: str | None = None,
+        email: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         if action in self.counts:
             self.counts[action] += 1
         self.items.append(ReportItem(action, bc_id, outlook_id, email, reason))

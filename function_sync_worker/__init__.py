@@ -1,0 +1,9 @@
+"""One user's queued sync (from the timer fan-out or an on-demand run that outgrew its budget)."""
+
+import azure.functions as func
+
+from shared import api
+
+
+def main(msg: func.QueueMessage) -> None:
+    api.work(msg)

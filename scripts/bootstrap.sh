@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need into this checkout: a Python venv (.venv) with
+# requirements-dev.txt, and Azurite from package-lock.json (node_modules). Re-running is cheap:
+# each step is skipped while its input file is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "bootstrap: Python 3.11 or newer is required (found: $("$PYTHON" --version 2>&1))" >&2
+  exit 1
+fi
+command -v npm >/dev/null || { echo "bootstrap: npm (Node.js 20+) is required for Azurite" >&2; exit 1; }
+
+stamp() { sha256sum "$@" | sha256sum | cut -c1-16; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+want=$(stamp requirements.txt requirements-dev.txt)
+if [ "$(cat .venv/.requirements-stamp 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing Python packages"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  echo "$want" > .venv/.requirements-stamp
+fi
+
+# checkov (the Bicep policy scan) pins packaging<24, which pytest 9 cannot live with: own venv.
+CHECKOV_PIN="checkov==3.3.30"
+if [ "$(cat .venv-infra/.stamp 2>/dev/null)" != "$CHECKOV_PIN" ]; then
+  echo "bootstrap: installing $CHECKOV_PIN into .venv-infra"
+  "$PYTHON" -m venv .venv-infra
+  .venv-infra/bin/python -m pip install --quiet --disable-pip-version-check "$CHECKOV_PIN"
+  echo "$CHECKOV_PIN" > .venv-infra/.stamp
+fi
+
+want=$(stamp package.json package-lock.json)
+if [ ! -x node_modules/.bin/azurite ] || [ "$(cat node_modules/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing Azurite (npm ci)"
+  for attempt in 1 2 3; do
+    npm ci --no-audit --no-fund --loglevel=error && break
+    [ "$attempt" = 3 ] && { echo "bootstrap: npm ci failed" >&2; exit 1; }
+    sleep 2
+  done
+  echo "$want" > node_modules/.stamp
+fi

@@ -1,0 +1,184 @@
+"""The operator CLI: the same `sync`, `store` and `validate` the functions use, from a terminal.
+
+    python -m shared sync --user alice@contoso.com [--mode full] [--dry-run] [--force] [--json]
+    python -m shared sync --all
+    python -m shared users list | get USER | put USER [--file settings.json] | delete USER
+    python -m shared validate --user alice@contoso.com
+    python -m shared report RUN_ID
+
+Settings come from the environment (SPEC §6), as in Azure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from shared.config import Config, ConfigError
+from shared.model import ACTIONS, RunReport, UserSettings, ValidationError, normalize_user
+
+
+def format_report(report: RunReport, *, max_items: int = 40) -> str:
+    """A readable run report: header, counts, then the items worth a look."""
+    r = report
+    lines = [
+        f"Run {r.runId}  user {r.user}  mode {r.mode}{'  (dry run)' if r.dryRun else ''}",
+        f"Status: {r.status}   started {r.startedAt}   finished {r.finishedAt or '-'}",
+        f"Requests: Business Central {r.requests.get('bc', 0)}, Graph {r.requests.get('graph', 0)}",
+    ]
+    if r.message:
+        lines.append(f"Note: {r.message}")
+    width = max(len(a) for a in ACTIONS)
+    lines.append("")
+    lines.append("  ".join(f"{a:>{width}}" for a in ACTIONS[:5]))
+    lines.append("  ".join(f"{r.counts.get(a, 0):>{width}}" for a in ACTIONS[:5]))
+    lines.append("  ".join(f"{a:>{width}}" for a in ACTIONS[5:]))
+    lines.append("  ".join(f"{r.counts.get(a, 0):>{width}}" for a in ACTIONS[5:]))
+    order = {"failed": 0, "safetyStop": 0, "skipped": 2}
+    items = sorted(r.items, key=lambda i: order.get(i.action, 1))
+    if items:
+        lines.append("")
+        lines.append(f"{'action':<17} {'email':<34} reason")
+        for item in items[:max_items]:
+            email = (item.email or item.bcId or item.outlookId or "")[:34]
+            lines.append(f"{item.action:<17} {email:<34} {item.reason or ''}")
+        if len(items) > max_items:
+            lines.append(f"… and {len(items) - max_items} more items (use --json for all)")
+    return "\n".join(lines)
+
+
+def _services():
+    from shared.sync import Services
+
+    return Services.from_config(Config.from_env())
+
+
+def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
+    from shared.sync import RunInProgress, run_user, run_users
+
+    services = _services()
+    services.store.ensure_tables()
+    if args.all:
+        users, bad = services.store.list_settings_checked()
+        for key, err in bad:
+            print(f"skipped user {key}: {err}", file=sys.stderr)
+        reports = run_users(services, [u for u in users if u.enabled], args.mode, dry_run=args.dry_run)
+    else:
+        user = normalize_user(args.user)
+        settings = services.store.get_settings(user)
+        if settings is None:
+            print(
+                f"error: no settings for {user}; add them with `python -m shared users put {user}`",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            reports = [run_user(services, settings, args.mode, dry_run=args.dry_run, force=args.force)]
+        except RunInProgress as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 3
+    if args.json:
+        json.dump([r.to_json() for r in reports] if args.all else reports[0].to_json(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write("\n\n".join(format_report(r) for r in reports) + "\n")
+    return 0 if all(r.status in ("succeeded", "skipped") for r in reports) else 1
+
+
+def _cmd_users(args: argparse.Namespace, out: TextIO) -> int:
+    services = _services()
+    store = services.store
+    store.ensure_tables()
+    if args.action == "list":
+        users, bad = store.list_settings_checked()
+        json.dump(
+            {"users": [u.to_json() for u in users], "invalid": [{"user": k, "error": e} for k, e in bad]},
+            out,
+            indent=2,
+        )
+    elif args.action == "get":
+        s = store.get_settings(normalize_user(args.user))
+        if s is None:
+            print("error: no such user", file=sys.stderr)
+            return 2
+        json.dump(s.to_json(), out, indent=2)
+    elif args.action == "put":
+        body: dict[str, Any] = json.load(open(args.file)) if args.file else {}  # noqa: SIM115
+        s = store.put_settings(UserSettings.from_json(body, user=args.user))
+        json.dump(s.to_json(), out, indent=2)
+    elif args.action == "delete":
+        if not store.delete_settings(normalize_user(args.user)):
+            print("error: no such user", file=sys.stderr)
+            return 2
+        out.write("deleted")
+    out.write("\n")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
+    from shared.validate import validate_user
+
+    services = _services()
+    user = normalize_user(args.user)
+    settings = services.store.get_settings(user) or UserSettings(user=user)
+    result = validate_user(services, settings)
+    if args.json:
+        json.dump(result, out, indent=2)
+        out.write("\n")
+    else:
+        for c in result["checks"]:
+            out.write(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['name']:<20} {c['message']}\n")
+    return 0 if result["ok"] else 1
+
+
+def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
+    report = _services().store.get_report(args.run_id)
+    if report is None:
+        print("error: no such run", file=sys.stderr)
+        return 2
+    out.write((json.dumps(report.to_json(), indent=2) if args.json else format_report(report)) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shared", description="BC Contact Sync operator CLI")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sync", help="run a sync for one user (or --all enabled users)")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user")
+    who.add_argument("--all", action="store_true")
+    s.add_argument("--mode", choices=("incremental", "full"), default="incremental")
+    s.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
+    s.add_argument("--force", action="store_true", help="proceed past the mass-deletion guard")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_sync)
+    u = sub.add_parser("users", help="per-user settings")
+    u.add_argument("action", choices=("list", "get", "put", "delete"))
+    u.add_argument("user", nargs="?")
+    u.add_argument("--file", help="JSON settings document (for put)")
+    u.set_defaults(func=_cmd_users)
+    v = sub.add_parser("validate", help="check tokens, BC company, mailbox and permissions for a user")
+    v.add_argument("--user", required=True)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_cmd_validate)
+    r = sub.add_parser("report", help="show a stored run report")
+    r.add_argument("run_id")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    if getattr(args, "action", None) in ("get", "put", "delete") and not args.user:
+        print("error: a user is required", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args, out)
+    except (ConfigError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

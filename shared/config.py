@@ -1,0 +1,198 @@
+"""App settings (SPEC §6), read and validated once, with errors that name the setting.
+
+Every setting the code reads is declared in `SETTINGS` below; the infrastructure tests check that
+Bicep sets exactly these, so adding a setting here without adding it to the deployment fails CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9-]{1,63})+$")
+_ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,29}$")
+_TABLE_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,49}$")
+# NCRONTAB as the Functions host reads it: six fields (seconds first).
+_NCRONTAB = re.compile(r"^\S+(\s+\S+){5}$")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    required: bool
+    default: str | None
+    description: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SYNC_TENANT_ID", True, None, "Entra tenant id (GUID) or primary domain of the customer"),
+    Setting("SYNC_CLIENT_ID", True, None, "Application (client) id of the app registration"),
+    Setting("SYNC_CLIENT_SECRET", False, None, "Client secret (a Key Vault reference in Azure)"),
+    Setting(
+        "SYNC_MANAGED_IDENTITY_CLIENT_ID",
+        False,
+        None,
+        "Secretless alternative: client id of the user-assigned managed identity that is a federated "
+        "credential of the app registration (used when SYNC_CLIENT_SECRET is not set)",
+    ),
+    Setting("SYNC_AUTHORITY_HOST", False, "https://login.microsoftonline.com", "Entra authority host"),
+    Setting("BC_API_BASE_URL", False, "https://api.businesscentral.dynamics.com/v2.0", "BC API base URL"),
+    Setting("BC_ENVIRONMENT", True, None, "Business Central environment name, e.g. production"),
+    Setting("BC_COMPANY_ID", True, None, "Default BC company id (GUID) for users without companyId"),
+    Setting("GRAPH_BASE_URL", False, "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL"),
+    Setting("AzureWebJobsStorage", False, None, "Storage connection string (local/Azurite)"),
+    Setting("AzureWebJobsStorage__tableServiceUri", False, None, "Identity-based Table endpoint"),
+    Setting("AzureWebJobsStorage__queueServiceUri", False, None, "Identity-based Queue endpoint"),
+    Setting("AzureWebJobsStorage__clientId", False, None, "Client id of the identity used for Storage"),
+    Setting("SYNC_TABLE_PREFIX", False, "ContactSync", "Prefix of the Table Storage tables"),
+    Setting("SYNC_SCHEDULE", False, "0 */15 * * * *", "NCRONTAB schedule of the timer"),
+    Setting("SYNC_INLINE_BUDGET_SECONDS", False, "90", "How long POST /api/sync waits before answering 202"),
+    Setting(
+        "SYNC_FULL_SYNC_HOURS", False, "24", "Hours between automatic full reconciles per user (0 = never)"
+    ),
+)
+
+SETTING_NAMES = tuple(s.name for s in SETTINGS)
+
+
+class ConfigError(ValueError):
+    """A missing or malformed setting. The message names it and never contains its value."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"App setting {name} {problem}")
+        self.setting = name
+
+
+def _https_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(name, "must be an https:// URL without query or fragment")
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Config:
+    tenant_id: str
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    managed_identity_client_id: str | None
+    authority_host: str
+    bc_base_url: str
+    bc_environment: str
+    bc_company_id: str
+    graph_base_url: str
+    storage_connection_string: str | None = field(repr=False)
+    table_service_uri: str | None
+    queue_service_uri: str | None
+    storage_client_id: str | None
+    table_prefix: str
+    schedule: str
+    inline_budget_seconds: float
+    full_sync_hours: float
+
+    @property
+    def authority(self) -> str:
+        return f"{self.authority_host}/{self.tenant_id}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            spec = next(s for s in SETTINGS if s.name == name)
+            raw = env.get(name)
+            value = raw.strip() if isinstance(raw, str) else None
+            if not value:
+                if spec.required:
+                    raise ConfigError(name, f"is missing ({spec.description})")
+                return spec.default
+            return value
+
+        tenant = get("SYNC_TENANT_ID")
+        if not (_GUID.match(tenant) or _DOMAIN.match(tenant)):
+            raise ConfigError("SYNC_TENANT_ID", "must be a tenant id (GUID) or a domain such as contoso.com")
+        client_id = get("SYNC_CLIENT_ID")
+        if not _GUID.match(client_id):
+            raise ConfigError("SYNC_CLIENT_ID", "must be the application (client) id, a GUID")
+        secret = get("SYNC_CLIENT_SECRET")
+        mi_client = get("SYNC_MANAGED_IDENTITY_CLIENT_ID")
+        if mi_client and not _GUID.match(mi_client):
+            raise ConfigError("SYNC_MANAGED_IDENTITY_CLIENT_ID", "must be a client id (GUID)")
+        if not secret and not mi_client:
+            raise ConfigError(
+                "SYNC_CLIENT_SECRET",
+                "is missing (set it, or SYNC_MANAGED_IDENTITY_CLIENT_ID for the secretless federated credential)",
+            )
+        if secret and secret.startswith("@Microsoft.KeyVault("):
+            raise ConfigError(
+                "SYNC_CLIENT_SECRET",
+                "is an unresolved Key Vault reference: grant the app's identity 'Key Vault Secrets User' "
+                "and check the reference",
+            )
+        env_name = get("BC_ENVIRONMENT")
+        if not _ENV_NAME.match(env_name):
+            raise ConfigError("BC_ENVIRONMENT", "must be an environment name (letters, digits, - or _)")
+        company = get("BC_COMPANY_ID")
+        if not _GUID.match(company):
+            raise ConfigError(
+                "BC_COMPANY_ID", "must be a company id (GUID); list them with GET .../companies"
+            )
+        conn = get("AzureWebJobsStorage")
+        table_uri = get("AzureWebJobsStorage__tableServiceUri")
+        queue_uri = get("AzureWebJobsStorage__queueServiceUri")
+        if not conn and not table_uri:
+            raise ConfigError(
+                "AzureWebJobsStorage",
+                "is missing (or set AzureWebJobsStorage__tableServiceUri for managed identity)",
+            )
+        if conn and "=" not in conn:
+            raise ConfigError("AzureWebJobsStorage", "is not a storage connection string")
+        if table_uri:
+            table_uri = _https_url("AzureWebJobsStorage__tableServiceUri", table_uri)
+        if queue_uri:
+            queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
+        prefix = get("SYNC_TABLE_PREFIX")
+        if not _TABLE_PREFIX.match(prefix):
+            raise ConfigError(
+                "SYNC_TABLE_PREFIX", "must start with a letter and hold only letters and digits"
+            )
+        schedule = get("SYNC_SCHEDULE")
+        if not _NCRONTAB.match(schedule):
+            raise ConfigError(
+                "SYNC_SCHEDULE", "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *"
+            )
+        return cls(
+            tenant_id=tenant,
+            client_id=client_id,
+            client_secret=secret,
+            managed_identity_client_id=mi_client,
+            authority_host=_https_url("SYNC_AUTHORITY_HOST", get("SYNC_AUTHORITY_HOST")),
+            bc_base_url=_https_url("BC_API_BASE_URL", get("BC_API_BASE_URL")),
+            bc_environment=env_name,
+            bc_company_id=company.lower(),
+            graph_base_url=_https_url("GRAPH_BASE_URL", get("GRAPH_BASE_URL")),
+            storage_connection_string=conn,
+            table_service_uri=table_uri,
+            queue_service_uri=queue_uri,
+            storage_client_id=get("AzureWebJobsStorage__clientId"),
+            table_prefix=prefix,
+            schedule=schedule,
+            inline_budget_seconds=_number(
+                "SYNC_INLINE_BUDGET_SECONDS", get("SYNC_INLINE_BUDGET_SECONDS"), 1, 230
+            ),
+            full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", get("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
+        )
+
+
+def _number(name: str, value: str, low: float, high: float) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise ConfigError(name, "must be a number") from None
+    if not low <= n <= high:
+        raise ConfigError(name, f"must be between {low:g} and {high:g}")
+    return n

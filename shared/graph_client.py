@@ -1,0 +1,219 @@
+"""Microsoft Graph v1.0: the user's sync folder and its contacts.
+
+Every request asks for immutable ids (`Prefer: IdType="ImmutableId"`), so a contact keeps its id
+if the user moves it. Writes go through JSON `$batch` (≤ 20 per call); Graph runs at most four of an
+unordered batch at a time against one mailbox, which is also the mailbox's concurrency limit, so one
+batch in flight per mailbox uses the budget fully without provoking 429s (throttling-outlook docs).
+The folder's delta query finds Outlook changes; `$expand` does not work on Outlook delta, so the
+BC-id extended property of an unknown contact is read with a separate GET.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from shared.http import ApiError, BatchItem, HttpClient, ItemResult
+from shared.mapping import BC_ID_PROPERTY_ID
+
+IMMUTABLE_IDS = 'IdType="ImmutableId"'
+BATCH_MAX = 20
+DELTA_PAGE_SIZE = 200  # the most Outlook returns per contacts delta page (graph_api.md §3)
+LIST_PAGE_SIZE = 1000
+CONTACT_SELECT = (
+    "id",
+    "displayName",
+    "givenName",
+    "surname",
+    "emailAddresses",
+    "companyName",
+    "jobTitle",
+    "businessPhones",
+    "mobilePhone",
+    "businessAddress",
+    "businessHomePage",
+    "parentFolderId",
+)
+_EXPAND_TAG = f"singleValueExtendedProperties($filter=id eq '{BC_ID_PROPERTY_ID}')"
+
+
+class DeltaExpired(Exception):
+    """The stored delta link can no longer be used (410 Gone or syncStateNotFound): resync."""
+
+
+class FolderGone(Exception):
+    """The sync folder no longer exists (deleted by the user)."""
+
+
+@dataclass
+class DeltaPage:
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    delta_link: str = ""
+
+
+def tag_of(contact: dict[str, Any]) -> str | None:
+    """The BC id an Outlook contact carries in its extended property, if it was expanded."""
+    for prop in contact.get("singleValueExtendedProperties") or []:
+        if str(prop.get("id", "")).lower() == BC_ID_PROPERTY_ID.lower():
+            return prop.get("value")
+    return None
+
+
+class GraphClient:
+    def __init__(self, http: HttpClient, base_url: str):
+        self.http = http
+        self.base = base_url
+
+    @staticmethod
+    def user_path(user: str) -> str:
+        return f"/users/{quote(user, safe='@')}"
+
+    def _url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    # Mailbox and folder ---------------------------------------------------------------
+    def get_user(self, user: str) -> dict[str, Any]:
+        return self.http.request(
+            "GET", self._url(self.user_path(user)), params={"$select": "id,mail,userPrincipalName"}
+        ).body
+
+    def get_folder(self, user: str, folder_id: str) -> dict[str, Any] | None:
+        resp = self.http.request(
+            "GET",
+            self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}"),
+            allow_status=(404,),
+        )
+        return None if resp.status == 404 else resp.body
+
+    def find_folder(self, user: str, name: str) -> dict[str, Any] | None:
+        escaped = name.replace("'", "''")
+        resp = self.http.request(
+            "GET",
+            self._url(f"{self.user_path(user)}/contactFolders"),
+            params={"$filter": f"displayName eq '{escaped}'"},
+        )
+        matches = [f for f in resp.body.get("value", []) if f.get("displayName") == name]
+        return matches[0] if matches else None
+
+    def create_folder(self, user: str, name: str) -> dict[str, Any]:
+        return self.http.request(
+            "POST", self._url(f"{self.user_path(user)}/contactFolders"), json_body={"displayName": name}
+        ).body
+
+    def rename_folder(self, user: str, folder_id: str, name: str) -> dict[str, Any]:
+        return self.http.request(
+            "PATCH",
+            self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}"),
+            json_body={"displayName": name},
+        ).body
+
+    # Reading contacts -------------------------------------------------------------------
+    def delta(self, user: str, folder_id: str, delta_link: str | None) -> DeltaPage:
+        """One full delta round: from the stored link (or the start) to the next deltaLink."""
+        if delta_link:
+            url, params = delta_link, None
+        else:
+            url = self._url(
+                f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/delta"
+            )
+            params = {"$select": ",".join(CONTACT_SELECT)}
+        out = DeltaPage()
+        seen: dict[str, dict[str, Any]] = {}
+        removed: dict[str, None] = {}
+        headers = {"Prefer": f"odata.maxpagesize={DELTA_PAGE_SIZE}"}
+        while True:
+            try:
+                resp = self.http.request("GET", url, params=params, headers=headers)
+            except ApiError as exc:
+                if exc.status == 410 or exc.code.lower() in (
+                    "syncstatenotfound",
+                    "resyncrequired",
+                    "syncstateinvalid",
+                ):
+                    raise DeltaExpired(str(exc)) from None
+                if exc.status == 404 and exc.code.lower() in (
+                    "erroritemnotfound",
+                    "itemnotfound",
+                    "resourcenotfound",
+                ):
+                    raise FolderGone(str(exc)) from None
+                raise
+            params = None
+            for item in resp.body.get("value", []):
+                cid = item["id"]
+                if "@removed" in item:
+                    seen.pop(cid, None)
+                    removed[cid] = None
+                else:
+                    removed.pop(cid, None)
+                    seen[cid] = item  # replays: the last version wins
+            next_link = resp.body.get("@odata.nextLink")
+            if next_link:
+                url = next_link
+                continue
+            out.delta_link = resp.body.get("@odata.deltaLink", "")
+            break
+        out.changed = list(seen.values())
+        out.removed = list(removed)
+        return out
+
+    def list_contacts(self, user: str, folder_id: str, *, with_tag: bool = True) -> list[dict[str, Any]]:
+        params = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
+        if with_tag:
+            params["$expand"] = _EXPAND_TAG
+        url: str | None = self._url(
+            f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
+        )
+        out: list[dict[str, Any]] = []
+        while url:
+            resp = self.http.request("GET", url, params=params)
+            out.extend(resp.body.get("value", []))
+            url = resp.body.get("@odata.nextLink")
+            params = None
+        return out
+
+    def get_contacts(self, user: str, folder_id: str, ids: list[str]) -> tuple[dict[str, dict], set[str]]:
+        """Full contacts (with their BC-id tag) by id; returns (found by id, ids that no longer exist)."""
+        items = [
+            BatchItem(
+                "GET",
+                f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/{quote(i, safe='')}"
+                f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}",
+            )
+            for i in ids
+        ]
+        found: dict[str, dict] = {}
+        missing: set[str] = set()
+        for cid, res in zip(ids, self._batch(items), strict=True):
+            if res.ok and isinstance(res.body, dict):
+                found[cid] = res.body
+            elif res.status == 404:
+                missing.add(cid)
+            else:
+                raise ApiError("graph", "GET", cid, res.status, "BatchItemFailed", res.error or "")
+        return found, missing
+
+    # Writing contacts -------------------------------------------------------------------
+    def create_contacts(self, user: str, folder_id: str, bodies: list[dict[str, Any]]) -> list[ItemResult]:
+        path = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
+        return self._batch([BatchItem("POST", path, b) for b in bodies])
+
+    def update_contacts(self, user: str, folder_id: str, updates: list[tuple[str, dict]]) -> list[ItemResult]:
+        base = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/"
+        return self._batch([BatchItem("PATCH", base + quote(cid, safe=""), body) for cid, body in updates])
+
+    def delete_contacts(self, user: str, folder_id: str, ids: list[str]) -> list[ItemResult]:
+        base = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/"
+        return self._batch([BatchItem("DELETE", base + quote(cid, safe="")) for cid in ids])
+
+    def write(self, items: list[BatchItem]) -> list[ItemResult]:
+        """Mixed writes in one stream of batches (the executor's path)."""
+        return self._batch(items)
+
+    def _batch(self, items: list[BatchItem]) -> list[ItemResult]:
+        # Headers of the $batch envelope do not reach its operations: each asks for immutable ids.
+        for item in items:
+            item.headers.setdefault("Prefer", IMMUTABLE_IDS)
+        return self.http.batch(f"{self.base}/$batch", items, BATCH_MAX)

@@ -1,0 +1,385 @@
+"""One HTTP policy for both APIs: timeouts, retries, Retry-After, backoff, JSON checks, counting.
+
+Retries follow what Microsoft documents for Graph and Business Central: honour `Retry-After` on 429
+(and on 503 when sent), back off exponentially with jitter when it is absent, retry 503/504 and
+dropped connections. A POST whose fate is unknown (connection lost after sending, or 504) is *not*
+repeated blindly: it raises `AmbiguousWriteError`, because repeating a create can duplicate a
+contact; the sync resolves it on the next run through the BC-id tag or the email match instead.
+
+The same rules apply to each operation inside a JSON `$batch` (Graph and BC share the format):
+throttled items come back with their own status and `Retry-After` inside a 200 envelope.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = {429, 503, 504}
+_IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE", "PATCH"}  # PATCH: same body, same result
+
+
+class ApiError(RuntimeError):
+    """A request that failed for good. The message names service, method, path and status."""
+
+    def __init__(self, service: str, method: str, url: str, status: int | None, code: str, message: str):
+        path = urlsplit(url).path if url else ""
+        where = f"{service} {method} {path}"
+        super().__init__(
+            f"{where} → {status if status is not None else 'no response'} {code}: {message}".strip()
+        )
+        self.service = service
+        self.method = method
+        self.status = status
+        self.code = code
+        self.detail = message
+
+
+class AmbiguousWriteError(ApiError):
+    """A write may or may not have happened (the answer was lost). Never repeat it blindly."""
+
+
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: Any  # parsed JSON, or None
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers.items():
+            if k.lower() == name:
+                return v
+        return None
+
+
+@dataclass
+class RequestCounter:
+    """Requests a run sent, per service, counted on the wire (a $batch is one request)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    throttled: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, service: str, throttled: bool = False) -> None:
+        with self._lock:
+            self.counts[service] = self.counts.get(service, 0) + 1
+            if throttled:
+                self.throttled[service] = self.throttled.get(service, 0) + 1
+
+
+@dataclass
+class BatchItem:
+    method: str
+    url: str  # relative to the batch root, as the API expects it in a batch
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ItemResult:
+    status: int | None  # None: no definite answer (see error)
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    ambiguous: bool = False  # the write may have happened
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_of(body: Any, text: str) -> tuple[str, str]:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("code", "")), str(err.get("message", ""))
+        if isinstance(err, str):  # OAuth style
+            return err, str(body.get("error_description", ""))
+    return "", text[:200].strip()
+
+
+class HttpClient:
+    """A `requests.Session` with the retry policy, for one service and one run's counter."""
+
+    def __init__(
+        self,
+        service: str,
+        token: Callable[[], str],
+        *,
+        counter: RequestCounter | None = None,
+        on_unauthorized: Callable[[], None] | None = None,
+        timeout: tuple[float, float] = (10.0, 120.0),
+        max_attempts: int = 8,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 60.0,
+        max_wait: float = 300.0,
+        sleep: Callable[[float], None] = time.sleep,
+        default_headers: dict[str, str] | None = None,
+        session: requests.Session | None = None,
+    ):
+        self.service = service
+        self._token = token
+        self.counter = counter or RequestCounter()
+        self._on_unauthorized = on_unauthorized
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._max_wait = max_wait
+        self._sleep = sleep
+        self._headers = dict(default_headers or {})
+        self._session = session or requests.Session()
+        self._rng = random.Random()
+
+    def _backoff(self, attempt: int) -> float:
+        # "Full jitter": spreads retries of many clients instead of synchronising them.
+        return self._rng.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        allow_status: tuple[int, ...] = (),
+    ) -> HttpResponse:
+        """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise."""
+        method = method.upper()
+        waited = 0.0
+        refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            hdrs = {**self._headers, **(headers or {}), "Authorization": f"Bearer {self._token()}"}
+            if "Prefer" in self._headers and headers and "Prefer" in headers:
+                hdrs["Prefer"] = f"{self._headers['Prefer']}, {headers['Prefer']}"
+            if json_body is not None:
+                hdrs["Content-Type"] = "application/json"
+            try:
+                resp = self._session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=None if json_body is None else json.dumps(json_body),
+                    headers=hdrs,
+                    timeout=self._timeout,
+                )
+            except requests.exceptions.ConnectionError as exc:
+                self.counter.add(self.service)
+                sent = not isinstance(
+                    exc, requests.exceptions.ConnectTimeout
+                ) and "NewConnectionError" not in repr(exc)
+                if method not in _IDEMPOTENT and sent:
+                    raise AmbiguousWriteError(
+                        self.service,
+                        method,
+                        url,
+                        None,
+                        "ConnectionLost",
+                        "the connection dropped after sending",
+                    ) from None
+                if attempt >= self._max_attempts:
+                    raise ApiError(
+                        self.service, method, url, None, "ConnectionError", str(exc)[:200]
+                    ) from None
+                delay = self._backoff(attempt)
+                waited += delay
+                self._sleep(delay)
+                continue
+            except requests.exceptions.Timeout:
+                self.counter.add(self.service)
+                if method not in _IDEMPOTENT:
+                    raise AmbiguousWriteError(
+                        self.service, method, url, None, "Timeout", "no answer in time"
+                    ) from None
+                if attempt >= self._max_attempts:
+                    raise ApiError(self.service, method, url, None, "Timeout", "no answer in time") from None
+                self._sleep(self._backoff(attempt))
+                continue
+            status = resp.status_code
+            self.counter.add(self.service, throttled=status == 429)
+            body, text = self._parse(resp)
+            if 200 <= status < 300 or status in allow_status:
+                if body is _NOT_JSON:
+                    # An HTML page with a 2xx (a proxy or captive portal) is a transient failure.
+                    if attempt < self._max_attempts:
+                        self._sleep(self._backoff(attempt))
+                        continue
+                    raise ApiError(self.service, method, url, status, "NotJson", _ctype(resp))
+                return HttpResponse(status, dict(resp.headers), body)
+            if status == 401 and not refreshed and self._on_unauthorized:
+                refreshed = True
+                self._on_unauthorized()
+                continue
+            code, message = _error_of(None if body is _NOT_JSON else body, text)
+            retryable = status in RETRY_STATUSES or (status >= 500 and body is _NOT_JSON)
+            if retryable and method not in _IDEMPOTENT and status == 504:
+                raise AmbiguousWriteError(
+                    self.service, method, url, status, code or "GatewayTimeout", message
+                )
+            if retryable and attempt < self._max_attempts:
+                delay = parse_retry_after(resp.headers.get("Retry-After"))
+                if delay is None:
+                    delay = self._backoff(attempt)
+                if waited + delay > self._max_wait:
+                    raise ApiError(self.service, method, url, status, code, f"still throttled: {message}")
+                waited += delay
+                log.info("%s %s → %s, retrying in %.1fs", self.service, method, status, delay)
+                self._sleep(delay)
+                continue
+            if body is _NOT_JSON and not code:
+                message = f"{_ctype(resp)} body instead of JSON"
+            raise ApiError(self.service, method, url, status, code or "Error", message)
+
+    def _parse(self, resp: requests.Response) -> tuple[Any, str]:
+        if not resp.content:
+            return None, ""
+        ctype = _ctype(resp)
+        text = resp.text
+        if "json" not in ctype:
+            return _NOT_JSON, text
+        try:
+            return resp.json(), text
+        except ValueError:
+            return _NOT_JSON, text
+
+    def batch(
+        self,
+        batch_url: str,
+        items: list[BatchItem],
+        max_size: int,
+        headers: dict[str, str] | None = None,
+    ) -> list[ItemResult]:
+        """Run operations through JSON `$batch`, `max_size` per call, retrying throttled items.
+
+        Results come back in the order of `items`. Items answered 429/503 (or 504 for reads) are sent
+        again after the longest Retry-After among them; writes answered 504 are reported ambiguous.
+        """
+        results: list[ItemResult | None] = [None] * len(items)
+        for start in range(0, len(items), max_size):
+            chunk = list(range(start, min(start + max_size, len(items))))
+            self._run_chunk(batch_url, items, chunk, results, headers or {})
+        return [r if r is not None else ItemResult(None, error="not sent") for r in results]
+
+    def _run_chunk(
+        self,
+        batch_url: str,
+        items: list[BatchItem],
+        pending: list[int],
+        results: list[ItemResult | None],
+        headers: dict[str, str],
+    ) -> None:
+        attempt = 0
+        waited = 0.0
+        while pending:
+            attempt += 1
+            payload = {"requests": [_batch_request(i, items[i]) for i in pending]}
+            try:
+                resp = self.request("POST", batch_url, json_body=payload, headers=headers)
+            except AmbiguousWriteError as exc:
+                for i in pending:
+                    reads = items[i].method.upper() == "GET"
+                    results[i] = ItemResult(None, error=str(exc), ambiguous=not reads)
+                return
+            except ApiError as exc:
+                for i in pending:
+                    results[i] = ItemResult(exc.status, error=str(exc))
+                return
+            answered: dict[str, dict] = {}
+            for r in (resp.body or {}).get("responses", []):
+                answered[str(r.get("id"))] = r
+            retry: list[int] = []
+            delay = 0.0
+            for i in pending:
+                r = answered.get(str(i))
+                if r is None:
+                    results[i] = ItemResult(None, error="no answer for this operation in the batch response")
+                    continue
+                status = int(r.get("status", 0))
+                rh = {str(k): str(v) for k, v in (r.get("headers") or {}).items()}
+                body = r.get("body")
+                method = items[i].method.upper()
+                if status in RETRY_STATUSES and not (status == 504 and method not in _IDEMPOTENT):
+                    retry.append(i)
+                    ra = parse_retry_after(
+                        next((v for k, v in rh.items() if k.lower() == "retry-after"), None)
+                    )
+                    delay = max(delay, ra if ra is not None else self._backoff(attempt))
+                    results[i] = ItemResult(
+                        status, body, rh, error=_item_error(self.service, items[i], status, body)
+                    )
+                    continue
+                if 200 <= status < 300:
+                    results[i] = ItemResult(status, body, rh)
+                else:
+                    results[i] = ItemResult(
+                        status,
+                        body,
+                        rh,
+                        error=_item_error(self.service, items[i], status, body),
+                        ambiguous=status == 504,
+                    )
+            if retry and attempt < self._max_attempts and waited + delay <= self._max_wait:
+                waited += delay
+                self._sleep(delay)
+                pending = retry
+                continue
+            return
+
+
+class _NotJson:
+    def __repr__(self) -> str:
+        return "<not json>"
+
+
+_NOT_JSON: Any = _NotJson()
+
+
+def _ctype(resp: requests.Response) -> str:
+    return resp.headers.get("Content-Type", "").lower()
+
+
+def _batch_request(index: int, item: BatchItem) -> dict[str, Any]:
+    req: dict[str, Any] = {"id": str(index), "method": item.method.upper(), "url": item.url}
+    headers = dict(item.headers)
+    if item.body is not None:
+        headers.setdefault("Content-Type", "application/json")
+        req["body"] = item.body
+    if headers:
+        req["headers"] = headers
+    return req
+
+
+def _item_error(service: str, item: BatchItem, status: int, body: Any) -> str:
+    code, message = _error_of(body, "")
+    path = item.url.split("?", 1)[0]
+    return f"{service} {item.method.upper()} {path} → {status} {code}: {message}".strip()

@@ -1,0 +1,764 @@
+"""Table Storage: per-user settings, links, watermarks, run reports and leases (SPEC §2, §4, §5, §7).
+
+Everything the sync remembers between runs lives here, behind one class, so the rest of the code
+never sees an entity dict, a key-encoding rule or an Azure exception. The layout, chosen so every
+hot read is a single-partition query:
+
+| table          | PartitionKey           | RowKey                          | holds                          |
+|----------------|------------------------|---------------------------------|--------------------------------|
+| {p}Settings    | user                   | ``settings``                    | SPEC §5 settings, one per user |
+| {p}Links       | user                   | BC contact id                   | outlookId, both hashes, email  |
+| {p}State       | user                   | ``state``                       | watermarks, delta link, folder |
+| {p}Runs        | ``run_`` + runId       | ``head``, ``chunk_{gen}_{n}``   | report, zlib-compressed chunks |
+| {p}Runs        | ``user_`` + user       | inverted start time + runId     | per-user index with a summary  |
+| {p}Leases      | user                   | ``lease``                       | holder, expiresAt              |
+
+Keys go through `encode_key`, so a user or id may contain characters Table Storage refuses in keys.
+Limits that shape the code are those of "Understanding the Table service data model"
+(learn.microsoft.com/rest/api/storageservices/understanding-the-table-service-data-model): keys
+without ``/ \\ # ?`` or control characters, a string property at most 64 KiB of UTF-16 (32 K
+characters), a binary property at most 64 KiB, an entity at most 1 MiB; and those of "Performing
+entity group transactions"
+(learn.microsoft.com/rest/api/storageservices/performing-entity-group-transactions): one
+partition, at most 100 entities, each entity once, at most 4 MiB per transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from itertools import islice
+from typing import Any, TypeVar
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError
+from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
+
+from shared.model import Link, RunReport, UserSettings, UserState, ValidationError, parse_iso, utcnow
+
+log = logging.getLogger(__name__)
+
+TABLES = ("Settings", "Links", "State", "Runs", "Leases")
+DEFAULT_PREFIX = "ContactSync"
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")  # the rule as the data-model page states it
+_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+
+_TRANSACTION_MAX = 100  # entity group transaction limit
+_PAGE = 1000  # the most entities one query response returns
+_TEXT_PART = 30_000  # characters per string property: below 32 K UTF-16 units even with some non-BMP text
+# Report chunks: binary properties of 60,000 bytes, 12 per row. Real Table Storage counts Edm.Binary by
+# its raw length (12 x 60,000 is far below 1 MiB); Azurite measures the base64 JSON body instead, so the
+# row is also kept below 1 MiB in that form (4/3 x 720,000 = 960,000 bytes).
+_PART_BYTES = 60_000
+_PARTS_PER_ROW = 12
+_SUMMARY_MESSAGE_MAX = 2_000
+_INVERTED_BASE = 10**17  # microseconds since 1970 stay below 10**16 until the year 2286
+
+_KEY_UNSAFE = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
+_KEY_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+
+_SETTINGS_RK = "settings"
+_STATE_RK = "state"
+_LEASE_RK = "lease"
+_HEAD_RK = "head"
+_SETTINGS_COLUMNS = frozenset(UserSettings._JSON_FIELDS) - {"user"}
+_STATE_COLUMNS = {
+    "bc_watermark": "bcWatermark",
+    "delta_link": "deltaLink",
+    "folder_id": "folderId",
+    "folder_name": "folderName",
+    "company_id": "companyId",
+    "settings_hash": "settingsHash",
+    "last_full_sync": "lastFullSync",
+    "last_run_id": "lastRunId",
+    "last_status": "lastStatus",
+}
+_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email"]
+
+T = TypeVar("T")
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Table Storage failed. The message names the table and the operation and carries the service's
+    status and error code, never the connection string or account key, so it is safe to log."""
+
+    def __init__(self, table: str, operation: str, detail: str, status: int | None = None):
+        super().__init__(f"{operation} (table {table}): {detail}")
+        self.table = table
+        self.operation = operation
+        self.detail = detail
+        self.status = status
+
+
+class ConcurrencyError(StoreError):
+    """Someone else wrote the row since we read it: the caller's view is stale and must not win."""
+
+
+class LeaseLost(ConcurrencyError):
+    """Our lease was taken over (or released) by someone else; the run must stop writing."""
+
+
+class MalformedRowError(StoreError):
+    """A row that does not pass validation, typically hand-edited in Storage Explorer."""
+
+
+def _describe(err: AzureError) -> str:
+    if isinstance(err, HttpResponseError) and err.status_code is not None:
+        code = getattr(err, "error_code", None)
+        code = getattr(code, "value", code)
+        lines = (err.message or "").strip().splitlines()
+        text = (
+            f"HTTP {err.status_code}"
+            + (f" {code}" if code else "")
+            + (f": {lines[0][:200]}" if lines else "")
+        )
+        if code == "TableNotFound":
+            text += " (create the tables first: Store.ensure_tables)"
+        return text
+    return f"cannot reach Table Storage ({type(err).__name__})"
+
+
+def _status(err: AzureError) -> int | None:
+    return getattr(err, "status_code", None)
+
+
+def _is_missing_entity(err: HttpResponseError) -> bool:
+    """404 for the row, as opposed to 404 for the whole table (which must not read as 'no row')."""
+    code = getattr(err, "error_code", None)
+    return err.status_code == 404 and getattr(code, "value", code) != "TableNotFound"
+
+
+@contextmanager
+def _guard(table: str, operation: str) -> Iterator[None]:
+    """Turns any Azure SDK error escaping the block into a StoreError naming table and operation."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except AzureError as err:
+        raise StoreError(table, operation, _describe(err), _status(err)) from err
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+def encode_key(value: str) -> str:
+    """A PartitionKey/RowKey for `value`: the characters keys may not hold, and ``%`` itself, become
+    ``%XX`` (their code point). Everything else stays readable in Storage Explorer. Reversible."""
+    return _KEY_UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", value)
+
+
+def decode_key(key: str) -> str:
+    return _KEY_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), key)
+
+
+def validate_prefix(prefix: str) -> str:
+    """Table names are 3-63 letters and digits starting with a letter; checking the prefix up front
+    gives a message naming the setting instead of an HTTP 400 on the first write."""
+    longest = max(len(t) for t in TABLES)
+    if (
+        not isinstance(prefix, str)
+        or not _PREFIX.match(prefix)
+        or not all(_TABLE_NAME.match(prefix + t) for t in TABLES)
+    ):
+        raise ValueError(
+            f"SYNC_TABLE_PREFIX must be 1-{63 - longest} letters or digits starting with a letter "
+            f"(Azure table names are 3-63 alphanumeric characters); got {str(prefix)[:80]!r}"
+        )
+    return prefix
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _as_utc(value: datetime) -> datetime:
+    """A plain aware datetime (the SDK returns its own datetime subclass)."""
+    v = value.astimezone(UTC)
+    return datetime(v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, tzinfo=UTC)
+
+
+def _put_text(entity: dict[str, Any], name: str, value: str | None) -> None:
+    """Stores a long text across ``name``, ``name_1``, … so a value over the 32 K-character property
+    limit (a Graph delta link is usually a few KB, but nothing bounds it) still fits."""
+    if value is None:
+        return
+    entity[name] = value[:_TEXT_PART]
+    for n, start in enumerate(range(_TEXT_PART, len(value), _TEXT_PART), 1):
+        entity[f"{name}_{n}"] = value[start : start + _TEXT_PART]
+
+
+def _get_text(entity: dict[str, Any], name: str) -> str | None:
+    value = entity.get(name)
+    if value is None:
+        return None
+    parts, n = [value], 1
+    while f"{name}_{n}" in entity:
+        parts.append(entity[f"{name}_{n}"])
+        n += 1
+    return "".join(parts)
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that `holder` may run `user`'s sync until `expires_at`; `etag` makes renew/release
+    conditional, so a holder whose lease was taken over cannot extend or delete the new one."""
+
+    user: str
+    holder: str
+    expires_at: datetime
+    etag: str
+
+
+def _settings_entity(settings: UserSettings) -> dict[str, Any]:
+    entity: dict[str, Any] = {"PartitionKey": encode_key(settings.user), "RowKey": _SETTINGS_RK}
+    for name, value in settings.to_json().items():
+        if name == "user" or value is None:
+            continue
+        entity[name] = json.dumps(value, ensure_ascii=False, sort_keys=True) if name == "filter" else value
+    return entity
+
+
+def _settings_from_entity(entity: dict[str, Any]) -> UserSettings:
+    """Validates a row exactly like a PUT body (UserSettings.from_json), so a hand-edited row with a
+    typo'd column, a wrong type or a bad filter is refused with the same message an API caller gets."""
+    user = decode_key(entity["PartitionKey"])
+    if entity["RowKey"] != _SETTINGS_RK:
+        raise ValidationError("RowKey", f"must be {_SETTINGS_RK!r}")
+    data: dict[str, Any] = {}
+    for name, value in entity.items():
+        if name in ("PartitionKey", "RowKey"):
+            continue
+        if name not in _SETTINGS_COLUMNS:
+            raise ValidationError(name, f"unknown column (known: {', '.join(sorted(_SETTINGS_COLUMNS))})")
+        data[name] = value
+    if "filter" in data:
+        try:
+            data["filter"] = json.loads(data["filter"]) if isinstance(data["filter"], str) else data["filter"]
+        except ValueError:
+            raise ValidationError("filter", "is not valid JSON") from None
+    settings = UserSettings.from_json(data, user=user)
+    if settings.user != user:
+        raise ValidationError("PartitionKey", f"must be the normalized user key {settings.user!r}")
+    return settings
+
+
+def _report_summary(report: RunReport) -> dict[str, Any]:
+    summary = report.to_json()
+    summary.pop("items", None)
+    if isinstance(summary.get("message"), str):
+        summary["message"] = summary["message"][:_SUMMARY_MESSAGE_MAX]
+    return summary
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+class Store:
+    """All Table Storage access of the sync. Safe to share within a process: it holds only clients.
+
+    `clock` is the time source for leases, injectable so tests move time instead of sleeping.
+    Leases compare times from different machines, so they assume clocks within a few seconds of
+    each other (Azure hosts are NTP-synced); keep lease durations far above that.
+    """
+
+    def __init__(
+        self,
+        service: TableServiceClient,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ):
+        self.prefix = validate_prefix(prefix)
+        self.table_names = {kind: f"{prefix}{kind}" for kind in TABLES}
+        self._service = service
+        self._clock = clock
+        self._clients = {kind: service.get_table_client(name) for kind, name in self.table_names.items()}
+
+    @classmethod
+    def from_connection_string(
+        cls, conn_str: str, prefix: str = DEFAULT_PREFIX, *, clock: Callable[[], datetime] = utcnow
+    ) -> Store:
+        validate_prefix(prefix)
+        try:
+            # A trailing ';' is harmless in a full connection string but makes the SDK refuse the
+            # common local shorthand "UseDevelopmentStorage=true;".
+            service = TableServiceClient.from_connection_string(conn_str.strip().rstrip(";"))
+        except (ValueError, TypeError, AttributeError):
+            # `from None`: the SDK's own message could quote part of the string.
+            raise StoreError(
+                "-", "open Table Storage", "the storage connection string is malformed"
+            ) from None
+        return cls(service, prefix, clock=clock)
+
+    def _client(self, kind: str) -> tuple[TableClient, str]:
+        return self._clients[kind], self.table_names[kind]
+
+    def ensure_tables(self) -> None:
+        """Creates the five tables when missing; safe to call on every start."""
+        for name in self.table_names.values():
+            with _guard(name, "create table"):
+                self._service.create_table_if_not_exists(name)
+
+    def _get_entity(self, kind: str, pk: str, rk: str, operation: str) -> Any | None:
+        client, table = self._client(kind)
+        with _guard(table, operation):
+            try:
+                return client.get_entity(pk, rk)
+            except HttpResponseError as err:
+                if _is_missing_entity(err):
+                    return None
+                raise
+
+    # --- settings (SPEC §5) ---------------------------------------------------------------------
+
+    def get_settings(self, user: str) -> UserSettings | None:
+        entity = self._get_entity("Settings", encode_key(user), _SETTINGS_RK, f"read settings of {user}")
+        if entity is None:
+            return None
+        try:
+            return _settings_from_entity(entity)
+        except ValidationError as err:
+            raise MalformedRowError(
+                self.table_names["Settings"], f"read settings of {user}", str(err)
+            ) from None
+
+    def put_settings(self, settings: UserSettings) -> UserSettings:
+        """Last write wins: settings are edited by an admin, not raced by runs. The record is validated
+        again first (it may have been built without from_json), so nothing invalid is ever stored."""
+        settings = UserSettings.from_json(settings.to_json())
+        client, table = self._client("Settings")
+        with _guard(table, f"write settings of {settings.user}"):
+            client.upsert_entity(_settings_entity(settings), mode=UpdateMode.REPLACE)
+        return settings
+
+    def delete_settings(self, user: str) -> bool:
+        """Stops the user's sync and forgets their sync state; returns whether settings existed.
+
+        Settings go first (that is what stops the timer from scheduling the user), then watermarks
+        and links. Nothing a person made is lost: the Outlook contacts and BC contacts stay, every
+        Outlook contact the sync made carries its BC id (SPEC §4.1) so a later setup re-adopts it
+        instead of duplicating it, and the run reports are kept as the audit trail. The lease is left
+        to expire, so a run in progress is not joined by a second one. Idempotent: calling it again
+        finishes a clean-up that was interrupted.
+        """
+        existed = self._get_entity("Settings", encode_key(user), _SETTINGS_RK, f"delete settings of {user}")
+        for kind, rk, what in (("Settings", _SETTINGS_RK, "settings"), ("State", _STATE_RK, "state")):
+            client, table = self._client(kind)
+            with _guard(table, f"delete {what} of {user}"):
+                client.delete_entity(encode_key(user), rk)
+        self.delete_links(user, list(self._link_keys(user)))
+        return existed is not None
+
+    def list_settings(self) -> list[UserSettings]:
+        """Valid settings only. A malformed row is logged and skipped: one bad hand edit must not stop
+        the timer from syncing everybody else (use list_settings_checked to show the problem)."""
+        valid, problems = self.list_settings_checked()
+        for user, message in problems:
+            log.warning("Skipping malformed settings row of %s: %s", user, message)
+        return valid
+
+    def list_settings_checked(self) -> tuple[list[UserSettings], list[tuple[str, str]]]:
+        """(valid settings, [(user key, problem)]) over the whole Settings table, never raising for a
+        row's content."""
+        client, table = self._client("Settings")
+        valid: list[UserSettings] = []
+        problems: list[tuple[str, str]] = []
+        with _guard(table, "list settings"):
+            for entity in client.list_entities(results_per_page=_PAGE):
+                try:
+                    valid.append(_settings_from_entity(entity))
+                except ValidationError as err:
+                    problems.append((decode_key(entity["PartitionKey"]), str(err)))
+        return valid, problems
+
+    # --- links (SPEC §4.1) ----------------------------------------------------------------------
+
+    def get_links(self, user: str) -> dict[str, Link]:
+        """All links of a user by BC id: one partition query, paged 1,000 at a time, only the link
+        columns (about 0.5 s for 20,000 links on Azurite)."""
+        client, table = self._client("Links")
+        links: dict[str, Link] = {}
+        with _guard(table, f"read links of {user}"):
+            rows = client.query_entities(
+                "PartitionKey eq @pk",
+                parameters={"pk": encode_key(user)},
+                select=_LINK_COLUMNS,
+                results_per_page=_PAGE,
+            )
+            for e in rows:
+                bc_id = decode_key(e["RowKey"])
+                links[bc_id] = Link(
+                    bc_id=bc_id,
+                    outlook_id=e.get("outlookId") or "",
+                    bc_hash=e.get("bcHash") or "",
+                    outlook_hash=e.get("outlookHash") or "",
+                    email=e.get("email") or "",
+                    etag=e.metadata.get("etag"),
+                )
+        return links
+
+    def upsert_links(self, user: str, links: Iterable[Link]) -> None:
+        """Insert-or-replace in entity group transactions of 100 (one round trip per 100 links).
+
+        Unconditional on purpose: the user's lease makes the running sync the only writer of these
+        rows, and a replace must win over whatever a crashed earlier run left. A BC id given twice
+        keeps its last version (a transaction may touch each entity only once). Each transaction is
+        atomic; a failure part-way leaves earlier batches written, which the next run re-derives.
+        Etags of the passed links are not updated; get_links returns fresh ones.
+        """
+        unique = {link.bc_id: link for link in links}
+        pk = encode_key(user)
+        ops = [
+            (
+                "upsert",
+                {
+                    "PartitionKey": pk,
+                    "RowKey": encode_key(link.bc_id),
+                    "outlookId": link.outlook_id,
+                    "bcHash": link.bc_hash,
+                    "outlookHash": link.outlook_hash,
+                    "email": link.email,
+                },
+                {"mode": UpdateMode.REPLACE},
+            )
+            for link in unique.values()
+        ]
+        client, table = self._client("Links")
+        for batch in _chunks(ops, _TRANSACTION_MAX):
+            with _guard(table, f"write {len(batch)} links of {user}"):
+                client.submit_transaction(batch)
+
+    def delete_links(self, user: str, bc_ids: Iterable[str]) -> None:
+        """Deletes in transactions of 100. Idempotent: a link that is already gone is fine. A delete of
+        a missing row fails its whole transaction (404), so that batch is redone row by row."""
+        pk = encode_key(user)
+        keys = list(dict.fromkeys(encode_key(b) for b in bc_ids))
+        client, table = self._client("Links")
+        for batch in _chunks(keys, _TRANSACTION_MAX):
+            with _guard(table, f"delete {len(batch)} links of {user}"):
+                try:
+                    client.submit_transaction([("delete", {"PartitionKey": pk, "RowKey": k}) for k in batch])
+                except TableTransactionError as err:
+                    if err.status_code != 404:
+                        raise
+                    for k in batch:
+                        client.delete_entity(pk, k)  # the SDK treats 404 on a single delete as done
+
+    def _link_keys(self, user: str) -> Iterator[str]:
+        client, table = self._client("Links")
+        with _guard(table, f"list links of {user}"):
+            for e in client.query_entities(
+                "PartitionKey eq @pk",
+                parameters={"pk": encode_key(user)},
+                select=["RowKey"],
+                results_per_page=_PAGE,
+            ):
+                yield decode_key(e["RowKey"])
+
+    # --- state / watermarks (SPEC §4.3 step 4) --------------------------------------------------
+
+    def get_state(self, user: str) -> UserState:
+        """The stored state, or a fresh one (etag None) for a user who never ran."""
+        entity = self._get_entity("State", encode_key(user), _STATE_RK, f"read state of {user}")
+        if entity is None:
+            return UserState(user=user)
+        values = {attr: _get_text(entity, col) for attr, col in _STATE_COLUMNS.items()}
+        return UserState(user=user, etag=entity.metadata.get("etag"), **values)
+
+    def save_state(self, state: UserState) -> UserState:
+        """Writes the state only if nobody else wrote it since `state` was read (ETag condition).
+
+        Watermarks decide what the next run skips; if two writers could interleave, an older run could
+        move a watermark back or past changes it never saw. So: insert when state.etag is None (fails
+        if the row appeared meanwhile), otherwise replace If-Match the etag (fails with 412 if it
+        changed, or 404 if it was deleted). Either failure raises ConcurrencyError. Returns the state
+        with its new etag, ready for the next save.
+        """
+        entity: dict[str, Any] = {"PartitionKey": encode_key(state.user), "RowKey": _STATE_RK}
+        for attr, col in _STATE_COLUMNS.items():
+            _put_text(entity, col, getattr(state, attr))
+        client, table = self._client("State")
+        operation = f"save state of {state.user}"
+        with _guard(table, operation):
+            try:
+                if state.etag is None:
+                    meta = client.create_entity(entity)
+                else:
+                    meta = client.update_entity(
+                        entity,
+                        mode=UpdateMode.REPLACE,
+                        etag=state.etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
+            except ResourceExistsError as err:
+                raise ConcurrencyError(table, operation, "another writer created it first", 409) from err
+            except HttpResponseError as err:
+                if err.status_code == 412 or _is_missing_entity(err):
+                    detail = "changed by another writer" if err.status_code == 412 else "deleted meanwhile"
+                    raise ConcurrencyError(table, operation, detail, err.status_code) from err
+                raise
+        return replace(state, etag=meta["etag"])
+
+    # --- run reports (SPEC §7) ------------------------------------------------------------------
+
+    def save_report(self, report: RunReport) -> None:
+        """Stores (or re-stores) a report of any size; called at the start of a run and at the end.
+
+        The JSON is zlib-compressed and cut into 60 KB binary parts, 12 per row. A re-save writes a
+        new generation of chunk rows first, then flips the ``head`` row to it (the single-entity write
+        that commits), then deletes every other generation, so a reader sees the old or the new report,
+        never a mix, and a shrinking report leaves no stale chunks. A small index row per user (newest
+        first by row key) lets list_reports read one partition instead of the table. One writer per
+        run is assumed (the run's lease holder).
+        """
+        payload = zlib.compress(
+            json.dumps(report.to_json(), ensure_ascii=False, separators=(",", ":")).encode("utf-8"), 6
+        )
+        parts = [payload[i : i + _PART_BYTES] for i in range(0, len(payload), _PART_BYTES)]
+        rows = list(_chunks(parts, _PARTS_PER_ROW))
+        pk = _run_pk(report.runId)
+        client, table = self._client("Runs")
+        operation = f"save report {report.runId}"
+        head = self._get_entity("Runs", pk, _HEAD_RK, operation)
+        generation = int(head.get("generation", 0)) + 1 if head else 1
+        index_rk = self._index_rk(report)
+        with _guard(table, operation):
+            for n, row in enumerate(rows):
+                entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": _chunk_rk(generation, n)}
+                entity.update({f"p{i:02d}": part for i, part in enumerate(row)})
+                client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+            client.upsert_entity(
+                {
+                    "PartitionKey": pk,
+                    "RowKey": _HEAD_RK,
+                    "runId": report.runId,
+                    "user": report.user,
+                    "status": report.status,
+                    "generation": generation,
+                    "chunks": len(rows),
+                    "bytes": len(payload),
+                    "indexKey": index_rk,
+                },
+                mode=UpdateMode.REPLACE,
+            )
+            user_pk = _user_pk(report.user)
+            client.upsert_entity(
+                {
+                    "PartitionKey": user_pk,
+                    "RowKey": index_rk,
+                    "runId": report.runId,
+                    "status": report.status,
+                    "startedAt": report.startedAt,
+                    "summary": json.dumps(_report_summary(report), ensure_ascii=False),
+                },
+                mode=UpdateMode.REPLACE,
+            )
+            if head and head.get("indexKey") and head.get("user") and head["indexKey"] != index_rk:
+                client.delete_entity(_user_pk(head["user"]), head["indexKey"])
+            keep = _chunk_rk(generation, 0)[: -len("0000")]
+            stale = [
+                e["RowKey"]
+                for e in client.query_entities(
+                    "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey"], results_per_page=_PAGE
+                )
+                if e["RowKey"] != _HEAD_RK and not e["RowKey"].startswith(keep)
+            ]
+            for rk in stale:
+                pass
+
+    def get_report(self, run_id: str) -> RunReport | None:
+        client, table = self._client("Runs")
+        operation = f"read report {run_id}"
+        pk = _run_pk(run_id)
+        # A concurrent re-save may flip the head between our read of it and of its chunks; the chunks
+        # of the generation we saw are then gone, and re-reading sees the new one.
+        for _attempt in range(3):
+            with _guard(table, operation):
+                rows = {
+                    e["RowKey"]: e
+                    for e in client.query_entities(
+                        "PartitionKey eq @pk", parameters={"pk": pk}, results_per_page=_PAGE
+                    )
+                }
+            head = rows.get(_HEAD_RK)
+            if head is None:
+                return None
+            try:
+                chunk_rows = [
+                    rows.get(_chunk_rk(int(head["generation"]), n)) for n in range(int(head["chunks"]))
+                ]
+            except (KeyError, TypeError, ValueError):
+                raise MalformedRowError(
+                    table, operation, "the report's head row lacks generation/chunks"
+                ) from None
+            if any(row is None for row in chunk_rows):
+                continue
+            payload = b"".join(
+                row[f"p{i:02d}"] for row in chunk_rows for i in range(_PARTS_PER_ROW) if f"p{i:02d}" in row
+            )
+            try:
+                return RunReport.from_json(json.loads(zlib.decompress(payload)))
+            except (zlib.error, ValueError, TypeError) as err:
+                raise MalformedRowError(table, operation, f"stored report is unreadable ({err})") from None
+        raise ConcurrencyError(table, operation, "the report kept changing while being read")
+
+    def list_reports(self, user: str, limit: int = 20, *, items: bool = True) -> list[RunReport]:
+        """The user's latest reports, newest first. With items=False only the index partition is read
+        and the reports come back without their item lists (counts are complete): enough for a list."""
+        if limit <= 0:
+            return []
+        client, table = self._client("Runs")
+        with _guard(table, f"list reports of {user}"):
+            rows = list(
+                islice(
+                    client.query_entities(
+                        "PartitionKey eq @pk",
+                        parameters={"pk": _user_pk(user)},
+                        select=["runId", "summary"],
+                        results_per_page=min(limit, _PAGE),
+                    ),
+                    limit,
+                )
+            )
+        if not items:
+            return [RunReport.from_json(json.loads(row["summary"])) for row in rows]
+        reports = (self.get_report(row["runId"]) for row in rows)
+        return [r for r in reports if r is not None]
+
+    def _index_rk(self, report: RunReport) -> str:
+        try:
+            started = parse_iso(report.startedAt)
+        except (ValueError, TypeError, AttributeError):
+            started = self._clock()
+        micros = (started - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        return f"{_INVERTED_BASE - micros:017d}_{encode_key(report.runId)}"
+
+    # --- leases (SPEC §4.5: one run per user at a time) -----------------------------------------
+
+    def current_lease(self, user: str) -> Lease | None:
+        """Who is running this user's sync now, or None when nobody holds an unexpired lease."""
+        entity = self._get_entity("Leases", encode_key(user), _LEASE_RK, f"read lease of {user}")
+        if entity is None:
+            return None
+        lease = _lease_from(user, entity)
+        return lease if lease.expires_at > self._clock() else None
+
+    def acquire_lease(self, user: str, holder: str, duration_s: float) -> Lease | None:
+        """The lease for `holder`, or None while someone else holds an unexpired one.
+
+        Every write is conditional, so exactly one of several racers wins: a free lease is taken with
+        an insert (409 if another racer inserted first) and an expired one with a replace If-Match
+        the etag we read (412 if another racer replaced it first). A loser re-reads and then sees the
+        winner's unexpired lease. Acquiring again as the same holder extends the lease.
+        """
+        if duration_s <= 0:
+            raise ValueError("lease duration must be positive")
+        client, table = self._client("Leases")
+        operation = f"acquire lease of {user}"
+        pk = encode_key(user)
+        for _attempt in range(4):
+            entity = self._get_entity("Leases", pk, _LEASE_RK, operation)
+            now = self._clock()
+            if entity is not None:
+                current = _lease_from(user, entity)
+                if current.holder != holder and current.expires_at > now:
+                    return None
+            new = {
+                "PartitionKey": pk,
+                "RowKey": _LEASE_RK,
+                "holder": holder,
+                "expiresAt": now + timedelta(seconds=duration_s),
+            }
+            with _guard(table, operation):
+                try:
+                    if entity is None:
+                        meta = client.create_entity(new)
+                    else:
+                        meta = client.update_entity(
+                            new,
+                            mode=UpdateMode.REPLACE,
+                            etag=entity.metadata["etag"],
+                            match_condition=MatchConditions.IfNotModified,
+                        )
+                except ResourceExistsError:
+                    continue
+                except HttpResponseError as err:
+                    if err.status_code == 412 or _is_missing_entity(err):
+                        continue
+                    raise
+            return Lease(user, holder, _as_utc(new["expiresAt"]), meta["etag"])
+        return None
+
+    def renew_lease(self, lease: Lease, duration_s: float) -> Lease:
+        """Extends our lease, If-Match its etag. Succeeds even after expiry if nobody took it over
+        (no one else can have run meanwhile); raises LeaseLost if it was taken over or released."""
+        client, table = self._client("Leases")
+        operation = f"renew lease of {lease.user} for {lease.holder}"
+        expires = self._clock() + timedelta(seconds=duration_s)
+        entity = {
+            "PartitionKey": encode_key(lease.user),
+            "RowKey": _LEASE_RK,
+            "holder": lease.holder,
+            "expiresAt": expires,
+        }
+        with _guard(table, operation):
+            try:
+                meta = client.update_entity(
+                    entity,
+                    mode=UpdateMode.REPLACE,
+                    etag=lease.etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            except HttpResponseError as err:
+                if err.status_code == 412 or _is_missing_entity(err):
+                    raise LeaseLost(
+                        table, operation, "the lease was taken over or released", err.status_code
+                    ) from err
+                raise
+        return Lease(lease.user, lease.holder, _as_utc(expires), meta["etag"])
+
+    def release_lease(self, lease: Lease) -> None:
+        """Deletes our lease If-Match its etag: a lease someone else took over is theirs and stays.
+        No error when it is already gone or no longer ours."""
+        client, table = self._client("Leases")
+        with _guard(table, f"release lease of {lease.user} for {lease.holder}"):
+            try:
+                client.delete_entity(
+                    encode_key(lease.user),
+                    _LEASE_RK,
+                    etag=lease.etag,
+                    match_condition=MatchConditions.IfNotModified,
+                )
+            except HttpResponseError as err:
+                if err.status_code != 412:
+                    raise
+
+
+def _lease_from(user: str, entity: Any) -> Lease:
+    return Lease(user, entity["holder"], _as_utc(entity["expiresAt"]), entity.metadata["etag"])
+
+
+def _run_pk(run_id: str) -> str:
+    return f"run_{encode_key(run_id)}"
+
+
+def _user_pk(user: str) -> str:
+    return f"user_{encode_key(user)}"
+
+
+def _chunk_rk(generation: int, n: int) -> str:
+    return f"chunk_{generation:06d}_{n:04d}"

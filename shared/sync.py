@@ -1,0 +1,498 @@
+"""One user's run (SPEC §4): lease → read both sides → plan → apply → advance watermarks → report.
+
+Business Central is read once per company and shared by the users of that company (`BcReader`),
+because BC's request budget is per service principal (6,000 / 5 min) while Graph's is per mailbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from shared.auth import BC_SCOPE, GRAPH_SCOPE, TokenProvider, token_provider
+from shared.bc_client import BcClient
+from shared.config import Config
+from shared.executor import Executor
+from shared.filters import parse_filter
+from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
+from shared.http import ApiError, HttpClient, RequestCounter
+from shared.mapping import normalize_email
+from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
+from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
+from shared.store import Store
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
+OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
+MODES = (INCREMENTAL, FULL)
+
+
+class RunInterrupted(Exception):
+    """Raised from a checkpoint to stop a run cleanly at a batch boundary (it continues later)."""
+
+
+class RunInProgress(Exception):
+    """Another run holds this user's lease."""
+
+    def __init__(self, user: str, run_id: str | None, expires_at: str | None):
+        super().__init__(f"a sync for {user} is already running (run {run_id})")
+        self.user = user
+        self.run_id = run_id
+        self.expires_at = expires_at
+
+
+@dataclass
+class CompanyRead:
+    read_at: float  # monotonic time of the read
+    since: str | None  # None: every contact was read
+    contacts: dict[str, dict[str, Any]]
+    index: dict[str, str]  # every current contact id → normalized email
+
+
+class BcReader:
+    """Reads a company's contacts once and shares the result between that company's users.
+
+    A cached read serves any user whose watermark is at or after the read's own starting point, for
+    `ttl` seconds; users run within one scheduled run get the same read, and a read can never hide a
+    change from a user, because each user filters by its own watermark afterwards.
+    """
+
+    def __init__(self, ttl: float = 120.0):
+        self.ttl = ttl
+        self._cache: dict[str, CompanyRead] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def _company_lock(self, company_id: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(company_id, threading.Lock())
+
+    def read(self, client: BcClient, company_id: str, since: str | None) -> CompanyRead:
+        with self._company_lock(company_id):
+            cached = self._cache.get(company_id)
+            fresh = cached is not None and time.monotonic() - cached.read_at < self.ttl
+            if fresh and (cached.since is None or (since is not None and cached.since <= since)):
+                return _narrow(cached, since)
+            started = time.monotonic()
+            if since is None:
+                contacts = {c["id"]: c for c in client.list_contacts(company_id)}
+                index = {cid: normalize_email(c.get("email")) for cid, c in contacts.items()}
+            else:
+                contacts = {c["id"]: c for c in client.list_contacts(company_id, modified_after=since)}
+                index = {
+                    c["id"]: normalize_email(c.get("email"))
+                    for c in client.list_contacts(company_id, select=("id", "email"))
+                }
+            read = CompanyRead(started, since, contacts, index)
+            self._cache[company_id] = read
+            return _narrow(read, since)
+
+    def forget(self, company_id: str | None = None) -> None:
+        with self._lock:
+            if company_id is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(company_id, None)
+
+
+def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
+    if since is None or read.since == since:
+        return read
+    since_dt = parse_iso(since)
+    contacts = {
+        cid: c
+        for cid, c in read.contacts.items()
+        if c.get("lastModifiedDateTime") and parse_iso(c["lastModifiedDateTime"]) > since_dt
+    }
+    return CompanyRead(read.read_at, since, contacts, read.index)
+
+
+@dataclass
+class Services:
+    """Everything a run needs, built once per process and shared by its runs."""
+
+    config: Config
+    store: Store
+    tokens: TokenProvider
+    bc_reader: BcReader = field(default_factory=BcReader)  # shared by the runs of one schedule tick
+    sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def from_config(cls, config: Config) -> Services:
+        store = Store.from_config(config)
+        return cls(config=config, store=store, tokens=token_provider(config))
+
+    def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
+        bc_http = HttpClient(
+            "bc",
+            lambda: self.tokens.token(BC_SCOPE),
+            counter=counter,
+            on_unauthorized=self.tokens.invalidate,
+            sleep=self.sleep,
+        )
+        graph_http = HttpClient(
+            "graph",
+            lambda: self.tokens.token(GRAPH_SCOPE),
+            counter=counter,
+            on_unauthorized=self.tokens.invalidate,
+            sleep=self.sleep,
+            default_headers={"Prefer": 'IdType="ImmutableId"'},
+        )
+        bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
+        graph = GraphClient(graph_http, self.config.graph_base_url)
+        return bc, graph
+
+
+def settings_hash(settings: UserSettings, company_id: str) -> str:
+    """What the links were built under; when it changes, the next run reconciles everything."""
+    scope = {
+        "company": company_id,
+        "filter": settings.filter,
+        "pullNew": settings.pull_new_from_outlook,
+        "pullEdits": settings.pull_edits_from_outlook,
+        "remove": settings.remove_from_outlook,
+    }
+    return hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _full_due(state: UserState, hours: float) -> bool:
+    if hours <= 0 or not state.last_full_sync:
+        return False
+    return utcnow() - parse_iso(state.last_full_sync) >= timedelta(hours=hours)
+
+
+def run_user(
+    services: Services,
+    settings: UserSettings,
+    mode: str = INCREMENTAL,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    run_id: str | None = None,
+    reader: BcReader | None = None,
+    resume: RunReport | None = None,
+    checkpoint: Callable[[str], None] = lambda name: None,
+) -> RunReport:
+    """Run one user's sync. Never raises for sync problems: they end up in the report.
+
+    `reader` shares BC reads between users of one scheduled run; without it the run reads BC afresh,
+    so an on-demand run always sees the latest BC edits. `resume` continues the report of a run that
+    was interrupted (its items and counts are kept; what it wrote is linked and is not written again).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}")
+    store = services.store
+    report = RunReport(user=settings.user, mode=mode, dryRun=dry_run)
+    if resume is not None:
+        report = resume
+        report.status, report.finishedAt, report.message = "running", None, None
+    elif run_id:
+        report.runId = run_id
+    lease = None
+    if not dry_run:
+        lease = store.acquire_lease(settings.user, report.runId, LEASE_SECONDS)
+        if lease is None:
+            current = store.current_lease(settings.user)
+            raise RunInProgress(
+                settings.user,
+                current.holder if current else None,
+                iso(current.expires_at) if current else None,
+            )
+    counter = RequestCounter()
+    store.save_report(report)
+    started = time.monotonic()
+    try:
+        _run(
+            services,
+            settings,
+            report,
+            counter,
+            reader or BcReader(ttl=0),
+            force=force,
+            lease=lease,
+            checkpoint=checkpoint,
+        )
+    except RunInterrupted:
+        report.status = "interrupted"
+        report.message = "stopped at a batch boundary; the run continues from the queue"
+    except Exception as exc:  # one failing user must never stop the others
+        report.status = "failed"
+        report.message = _describe(exc)
+        log.warning("contact sync run failed: %s", report.message)
+    finally:
+        for service in ("bc", "graph"):
+            report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
+        report.finishedAt = iso(utcnow())
+        try:
+            store.save_report(report)
+        finally:
+            if lease is not None:
+                store.release_lease(lease)
+        log.info(
+            "contact sync run",
+            extra={
+                "custom_dimensions": {
+                    "runId": report.runId,
+                    "userHash": hashlib.sha256(settings.user.encode()).hexdigest()[:16],
+                    "mode": report.mode,
+                    "dryRun": dry_run,
+                    "status": report.status,
+                    "durationSeconds": round(time.monotonic() - started, 3),
+                    **report.counts,
+                    "bcRequests": report.requests["bc"],
+                    "graphRequests": report.requests["graph"],
+                }
+            },
+        )
+    return report
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ApiError):
+        hint = ""
+        if exc.service == "graph" and exc.status == 403:
+            hint = (
+                " The app needs the Graph application permission Contacts.ReadWrite with admin consent, and "
+                "access to this mailbox if mailbox access is restricted."
+            )
+        elif exc.service == "graph" and exc.status == 404:
+            hint = " The mailbox was not found: check the user's address and that it has an Exchange Online mailbox."
+        elif exc.service == "bc" and exc.status in (401, 403):
+            hint = (
+                " Check the app's entry on Business Central's Microsoft Entra Applications page (state Enabled, "
+                "permission sets) and the API.ReadWrite.All permission."
+            )
+        return f"{exc}{hint}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _run(
+    services: Services,
+    settings: UserSettings,
+    report: RunReport,
+    counter: RequestCounter,
+    reader: BcReader,
+    *,
+    force: bool,
+    lease: Any,
+    checkpoint: Callable[[str], None],
+) -> None:
+    store, config = services.store, services.config
+    bc, graph = services.clients(counter)
+    flt = parse_filter(settings.filter)
+    company_id = settings.company_id or config.bc_company_id
+    state = store.get_state(settings.user)
+    scope_hash = settings_hash(settings, company_id)
+    mode = report.mode
+    if mode == INCREMENTAL:
+        if not state.delta_link or not state.bc_watermark:
+            mode = FULL
+            report.message = "first run for this user: a full sync was done"
+        elif state.settings_hash != scope_hash:
+            mode = FULL
+            report.message = "settings changed since the last run: a full sync was done"
+        elif _full_due(state, config.full_sync_hours):
+            mode = FULL
+            report.message = f"scheduled full reconcile (every {config.full_sync_hours:g} h)"
+    dry = report.dryRun
+
+    # Outlook folder --------------------------------------------------------------------------
+    folder_id = _ensure_folder(graph, settings, state, report, dry)
+    delta = DeltaPage()
+    if folder_id:
+        try:
+            delta = graph.delta(settings.user, folder_id, state.delta_link if mode == INCREMENTAL else None)
+        except DeltaExpired:
+            mode = FULL
+            report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
+            delta = graph.delta(settings.user, folder_id, None)
+        except FolderGone:
+            state.folder_id = None
+            folder_id = _ensure_folder(graph, settings, state, report, dry)
+            mode = FULL
+            report.message = "the Outlook folder had been deleted: it was created again and fully synced"
+            delta = graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
+    report.mode = mode
+
+    # Business Central --------------------------------------------------------------------
+    since = None
+    if mode == INCREMENTAL and state.bc_watermark:
+        since = iso(parse_iso(state.bc_watermark) - OVERLAP)
+    read = reader.read(bc, company_id, since)
+    links = store.get_links(settings.user)
+    snap = Snapshot(
+        mode=mode,
+        bc=dict(read.contacts),
+        bc_index=read.index,
+        outlook={c["id"]: c for c in delta.changed},
+        outlook_removed=set(delta.removed),
+        links=links,
+        outlook_complete=mode == FULL,
+    )
+    for _ in range(3):  # tags, then the BC/Outlook records they point at
+        want = needs(snap, settings, flt)
+        if not want:
+            break
+        if want.tags or want.outlook:
+            ids = sorted(want.tags | want.outlook)
+            found, missing = (
+                graph.get_contacts(settings.user, folder_id, ids) if folder_id else ({}, set(ids))
+            )
+            for oid in want.tags:
+                snap.tags[oid] = tag_of(found[oid]) if oid in found else None
+            for oid, contact in found.items():
+                contact.pop("singleValueExtendedProperties", None)
+                snap.outlook[oid] = contact
+            for oid in missing:
+                snap.outlook.pop(oid, None)
+                snap.outlook_removed.add(oid)
+        if want.bc:
+            for c in bc.get_contacts(company_id, sorted(want.bc)):
+                snap.bc[c["id"]] = c
+    result = plan(snap, settings, flt, force=force)
+    for item in result.skipped:
+        report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
+    if result.safety_stop:
+        report.status = "safetyStop"
+        report.message = result.safety_stop
+        report.items.append(_safety_item(result.safety_stop))
+        return
+    if dry:
+        for a in result.actions:
+            if a.report_as:
+                report.add(a.report_as, a.bc_id, a.outlook_id, a.email, f"dry run: {a.reason}")
+        report.status = "succeeded"
+        return
+    if folder_id is None:
+        raise RuntimeError("no Outlook folder to sync into")
+
+    def heartbeat() -> None:
+        nonlocal lease
+        if lease is not None:
+            lease = store.renew_lease(lease, LEASE_SECONDS)
+
+    executor = Executor(
+        user=settings.user,
+        company_id=company_id,
+        folder_id=folder_id,
+        bc=bc,
+        graph=graph,
+        store=store,
+        report=report,
+        heartbeat=heartbeat,
+        checkpoint=checkpoint,
+    )
+    outcome = executor.apply(result)
+
+    # Watermarks advance only past what was written (SPEC §4.3.4) ----------------------------
+    checkpoint("before_watermark")
+    newest = max((c.get("lastModifiedDateTime") or "" for c in read.contacts.values()), default="")
+    watermark = state.bc_watermark
+    if newest and (watermark is None or newest > watermark):
+        watermark = newest
+    if outcome.hold_bc_from is not None:
+        held = iso(parse_iso(outcome.hold_bc_from) - timedelta(microseconds=1))
+        watermark = min(watermark, held) if watermark else held
+    if watermark is None:
+        watermark = iso(utcnow() - OVERLAP)  # an empty company: start from now
+    state.bc_watermark = watermark
+    if not outcome.hold_delta and delta.delta_link:
+        state.delta_link = delta.delta_link
+    state.folder_id = folder_id
+    state.folder_name = settings.folder_name
+    state.company_id = company_id
+    state.settings_hash = scope_hash
+    if mode == FULL:
+        state.last_full_sync = report.startedAt
+    state.last_run_id = report.runId
+    report.status = "partial" if outcome.failures else "succeeded"
+    state.last_status = report.status
+    store.save_state(state)
+
+
+def _safety_item(message: str) -> ReportItem:
+    return ReportItem("safetyStop", None, None, None, message)
+
+
+def _ensure_folder(
+    graph: GraphClient, settings: UserSettings, state: UserState, report: RunReport, dry: bool
+) -> str | None:
+    """The id of the user's sync folder, renaming or creating it as the settings say (SPEC §5)."""
+    name = settings.folder_name
+    if state.folder_id:
+        if state.folder_name != name and not dry:
+            try:
+                graph.rename_folder(settings.user, state.folder_id, name)
+            except ApiError as exc:
+                if exc.status == 404:
+                    state.folder_id = None
+                    return _ensure_folder(graph, settings, state, report, dry)
+                if exc.status == 409:
+                    raise RuntimeError(
+                        f"cannot rename the Outlook folder to '{name}': a folder with that name already exists"
+                    ) from None
+                raise
+        return state.folder_id
+    found = graph.find_folder(settings.user, name)
+    if found:
+        return found["id"]
+    if dry:
+        return None
+    return graph.create_folder(settings.user, name)["id"]
+
+
+def run_users(
+    services: Services,
+    users: Iterable[UserSettings],
+    mode: str = INCREMENTAL,
+    *,
+    dry_run: bool = False,
+    max_parallel: int = 8,
+) -> list[RunReport]:
+    """Several users at once (CLI, benchmark): BC read once per company, mailboxes in parallel.
+
+    Each mailbox has its own Graph budget, so users run side by side; within a mailbox the executor
+    keeps one batch in flight, which is the mailbox's concurrency of four.
+    """
+    users = list(users)
+    reader = BcReader(ttl=3600)
+    _prewarm(services, reader, users, mode)
+
+    def one(s: UserSettings) -> RunReport:
+        try:
+            return run_user(services, s, mode, dry_run=dry_run, reader=reader)
+        except RunInProgress as exc:
+            r = RunReport(user=s.user, mode=mode, dryRun=dry_run, status="skipped")
+            r.message = str(exc)
+            return r
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(users) or 1))) as pool:
+        return list(pool.map(one, users))
+
+
+def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mode: str) -> None:
+    """Read each company once from the earliest watermark among its users."""
+    by_company: dict[str, list[str | None]] = {}
+    for s in users:
+        company = s.company_id or services.config.bc_company_id
+        state = services.store.get_state(s.user)
+        since = None
+        if mode == INCREMENTAL and state.bc_watermark and state.delta_link:
+            since = iso(parse_iso(state.bc_watermark) - OVERLAP)
+        by_company.setdefault(company, []).append(since)
+    bc, _ = services.clients(RequestCounter())
+    for company, sinces in by_company.items():
+        earliest = None if any(s is None for s in sinces) else min(sinces)
+        try:
+            reader.read(bc, company, earliest)
+        except ApiError as exc:  # each user's run reports it
+            log.warning("could not read company %s: %s", company, exc)

@@ -1,0 +1,98 @@
+"""The connection check of SPEC §1.4 / §7: can this app sync this user, and if not, what to fix.
+
+Each check answers `ok` or an actionable message; later checks that depend on a failed one are
+reported as not run rather than failing with a confusing second error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError
+from shared.http import ApiError, RequestCounter
+from shared.model import UserSettings
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
+    config = services.config
+    company_id = settings.company_id or config.bc_company_id
+    bc, graph = services.clients(RequestCounter())
+    checks: list[Check] = []
+
+    def token(name: str, scope: str) -> bool:
+        try:
+            services.tokens.token(scope)
+        except AuthError as exc:
+            checks.append(Check(name, False, str(exc)))
+            return False
+        checks.append(Check(name, True, "ok"))
+        return True
+
+    bc_token = token("bcToken", BC_SCOPE)
+    graph_token = token("graphToken", GRAPH_SCOPE)
+    if bc_token:
+        try:
+            company = bc.company(company_id)
+            bc.list_contacts(company_id, select=("id",))  # proves read access to contacts too
+            checks.append(
+                Check("bcCompany", True, f"ok: {company.get('displayName') or company.get('name')}")
+            )
+        except ApiError as exc:
+            checks.append(Check("bcCompany", False, _bc_hint(exc, company_id)))
+    else:
+        checks.append(Check("bcCompany", False, "not checked: no Business Central token"))
+    if graph_token:
+        try:
+            graph.get_user(settings.user)
+            checks.append(Check("mailbox", True, "ok"))
+            try:
+                graph.find_folder(settings.user, settings.folder_name)
+                checks.append(Check("contactsPermission", True, "ok"))
+            except ApiError as exc:
+                checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
+        except ApiError as exc:
+            checks.append(Check("mailbox", False, _graph_hint(exc, settings.user)))
+            checks.append(Check("contactsPermission", False, "not checked: mailbox not reachable"))
+    else:
+        checks.append(Check("mailbox", False, "not checked: no Graph token"))
+        checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
+    return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def _bc_hint(exc: ApiError, company_id: str) -> str:
+    if exc.status in (401, 403):
+        return (
+            f"Business Central refused the app ({exc.status}). In Business Central, open the Microsoft Entra "
+            "Applications page, add this app's client id, set State to Enabled and assign permission sets that "
+            "allow reading and editing contacts; the app registration needs the API.ReadWrite.All application "
+            "permission on Dynamics 365 Business Central with admin consent."
+        )
+    if exc.status == 404:
+        return (
+            f"Business Central company {company_id} or environment not found: check BC_ENVIRONMENT and "
+            "BC_COMPANY_ID (or the user's companyId)."
+        )
+    return str(exc)
+
+
+def _graph_hint(exc: ApiError, user: str) -> str:
+    if exc.status == 403:
+        return (
+            "Microsoft Graph denied access (403). The app needs Contacts.ReadWrite for this mailbox: either "
+            "through Exchange Online RBAC for Applications (role 'Application Contacts.ReadWrite' with a "
+            f"management scope that includes {user}), or, legacy, the Graph application permission with admin "
+            "consent plus an application access policy that includes this mailbox."
+        )
+    if exc.status == 404:
+        return f"No Exchange Online mailbox found for {user}: check the address."
+    if exc.status == 401:
+        return "Microsoft Graph rejected the token (401): check the tenant and the app registration."
+    return str(exc)
