@@ -805,8 +805,7 @@ class BusinessCentralService(Service):
         v = row.values
         old_number = v["companyNumber"]
         target = company.by_number(number) if number else None
-        is_self = row.id and target is not None and target.id == row.id
-        if number and (target is None or (target.values["type"] != "Company" and not is_self)):
+        if number and (target is None or target.values["type"] != "Company"):
             # TableRelation = Contact where(Type = const(Company)), checked by Validate.
             raise BcError(
                 400,
@@ -1056,6 +1055,9 @@ class BusinessCentralService(Service):
         return row
 
     def _check_if_match(self, req: Request, row: ContactRow) -> None:
+        # If-Match is "Required" for PATCH and DELETE (api-reference/v2.0/api/dynamics_contact_update.md,
+        # _delete.md). Without it BC answers BadRequest_InvalidToken (MicrosoftDocs/dynamics365smb-devitpro-pb
+        # issue #813); a stale tag is the OData conflict Request_EntityChanged (dynamics_error_codes.md).
         header = req.headers.get("If-Match", "").strip()
         if not header:
             raise BcError(
@@ -1078,7 +1080,13 @@ class BusinessCentralService(Service):
 # Operational limits ----------------------------------------------------------------------------
 class PrincipalLimits:
     """BC's per-user/principal limits: a few requests processed at once, more waiting in a queue,
-    429 when the queue is full, 503 when a request waited too long, and a sliding-window rate."""
+    429 when the queue is full, 503 when a request waited too long, and a sliding-window rate.
+
+    Sources: dev-itpro/administration/operational-limits-online.md (5 concurrent, 95 queued, 100
+    connections, 8 minutes in the queue) and learn.microsoft.com/training/modules/work-with-api/4-limits
+    (6,000 requests per 5-minute sliding window per user or service principal; "use batching to perform
+    multiple operations in one call" - so a $batch envelope counts as one request here).
+    """
 
     def __init__(
         self, max_concurrent: int, max_queue: int, queue_timeout: float, rate_limit: int, rate_window: float
@@ -1308,7 +1316,8 @@ def _int_option(req: Request, name: str) -> int | None:
 
 
 def _page_size(req: Request) -> tuple[int, bool]:
-    """Prefer: odata.maxpagesize=N is honoured up to BC's 20,000 maximum."""
+    """Prefer: odata.maxpagesize=N is honoured up to BC's 20,000 maximum
+    (dev-itpro/webservices/server-driven-paging-in-odata-web-services.md)."""
     for pref in req.headers.get("Prefer", "").split(","):
         name, _, value = pref.strip().partition("=")
         if name.strip().lower() == "odata.maxpagesize" and value.strip().isdigit() and int(value) > 0:

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             companyName="Nordmann AS",
         )
         in_folder = cloud.graph.folder_contacts(USER, folder_id)
-        victim = next(c for c in in_folder if c.get("emailAddresses"))
+        victim = next(c for c in in_folder if c.get("singleValueExtendedProperties"))
         cloud.graph.user_delete_contact(USER, folder_id, victim["id"])
         cloud.graph.user_create_contact(
             USER,

@@ -10,7 +10,10 @@ The product talks to it through the real `msal` package with `authority=f"{host}
 
 Why the errors matter: the product must tell an admin *what* is wrong (wrong secret, missing consent,
 wrong tenant, bad scope), so every refusal has the real status, ``error`` and AADSTS code, in the real
-body shape (learn.microsoft.com/entra/identity-platform/reference-error-codes).
+body shape (learn.microsoft.com/entra/identity-platform/reference-error-codes; bodies as captured in
+public reports, e.g. microsoft/AzureTRE#1475 for 700016, MicrosoftDocs/azure-docs#99862 for 1002012,
+Azure/azure-cli#22145 for ``invalid_tenant`` on discovery). Without admin consent Entra still issues
+an app-only token, just without a ``roles`` claim (MicrosoftDocs/azure-docs PR #81503).
 
 Tokens are JWT-shaped v1.0 access tokens (Graph and Business Central both take v1 tokens) signed
 with an HMAC key held here. Clients never verify them; the resource simulators call `validate()`.

@@ -141,7 +141,7 @@ class Executor:
                 else BcWrite("PATCH", a.body, a.bc_id, a.etag)
                 for a in chunk
             ]
-            results = self.bc.write(self.company_id, writes)
+            results = self._write_bc(chunk, writes)
             self.checkpoint("after_bc_batch")
             links: list[Link] = []
             for a, res in zip(chunk, results, strict=True):
@@ -176,6 +176,38 @@ class Executor:
             self.heartbeat()
             self.checkpoint("batch_done")  # a clean stopping point: this batch's links are stored
         return follow_ups
+
+    def _write_bc(self, chunk: list[Action], writes: list[BcWrite]) -> list[ItemResult]:
+        """BC writes, once more without the company name where BC knows no such company.
+
+        BC validates a person's company name against its company contacts and refuses an unknown
+        one ("You must select an existing contact."); the contact still belongs in BC, so it is
+        created without it, as BC's own Outlook sync did, and the report says so.
+        """
+        results = self.bc.write(self.company_id, writes)
+        again = [
+            i
+            for i, (a, res) in enumerate(zip(chunk, results, strict=True))
+            if a.kind == "create_bc"
+            and res.status == 400
+            and (a.body or {}).get("companyName")
+            and "existing contact" in (res.error or "")
+        ]
+        if again:
+            retried = self.bc.write(
+                self.company_id,
+                [
+                    BcWrite("POST", {k: v for k, v in chunk[i].body.items() if k != "companyName"})
+                    for i in again
+                ],
+            )
+            for i, res in zip(again, retried, strict=True):
+                if res.ok:
+                    name = chunk[i].body["companyName"]
+                    note = f"created without company name '{name}' (no such company contact in BC)"
+                    chunk[i].reason = f"{chunk[i].reason}; {note}"
+                results[i] = res
+        return results
 
     def _graph_item(self, a: Action) -> BatchItem:
         base = f"{self.graph.user_path(self.user)}/contactFolders/{quote(self.folder_id, safe='')}/contacts"

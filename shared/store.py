@@ -555,10 +555,9 @@ class Store:
                 },
                 mode=UpdateMode.REPLACE,
             )
-            user_pk = _user_pk(report.user)
             client.upsert_entity(
                 {
-                    "PartitionKey": user_pk,
+                    "PartitionKey": _user_pk(report.user),
                     "RowKey": index_rk,
                     "runId": report.runId,
                     "status": report.status,
@@ -569,7 +568,7 @@ class Store:
             )
             if head and head.get("indexKey") and head.get("user") and head["indexKey"] != index_rk:
                 client.delete_entity(_user_pk(head["user"]), head["indexKey"])
-            keep = _chunk_rk(generation, 0)[: -len("0000")]
+            keep = _chunk_prefix(generation)
             stale = [
                 e["RowKey"]
                 for e in client.query_entities(
@@ -578,7 +577,7 @@ class Store:
                 if e["RowKey"] != _HEAD_RK and not e["RowKey"].startswith(keep)
             ]
             for rk in stale:
-                pass
+                client.delete_entity(pk, rk)
 
     def get_report(self, run_id: str) -> RunReport | None:
         client, table = self._client("Runs")
@@ -760,5 +759,9 @@ def _user_pk(user: str) -> str:
     return f"user_{encode_key(user)}"
 
 
+def _chunk_prefix(generation: int) -> str:
+    return f"chunk_{generation:06d}_"
+
+
 def _chunk_rk(generation: int, n: int) -> str:
-    return f"chunk_{generation:06d}_{n:04d}"
+    return f"{_chunk_prefix(generation)}{n:04d}"

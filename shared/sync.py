@@ -125,11 +125,11 @@ class Services:
     tokens: TokenProvider
     bc_reader: BcReader = field(default_factory=BcReader)  # shared by the runs of one schedule tick
     sleep: Callable[[float], None] = time.sleep
+    backoff_base: float = 0.5  # seconds; the first retry waits up to this when no Retry-After is sent
 
     @classmethod
     def from_config(cls, config: Config) -> Services:
-        store = Store.from_config(config)
-        return cls(config=config, store=store, tokens=token_provider(config))
+        return cls(config=config, store=store_from_config(config), tokens=token_provider(config))
 
     def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
         bc_http = HttpClient(
@@ -138,6 +138,7 @@ class Services:
             counter=counter,
             on_unauthorized=self.tokens.invalidate,
             sleep=self.sleep,
+            backoff_base=self.backoff_base,
         )
         graph_http = HttpClient(
             "graph",
@@ -145,11 +146,26 @@ class Services:
             counter=counter,
             on_unauthorized=self.tokens.invalidate,
             sleep=self.sleep,
+            backoff_base=self.backoff_base,
             default_headers={"Prefer": 'IdType="ImmutableId"'},
         )
         bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
         graph = GraphClient(graph_http, self.config.graph_base_url)
         return bc, graph
+
+
+def store_from_config(config: Config) -> Store:
+    """Table Storage by connection string (local, Azurite) or by managed identity (Azure, no keys)."""
+    if config.storage_connection_string:
+        return Store.from_connection_string(config.storage_connection_string, prefix=config.table_prefix)
+    from azure.data.tables import TableServiceClient
+
+    from shared.auth import ManagedIdentityCredential
+
+    service = TableServiceClient(
+        endpoint=config.table_service_uri, credential=ManagedIdentityCredential(config.storage_client_id)
+    )
+    return Store(service, prefix=config.table_prefix)
 
 
 def settings_hash(settings: UserSettings, company_id: str) -> str:
@@ -210,6 +226,12 @@ def run_user(
     counter = RequestCounter()
     store.save_report(report)
     started = time.monotonic()
+
+    def heartbeat() -> None:
+        nonlocal lease
+        if lease is not None:
+            lease = store.renew_lease(lease, LEASE_SECONDS)
+
     try:
         _run(
             services,
@@ -218,7 +240,7 @@ def run_user(
             counter,
             reader or BcReader(ttl=0),
             force=force,
-            lease=lease,
+            heartbeat=heartbeat,
             checkpoint=checkpoint,
         )
     except RunInterrupted:
@@ -283,7 +305,7 @@ def _run(
     reader: BcReader,
     *,
     force: bool,
-    lease: Any,
+    heartbeat: Callable[[], None],
     checkpoint: Callable[[str], None],
 ) -> None:
     store, config = services.store, services.config
@@ -359,6 +381,16 @@ def _run(
             for c in bc.get_contacts(company_id, sorted(want.bc)):
                 snap.bc[c["id"]] = c
     result = plan(snap, settings, flt, force=force)
+    if mode == INCREMENTAL and state.bc_watermark:
+        # BC contacts re-read only because of the overlap window were reported by an earlier run.
+        seen = parse_iso(state.bc_watermark)
+        result.skipped = [
+            i
+            for i in result.skipped
+            if i.outlookId is not None
+            or i.bcId not in read.contacts
+            or parse_iso(read.contacts[i.bcId]["lastModifiedDateTime"]) > seen
+        ]
     for item in result.skipped:
         report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
     if result.safety_stop:
@@ -374,11 +406,6 @@ def _run(
         return
     if folder_id is None:
         raise RuntimeError("no Outlook folder to sync into")
-
-    def heartbeat() -> None:
-        nonlocal lease
-        if lease is not None:
-            lease = store.renew_lease(lease, LEASE_SECONDS)
 
     executor = Executor(
         user=settings.user,

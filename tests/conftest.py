@@ -1,10 +1,13 @@
-"""Shared fixtures: a real Azurite and the simulated cloud, each started once per test session."""
+"""Shared fixtures: a real Azurite (once per session) and a fresh simulated cloud per test."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 
 from sandbox.azurite import Azurite
+from sandbox.cloud import Cloud
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +19,29 @@ def azurite():
 @pytest.fixture(scope="session")
 def storage_connection_string(azurite) -> str:
     return azurite.connection_string
+
+
+@pytest.fixture
+def cloud(tmp_path):
+    with Cloud(tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+def env(cloud, azurite, monkeypatch) -> dict[str, str]:
+    """App settings pointing at this test's cloud and its own tables, set in the environment."""
+    from shared import api
+
+    values = cloud.env(azurite.connection_string, table_prefix="T" + uuid.uuid4().hex[:12])
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    api.reset_services()
+    yield values
+    api.reset_services()
+
+
+@pytest.fixture
+def world(cloud, env):
+    from tests.world import World
+
+    return World(cloud, env)

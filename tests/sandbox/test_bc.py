@@ -143,6 +143,17 @@ def test_post_creates_a_contact_with_server_set_fields(world):
     assert world.http.post(world.contacts_url, json={"displayName": "B"}).json()["number"] == "CT000002"
 
 
+def test_a_given_number_is_kept_as_a_code_and_must_be_unique(world):
+    assert world.create(displayName="A", number=" ct000099 ")["number"] == "CT000099"
+
+    status, code, message = error_of(
+        world.http.post(world.contacts_url, json={"displayName": "B", "number": "CT000099"})
+    )
+
+    assert (status, code) == (400, "Internal_EntityWithSameKeyExists")
+    assert "No.='CT000099'" in message
+
+
 def test_type_defaults_to_company_which_is_its_own_company_without_job_title(world):
     body = world.create(displayName="Fabrikam", jobTitle="CEO")
 
