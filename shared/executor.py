@@ -39,7 +39,9 @@ class Outcome:
     hold_delta: bool = False  # an Outlook-originated change failed transiently: keep the delta link
     failures: int = 0
     links_written: int = 0
-    pending: list[str] = field(default_factory=list)
+    # What this run did to the folder, to tell its own echoes from user changes in the next delta.
+    written: dict[str, str] = field(default_factory=dict)  # Outlook id → fingerprint as written
+    deleted: set[str] = field(default_factory=set)  # Outlook ids this run deleted
 
 
 def _transient(res: ItemResult) -> bool:
@@ -227,6 +229,7 @@ class Executor:
             for a, res in zip(chunk, results, strict=True):
                 if a.kind == "delete_outlook":
                     if res.ok or res.status == 404:  # already gone is as good as deleted
+                        self.outcome.deleted.add(a.outlook_id)
                         self.report.add(a.report_as, a.bc_id, a.outlook_id, a.email, a.reason)
                         if a.bc_id:
                             deletes.append(a.bc_id)
@@ -244,7 +247,9 @@ class Executor:
                 new_id = res.body.get("id", a.outlook_id)
                 if a.report_as:
                     self.report.add(a.report_as, a.bc_id, new_id, a.email, a.reason)
-                upserts.append(self._link(a.bc, res.body, new_id))
+                link = self._link(a.bc, res.body, new_id)
+                self.outcome.written[new_id] = link.outlook_hash
+                upserts.append(link)
             if upserts or deletes:
                 self._save_links(upserts, deletes)
             self.heartbeat()

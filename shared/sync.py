@@ -24,7 +24,7 @@ from shared.executor import Executor
 from shared.filters import parse_filter
 from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
 from shared.http import ApiError, HttpClient, RequestCounter
-from shared.mapping import normalize_email
+from shared.mapping import fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store
@@ -433,7 +433,7 @@ def _run(
         watermark = iso(utcnow() - OVERLAP)  # an empty company: start from now
     state.bc_watermark = watermark
     if not outcome.hold_delta and delta.delta_link:
-        state.delta_link = delta.delta_link
+        state.delta_link = _settle(graph, settings.user, folder_id, delta.delta_link, outcome)
     state.folder_id = folder_id
     state.folder_name = settings.folder_name
     state.company_id = company_id
@@ -444,6 +444,28 @@ def _run(
     report.status = "partial" if outcome.failures else "succeeded"
     state.last_status = report.status
     store.save_state(state)
+
+
+def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any) -> str:
+    """The delta link to store: past this run's own writes when nothing else happened meanwhile.
+
+    The link read at the start predates our writes. Keeping it would replay every write as a change
+    next time, and a contact we created that the user then deletes would never show up as removed
+    (delta leaves out items created and deleted between two rounds). So read one more round: if it
+    holds only our own writes, store its link; if the user changed something meanwhile, keep the
+    start link so the next run sees that change (and our echoes, which it recognises).
+    """
+    if not outcome.written and not outcome.deleted:
+        return delta_link
+    try:
+        after = graph.delta(user, folder_id, delta_link)
+    except (DeltaExpired, FolderGone, ApiError) as exc:
+        log.info("could not settle the delta link (%s); keeping the start link", exc)
+        return delta_link
+    own = all(outcome.written.get(c["id"]) == fingerprint(outlook_view(c)) for c in after.changed) and all(
+        oid in outcome.deleted for oid in after.removed
+    )
+    return after.delta_link if own and after.delta_link else delta_link
 
 
 def _safety_item(message: str) -> ReportItem:
