@@ -13,6 +13,8 @@ fi
 command -v npm >/dev/null || { echo "bootstrap: npm (Node.js 20+) is required for Azurite" >&2; exit 1; }
 
 stamp() { sha256sum "$@" | sha256sum | cut -c1-16; }
+# pip on some machines warns about configured local indexes that do not exist; keep the output readable.
+pip_quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
@@ -21,8 +23,8 @@ fi
 want=$(stamp requirements.txt requirements-dev.txt)
 if [ "$(cat .venv/.requirements-stamp 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing Python packages"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  pip_quiet .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+  pip_quiet .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
   echo "$want" > .venv/.requirements-stamp
 fi
 
@@ -31,7 +33,7 @@ CHECKOV_PIN="checkov==3.3.30"
 if [ "$(cat .venv-infra/.stamp 2>/dev/null)" != "$CHECKOV_PIN" ]; then
   echo "bootstrap: installing $CHECKOV_PIN into .venv-infra"
   "$PYTHON" -m venv .venv-infra
-  .venv-infra/bin/python -m pip install --quiet --disable-pip-version-check "$CHECKOV_PIN"
+  pip_quiet .venv-infra/bin/python -m pip install --quiet --disable-pip-version-check "$CHECKOV_PIN"
   echo "$CHECKOV_PIN" > .venv-infra/.stamp
 fi
 

@@ -157,8 +157,12 @@ class Executor:
                     continue
                 bc = res.body
                 self.report.add(a.report_as, bc["id"], a.outlook_id, a.email, a.reason)
-                # Link now (Outlook side as it was); the follow-up below refreshes the hashes.
-                links.append(self._link(bc, a.outlook, a.outlook_id))
+                # Link now; an empty Outlook hash marks "not tagged yet" until the follow-up below lands,
+                # so a run interrupted in between tags it next time (see planner).
+                link = self._link(bc, a.outlook, a.outlook_id)
+                if a.kind == "create_bc":
+                    link.outlook_hash = ""
+                links.append(link)
                 if outlook_view(a.outlook) != bc_view(bc) or a.kind == "create_bc":
                     follow_ups.append(
                         Action(

@@ -139,6 +139,12 @@ def needs(snap: Snapshot, settings: UserSettings, flt: ContactFilter) -> Needs:
             snap.outlook_complete and link.outlook_id not in snap.outlook
         )
         o = snap.outlook.get(link.outlook_id)
+        if not link.outlook_hash and not removed:  # linked but never tagged: an interrupted run
+            if bc is None:
+                out.bc.add(bc_id)
+            if o is None:
+                out.outlook.add(link.outlook_id)
+            continue
         if bc is None:
             if removed:
                 out.bc.add(bc_id)  # to recreate it
@@ -264,6 +270,22 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                         reason="changed in Business Central",
                     )
                 )
+            continue
+        if not link.outlook_hash:
+            # Created in BC from this Outlook contact, but the run stopped before tagging it.
+            result.actions.append(
+                Action(
+                    "update_outlook",
+                    "outlookUpdated",
+                    bc_id,
+                    link.outlook_id,
+                    bc_to_outlook(bc, o),
+                    bc=bc,
+                    outlook=o,
+                    email=email,
+                    reason="tagged with its Business Central id (an earlier run was interrupted)",
+                )
+            )
             continue
         edited = _outlook_edited(o, link)
         in_sync = outlook_view(o) == bc_view(bc)
