@@ -1,4 +1,4 @@
-"""The guarantees of SPEC §4.5 and the sync semantics of §4.3–§4.4, each as a scenario."""
+"""The guarantees of SPEC §4.5 and the sync semantics of §4.3 to §4.4, each as a scenario."""
 
 from __future__ import annotations
 
