@@ -297,7 +297,9 @@ class Service:
         if refused is not None:
             return refused
         try:
-            return route.handler(req, **{k: unquote(v) for k, v in match.groupdict().items() if v is not None})
+            return route.handler(
+                req, **{k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+            )
         finally:
             self.after(req, route)
 

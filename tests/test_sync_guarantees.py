@@ -24,7 +24,9 @@ def test_idempotent_a_run_right_after_a_run_writes_nothing(world):
         assert report.status == "succeeded"
         assert writes(report) == 0, report.counts
     graph_writes = sum(
-        n for (method, _), n in world.cloud.graph.counters.items.items() if method in ("POST", "PATCH", "DELETE")
+        n
+        for (method, _), n in world.cloud.graph.counters.items.items()
+        if method in ("POST", "PATCH", "DELETE")
     )
     bc_writes = sum(
         n for (method, _), n in world.cloud.bc.counters.items.items() if method in ("POST", "PATCH", "DELETE")
@@ -260,7 +262,9 @@ def test_two_new_outlook_contacts_with_one_email_make_one_bc_contact(world):
     world.sync(mode="full")
     for name in ("Twin One", "Twin Two"):
         world.cloud.graph.user_create_contact(
-            ALICE, world.folder_id(), {"displayName": name, "emailAddresses": [{"address": "twin@example.org"}]}
+            ALICE,
+            world.folder_id(),
+            {"displayName": name, "emailAddresses": [{"address": "twin@example.org"}]},
         )
     report = world.sync()
     assert report.counts["bcCreated"] == 1

@@ -166,7 +166,9 @@ def test_1_8_required_fields(world):
     world.user()
     world.person("Has Everything")
     world.cloud.bc.seed_contact(world.company, type="Person", displayName="No Email")
-    world.cloud.bc.seed_contact(world.company, type="Company", displayName="Some Company", email="post@co.example")
+    world.cloud.bc.seed_contact(
+        world.company, type="Company", displayName="Some Company", email="post@co.example"
+    )
     world.person("Blocked Person", privacyBlocked=True)
     report = world.sync(mode="full")
     assert [c["displayName"] for c in world.outlook()] == ["Has Everything"]
@@ -229,7 +231,9 @@ def test_1_11_a_user_without_a_mailbox_fails_clearly_and_others_complete(world):
     world.user(ALICE)
     ghost = world.services.store.put_settings(UserSettings(user="ghost@contoso.example"))
     world.person("Someone Here")
-    reports = {r.user: r for r in run_users(world.services, [ghost, world.services.store.get_settings(ALICE)])}
+    reports = {
+        r.user: r for r in run_users(world.services, [ghost, world.services.store.get_settings(ALICE)])
+    }
     assert reports[ALICE].status == "succeeded"
     assert reports["ghost@contoso.example"].status == "failed"
     assert "mailbox" in reports["ghost@contoso.example"].message.lower()
