@@ -37,7 +37,7 @@ def test_backoff_without_retry_after_grows_and_is_bounded(clients):
 
 
 def test_html_error_page_is_retried_then_named(clients):
-    world, _, graph, waits, _ = clients
+    world, _, graph, _, _ = clients
     world.cloud.graph.faults.html(count=1)
     assert graph.get_user(ALICE)
     world.cloud.graph.faults.html(count=50)
