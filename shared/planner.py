@@ -258,32 +258,13 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
         bc_changed = fingerprint(bc_view(bc)) != link.bc_hash
         if o is None:
             if bc_changed:  # needs() asked for o; only a dry run without fetches can get here
-                result.actions.append(
-                    Action(
-                        "update_outlook",
-                        "outlookUpdated",
-                        bc_id,
-                        link.outlook_id,
-                        bc_to_outlook(bc),
-                        bc=bc,
-                        email=email,
-                        reason="changed in Business Central",
-                    )
-                )
+                result.actions.append(_update_outlook(bc, link, None, "changed in Business Central"))
             continue
         if not link.outlook_hash:
             # Created in BC from this Outlook contact, but the run stopped before tagging it.
             result.actions.append(
-                Action(
-                    "update_outlook",
-                    "outlookUpdated",
-                    bc_id,
-                    link.outlook_id,
-                    bc_to_outlook(bc, o),
-                    bc=bc,
-                    outlook=o,
-                    email=email,
-                    reason="tagged with its Business Central id (an earlier run was interrupted)",
+                _update_outlook(
+                    bc, link, o, "tagged with its Business Central id (an earlier run was interrupted)"
                 )
             )
             continue
@@ -311,19 +292,7 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
             )
         elif not in_sync and (bc_changed or snap.mode == FULL):
             why = "changed in Business Central" if bc_changed else "edited in Outlook; Business Central wins"
-            result.actions.append(
-                Action(
-                    "update_outlook",
-                    "outlookUpdated",
-                    bc_id,
-                    link.outlook_id,
-                    bc_to_outlook(bc, o),
-                    bc=bc,
-                    outlook=o,
-                    email=email,
-                    reason=why,
-                )
-            )
+            result.actions.append(_update_outlook(bc, link, o, why))
         elif in_sync and (bc_changed or edited):
             result.actions.append(Action("refresh_link", "", bc_id, link.outlook_id, bc=bc, outlook=o))
 
@@ -389,6 +358,21 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
 
     _guard(result, snap, force)
     return result
+
+
+def _update_outlook(bc: dict[str, Any], link: Link, o: dict[str, Any] | None, reason: str) -> Action:
+    """Write BC's values over the linked Outlook contact, keeping what only Outlook holds."""
+    return Action(
+        "update_outlook",
+        "outlookUpdated",
+        bc["id"],
+        link.outlook_id,
+        bc_to_outlook(bc, o),
+        bc=bc,
+        outlook=o,
+        email=bc.get("email"),
+        reason=reason,
+    )
 
 
 def _plan_tagged(
