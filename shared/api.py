@@ -9,28 +9,41 @@ handed to the Storage Queue under the same run id, and the caller gets 202 point
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import threading
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import azure.functions as func
 
 from shared.config import Config, ConfigError
 from shared.model import RunReport, UserSettings, ValidationError, iso, normalize_user, utcnow
 from shared.planner import FULL, INCREMENTAL
+from shared.store import MalformedRowError, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "contact-sync-jobs"
 MAX_BODY = 64 * 1024
 POLL_AFTER_SECONDS = 10
-MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount
+MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the two equal)
+# After the inline budget the run is asked to stop at its next batch boundary. If that batch takes
+# longer than this (heavy throttling), the answer leaves anyway and the run finishes in the background,
+# so the caller always hears back within budget + grace (Power Automate gives up after 120 s).
+INTERRUPT_GRACE_SECONDS = 20.0
+MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
 _SYNC_FIELDS = {"user", "mode", "dryRun", "force", "wait"}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_IN_PROGRESS = ("queued", "running", "interrupted")
+_FINAL_OK = ("succeeded", "partial", "safetyStop")
+_JOB_REASONS = ("schedule", "http", "continuation")
 
 _services = None
 _services_lock = threading.Lock()
@@ -56,6 +69,11 @@ def reset_services() -> None:
         _services = None
 
 
+def user_hash(user: str) -> str:
+    """How logs name a user: Application Insights gets no mailbox addresses (same hash as sync.py)."""
+    return hashlib.sha256(user.encode()).hexdigest()[:16]
+
+
 # Responses -----------------------------------------------------------------------------------
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
     return func.HttpResponse(
@@ -67,14 +85,18 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
     )
 
 
-def error(status: int, code: str, message: str, **extra: Any) -> func.HttpResponse:
-    return json_response(status, {"error": {"code": code, "message": message, **extra}})
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
+    return json_response(status, {"error": {"code": code, "message": message, **extra}}, headers)
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra: Any):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
-        self.response = error(status, code, message, **extra)
+        self.response = error(status, code, message, headers, **extra)
+
+
+def _not_allowed(allowed: str, usage: str) -> HttpError:
+    return HttpError(405, "MethodNotAllowed", f"use {usage}", {"Allow": allowed})
 
 
 def _body(req: func.HttpRequest) -> Any:
@@ -102,6 +124,17 @@ def guarded(handler: Callable[..., func.HttpResponse]) -> Callable[..., func.Htt
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return error(500, "ConfigurationError", str(exc))
+        except StoreError as exc:
+            # StoreError messages name table and operation, never the connection string (safe to show).
+            log.error("table storage error: %s", exc)
+            if isinstance(exc, MalformedRowError):
+                return error(500, "StoredDataInvalid", str(exc))
+            return error(
+                503,
+                "StorageUnavailable",
+                f"Table Storage failed: {exc}",
+                {"Retry-After": str(POLL_AFTER_SECONDS)},
+            )
         except Exception:
             log.exception("unhandled error in HTTP function")
             return error(500, "InternalError", "the request failed; see the function app's logs")
@@ -109,6 +142,58 @@ def guarded(handler: Callable[..., func.HttpResponse]) -> Callable[..., func.Htt
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
     return wrapper
+
+
+def _settings_or_error(store: Store, user: str) -> UserSettings:
+    """The user's settings, or the 4xx that tells the caller what to do."""
+    try:
+        settings = store.get_settings(user)
+    except MalformedRowError as exc:
+        # Hand-edited in Storage: say what is wrong and how to fix it, rather than a 500.
+        raise HttpError(
+            409,
+            "InvalidStoredSettings",
+            f"the stored settings of {user} are invalid ({exc.detail}); replace them with PUT /api/users/{user}",
+        ) from None
+    if settings is None:
+        raise HttpError(
+            404, "UserNotFound", f"no sync settings for {user}; create them with PUT /api/users/{user}"
+        )
+    return settings
+
+
+# Logging ---------------------------------------------------------------------------------------
+def log_skips(report: RunReport) -> None:
+    """Warnings for the contacts a finished run skipped (ids and reasons; never names or addresses)."""
+    skipped = [i for i in report.items if i.action == "skipped"]
+    for item in skipped[:MAX_SKIP_WARNINGS]:
+        log.warning(
+            "contact skipped: %s",
+            item.reason,
+            extra={
+                "custom_dimensions": {
+                    "runId": report.runId,
+                    "userHash": user_hash(report.user),
+                    "bcId": item.bcId,
+                    "outlookId": item.outlookId,
+                    "reason": item.reason,
+                }
+            },
+        )
+    if len(skipped) > MAX_SKIP_WARNINGS:
+        reasons = Counter(i.reason for i in skipped)
+        log.warning(
+            "%d more contacts skipped; the run report lists them all",
+            len(skipped) - MAX_SKIP_WARNINGS,
+            extra={
+                "custom_dimensions": {
+                    "runId": report.runId,
+                    "userHash": user_hash(report.user),
+                    "skipped": len(skipped),
+                    "reasons": dict(reasons.most_common(10)),
+                }
+            },
+        )
 
 
 # Queue messages --------------------------------------------------------------------------------
@@ -133,12 +218,31 @@ class Job:
         job.user = normalize_user(job.user)
         if job.mode not in (INCREMENTAL, FULL):
             raise ValueError(f"unknown mode {job.mode!r}")
+        if job.runId is not None and not (isinstance(job.runId, str) and _RUN_ID.match(job.runId)):
+            raise ValueError("runId must be a run id")
+        if not isinstance(job.dryRun, bool) or not isinstance(job.force, bool):
+            raise ValueError("dryRun and force must be true or false")
+        if job.reason not in _JOB_REASONS:
+            raise ValueError(f"unknown reason {job.reason!r}")
         return job
 
 
 def _location(req: func.HttpRequest, run_id: str) -> str:
-    base = req.url.split("/api/", 1)[0]
-    return f"{base}/api/sync/runs/{run_id}"
+    """The absolute URL of the run's report, on the host the caller used.
+
+    A function key given as `?code=` is carried over (as Durable Functions' status URLs do): Power
+    Automate's HTTP action polls the Location as it is, so without the key every poll would get 401.
+    """
+    base = req.url.split("?", 1)[0].split("#", 1)[0]
+    root = base.split("/api/", 1)[0] if "/api/" in base else base.rstrip("/")
+    url = f"{root}/api/sync/runs/{run_id}"
+    code = req.params.get("code")
+    return f"{url}?{urlencode({'code': code})}" if code else url
+
+
+def _accepted(req: func.HttpRequest, report: RunReport) -> func.HttpResponse:
+    headers = {"Location": _location(req, report.runId), "Retry-After": str(POLL_AFTER_SECONDS)}
+    return json_response(202, report.to_json(), headers)
 
 
 # POST /api/sync --------------------------------------------------------------------------------
@@ -161,82 +265,144 @@ def _parse_sync(body: Any) -> tuple[str, str, bool, bool, bool]:
     return user, mode, flags[0], flags[1], flags[2]
 
 
-def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
-    from shared.sync import RunInProgress, RunInterrupted, run_user
+class _InlineRun:
+    """One sync in a thread, so that the HTTP answer can leave when the time budget is spent.
 
-    user, mode, dry_run, force, wait = _parse_sync(_body(req))
-    services = get_services()
-    settings = services.store.get_settings(user)
-    if settings is None:
-        raise HttpError(
-            404, "UserNotFound", f"no sync settings for {user}; create them with PUT /api/users/{user}"
-        )
-    current = services.store.current_lease(user)
-    if current is not None:
-        raise HttpError(409, "RunInProgress", f"a sync for {user} is already running", runId=current.holder)
-    report = RunReport(user=user, mode=mode, dryRun=dry_run)
-    headers = {"Location": _location(req, report.runId), "Retry-After": str(POLL_AFTER_SECONDS)}
-    if not wait:
-        report.status = "queued"
-        services.store.save_report(report)
-        jobs.set(Job(user, mode, report.runId, dry_run, force, "http").to_message())
-        return json_response(202, report.to_json(), headers)
+    After the budget, `stop()` makes the next batch boundary raise `RunInterrupted` (what was written
+    is linked; the queue finishes the run). If no boundary comes within the grace period, `detach()`
+    lets the run finish by itself instead; the lock makes "stopped" and "detached" mutually exclusive.
+    """
 
-    stop = threading.Event()
-    done: dict[str, Any] = {}
+    def __init__(self, services: Any, settings: UserSettings, mode: str, dry_run: bool, force: bool):
+        self.run_id = uuid.uuid4().hex
+        self.result: RunReport | None = None
+        self.error: BaseException | None = None
+        self._args = (services, settings, mode, dry_run, force)
+        self._lock = threading.Lock()
+        self._stop = self._stopped = self._detached = False
+        self._thread = threading.Thread(target=self._work, name=f"sync-{self.run_id}", daemon=True)
 
-    def checkpoint(name: str) -> None:
-        if stop.is_set() and name == "batch_done":
-            raise RunInterrupted()
+    def _checkpoint(self, name: str) -> None:
+        from shared.sync import RunInterrupted
 
-    def work() -> None:
+        if name != "batch_done":
+            return
+        with self._lock:
+            if self._stop and not self._detached:
+                self._stopped = True
+                raise RunInterrupted()
+
+    def _work(self) -> None:
+        from shared.sync import run_user
+
+        services, settings, mode, dry_run, force = self._args
         try:
-            done["report"] = run_user(
+            self.result = run_user(
                 services,
                 settings,
                 mode,
                 dry_run=dry_run,
                 force=force,
-                run_id=report.runId,
-                checkpoint=checkpoint,
+                run_id=self.run_id,
+                checkpoint=self._checkpoint,
             )
-        except BaseException as exc:
-            done["error"] = exc
+        except BaseException as exc:  # handed to the request thread
+            self.error = exc
 
-    thread = threading.Thread(target=work, name=f"sync-{report.runId}", daemon=True)
-    thread.start()
-    thread.join(services.config.inline_budget_seconds)
-    if thread.is_alive():
-        stop.set()
-        thread.join()
-    if "error" in done:
-        if isinstance(done["error"], RunInProgress):
-            raise HttpError(409, "RunInProgress", str(done["error"]), runId=done["error"].run_id)
-        raise done["error"]
-    final: RunReport = done["report"]
+    def run(self, budget: float, grace: float) -> bool:
+        """True when the run ended (finished or stopped); False when it goes on in the background."""
+        self._thread.start()
+        self._thread.join(budget)
+        if not self._thread.is_alive():
+            return True
+        with self._lock:
+            self._stop = True
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            with self._lock:
+                self._detached = not self._stopped
+            if self._detached:
+                return False
+            self._thread.join()  # it has just stopped: only its report is being saved
+        return True
+
+
+def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
+    from shared.sync import RunInProgress
+
+    user, mode, dry_run, force, wait = _parse_sync(_body(req))
+    services = get_services()
+    settings = _settings_or_error(services.store, user)
+    current = services.store.current_lease(user)
+    if current is not None:
+        raise HttpError(409, "RunInProgress", f"a sync for {user} is already running", runId=current.holder)
+    if not wait:
+        report = RunReport(user=user, mode=mode, dryRun=dry_run, status="queued")
+        report.message = "queued; poll the Location for the report"
+        services.store.save_report(report)
+        jobs.set(Job(user, mode, report.runId, dry_run, force, "http").to_message())
+        return _accepted(req, report)
+
+    inline = _InlineRun(services, settings, mode, dry_run, force)
+    ended = inline.run(services.config.inline_budget_seconds, INTERRUPT_GRACE_SECONDS)
+    if not ended:
+        # Still inside one batch: it finishes by itself and saves its report; the caller polls for it.
+        report = services.store.get_report(inline.run_id) or RunReport(
+            user=user, mode=mode, dryRun=dry_run, runId=inline.run_id
+        )
+        return _accepted(req, report)
+    if isinstance(inline.error, RunInProgress):
+        raise HttpError(409, "RunInProgress", str(inline.error), runId=inline.error.run_id)
+    if inline.error is not None:
+        raise inline.error
+    final = inline.result
+    assert final is not None
     if final.status == "interrupted":
         # Stopped at a batch boundary: what was written is linked; the queue finishes the run.
         final.status = "queued"
         final.message = "continuing in the background; poll the Location for the report"
         services.store.save_report(final)
         jobs.set(Job(user, final.mode, final.runId, dry_run, force, "continuation").to_message())
-        return json_response(202, final.to_json(), headers)
+        return _accepted(req, final)
+    log_skips(final)
     return json_response(200, final.to_json())
 
 
 def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
     if not _RUN_ID.match(run_id or ""):
         raise HttpError(400, "InvalidInput", "runId must be a run id as returned by POST /api/sync")
-    report = get_services().store.get_report(run_id)
+    store = get_services().store
+    report = store.get_report(run_id)
     if report is None:
         raise HttpError(404, "RunNotFound", f"no run {run_id}")
-    if report.status in ("queued", "running"):
-        return json_response(
-            202,
-            report.to_json(),
-            {"Location": _location(req, run_id), "Retry-After": str(POLL_AFTER_SECONDS)},
-        )
+    if report.status == "running" and not report.dryRun:
+        report = _settle_abandoned(store, report)
+    if report.status in _IN_PROGRESS:
+        return _accepted(req, report)
     return json_response(200, report.to_json())
+
+
+def _settle_abandoned(store: Store, report: RunReport) -> RunReport:
+    """A 'running' report whose run no longer holds the user's lease died with its host: say so.
+
+    A run holds the lease from before it saves 'running' until after it saves its final report, so
+    once the lease is gone a re-read shows either the final report or a run that never finished.
+    Without this a caller would poll a crashed run forever.
+    """
+    lease = store.current_lease(report.user)
+    if lease is not None and lease.holder == report.runId:
+        return report
+    again = store.get_report(report.runId) or report
+    if again.status != "running":
+        return again
+    again.status = "failed"
+    again.finishedAt = iso(utcnow())
+    again.message = (
+        "the run stopped without finishing (its host was restarted or timed out); what it wrote is "
+        "linked, and the next run continues from there"
+    )
+    store.save_report(again)
+    return again
 
 
 @guarded
@@ -245,14 +411,14 @@ def handle_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse
     rest = (req.route_params.get("rest") or "").strip("/")
     if rest == "":
         if req.method != "POST":
-            raise HttpError(405, "MethodNotAllowed", "use POST /api/sync")
+            raise _not_allowed("POST", "POST /api/sync")
         return start_sync(req, jobs)
     parts = rest.split("/")
     if len(parts) == 2 and parts[0] == "runs":
         if req.method != "GET":
-            raise HttpError(405, "MethodNotAllowed", "use GET /api/sync/runs/{runId}")
+            raise _not_allowed("GET", "GET /api/sync/runs/{runId}")
         return get_run(req, parts[1])
-    raise HttpError(404, "NotFound", f"no route /api/sync/{rest}")
+    raise HttpError(404, "NotFound", "no such route under /api/sync")
 
 
 # Users ---------------------------------------------------------------------------------------
@@ -263,59 +429,89 @@ def handle_users(req: func.HttpRequest) -> func.HttpResponse:
 
     rest = (req.route_params.get("rest") or "").strip("/")
     parts = [p for p in rest.split("/") if p] if rest else []
-    services = get_services()
-    store = services.store
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] != "validate"):
+        raise HttpError(404, "NotFound", "no such route under /api/users")
     if not parts:
         if req.method != "GET":
-            raise HttpError(405, "MethodNotAllowed", "use GET /api/users")
-        users, bad = store.list_settings_checked()
+            raise _not_allowed("GET", "GET /api/users")
+        users, bad = get_services().store.list_settings_checked()
         return json_response(
             200, {"users": [u.to_json() for u in users], "invalid": [{"user": k, "error": e} for k, e in bad]}
         )
     user = normalize_user(parts[0])
-    if len(parts) == 2 and parts[1] == "validate":
+    if len(parts) == 2:
         if req.method != "POST":
-            raise HttpError(405, "MethodNotAllowed", "use POST /api/users/{user}/validate")
-        settings = store.get_settings(user)
-        if settings is None:
-            raise HttpError(404, "UserNotFound", f"no sync settings for {user}")
-        return json_response(200, validate_user(services, settings))
-    if len(parts) != 1:
-        raise HttpError(404, "NotFound", f"no route /api/users/{rest}")
+            raise _not_allowed("POST", "POST /api/users/{user}/validate")
+        services = get_services()
+        return json_response(200, validate_user(services, _settings_or_error(services.store, user)))
     if req.method == "GET":
-        settings = store.get_settings(user)
-        if settings is None:
-            raise HttpError(404, "UserNotFound", f"no sync settings for {user}")
-        return json_response(200, settings.to_json())
+        return json_response(200, _settings_or_error(get_services().store, user).to_json())
     if req.method == "PUT":
-        settings = UserSettings.from_json(_body(req), user=user)
-        existed = store.get_settings(user) is not None
+        settings = UserSettings.from_json(_body(req), user=user)  # validated before Storage is touched
+        store = get_services().store
+        try:
+            existed = store.get_settings(user) is not None
+        except MalformedRowError:
+            existed = True  # replacing a hand-broken row is exactly how to repair it
         saved = store.put_settings(settings)
         return json_response(200 if existed else 201, saved.to_json())
     if req.method == "DELETE":
-        if not store.delete_settings(user):
+        if not get_services().store.delete_settings(user):
             raise HttpError(404, "UserNotFound", f"no sync settings for {user}")
-        return func.HttpResponse(status_code=204)
-    raise HttpError(405, "MethodNotAllowed", "use GET, PUT or DELETE /api/users/{user}")
+        # No body; the JSON content type keeps every answer of this API application/json.
+        return func.HttpResponse(status_code=204, mimetype="application/json")
+    raise _not_allowed("GET, PUT, DELETE", "GET, PUT or DELETE /api/users/{user}")
 
 
 # Timer and worker ------------------------------------------------------------------------------
 def fan_out(timer: Any, jobs: func.Out[list[str]]) -> int:
-    """One queue message per enabled user; the worker function runs each under its lease."""
+    """One queue message per enabled user; the worker function runs each under its lease.
+
+    Each job carries its own run id, so the queue's retries of one job share one run report (the
+    last attempt's report says whether it gave up).
+    """
     services = get_services()
     if getattr(timer, "past_due", False):
         log.warning("timer is past due; enqueuing one run per user now (missed ticks are not replayed)")
+    services.bc_reader.forget()  # BC reads are shared within one tick, never carried into the next
     users, bad = services.store.list_settings_checked()
     for key, err in bad:
-        log.warning("skipping a user with invalid settings (%s): %s", key, err)
+        log.warning(
+            "skipping a user with invalid settings: %s",
+            err,
+            extra={"custom_dimensions": {"userHash": user_hash(key)}},
+        )
     messages = [
-        Job(u.user, INCREMENTAL, None, False, False, "schedule").to_message() for u in users if u.enabled
+        Job(u.user, INCREMENTAL, uuid.uuid4().hex, False, False, "schedule").to_message()
+        for u in users
+        if u.enabled
     ]
     jobs.set(messages)
     log.info(
-        "scheduled contact sync", extra={"custom_dimensions": {"users": len(messages), "invalid": len(bad)}}
+        "scheduled contact sync",
+        extra={
+            "custom_dimensions": {
+                "users": len(messages),
+                "disabled": sum(1 for u in users if not u.enabled),
+                "invalid": len(bad),
+                "pastDue": bool(getattr(timer, "past_due", False)),
+            }
+        },
     )
     return len(messages)
+
+
+def _give_up(store: Store, job: Job, message: str) -> None:
+    """Leave an on-demand run's report saying why it will not run (its caller is polling it)."""
+    if not job.runId:
+        return
+    report = store.get_report(job.runId) or RunReport(
+        user=job.user, mode=job.mode, dryRun=job.dryRun, runId=job.runId
+    )
+    report.status = "failed"
+    report.finishedAt = iso(utcnow())
+    report.message = message
+    store.save_report(report)
 
 
 def work(msg: func.QueueMessage) -> RunReport | None:
@@ -328,12 +524,28 @@ def work(msg: func.QueueMessage) -> RunReport | None:
         log.error("dropping an unreadable job message: %s", exc)
         return None  # retrying cannot fix it
     services = get_services()
-    settings = services.store.get_settings(job.user)
+    store = services.store
+    attempt = int(getattr(msg, "dequeue_count", 1) or 1)
+    try:
+        settings = store.get_settings(job.user)
+    except MalformedRowError as exc:
+        log.error(
+            "job skipped: the user's stored settings are invalid: %s",
+            exc.detail,
+            extra={"custom_dimensions": {"userHash": user_hash(job.user)}},
+        )
+        _give_up(store, job, f"the stored settings are invalid ({exc.detail}); fix them with PUT /api/users")
+        return None  # retrying cannot fix it
     if settings is None or (not settings.enabled and job.reason == "schedule"):
         log.info("job for a removed or disabled user skipped")
+        if settings is None:
+            _give_up(store, job, "the user's sync settings were deleted before the run started")
         return None
-    attempt = int(getattr(msg, "dequeue_count", 1) or 1)
-    resume = services.store.get_report(job.runId) if job.runId else None
+    previous = store.get_report(job.runId) if job.runId else None
+    if previous is not None and previous.status in _FINAL_OK:
+        log.info("job already done (a repeated queue delivery); skipped")
+        return previous
+    resume = previous if previous is not None and previous.status in ("queued", "interrupted") else None
     try:
         report = run_user(
             services,
@@ -343,18 +555,21 @@ def work(msg: func.QueueMessage) -> RunReport | None:
             force=job.force,
             run_id=job.runId,
             reader=services.bc_reader if job.reason == "schedule" else None,
-            resume=resume if resume is not None and resume.status in ("queued", "interrupted") else None,
+            resume=resume,
         )
     except RunInProgress as exc:
         if job.reason == "schedule":
             log.info("scheduled run skipped: %s", exc)
             return None
+        if attempt >= MAX_DEQUEUE:
+            _give_up(store, job, f"gave up after {attempt} attempts: {exc}")
         raise  # an on-demand run waits its turn through the queue's retry
     if report.status == "failed":
         if attempt >= MAX_DEQUEUE:
             report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"
-            services.store.save_report(report)
+            store.save_report(report)
         raise RuntimeError(f"sync run {report.runId} failed (attempt {attempt}): {report.message}")
+    log_skips(report)
     return report
 
 

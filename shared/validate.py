@@ -6,6 +6,8 @@ reported as not run rather than failing with a confusing second error.
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,8 +56,12 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
             graph.get_user(settings.user)
             checks.append(Check("mailbox", True, "ok"))
             try:
-                graph.find_folder(settings.user, settings.folder_name)
-                checks.append(Check("contactsPermission", True, "ok"))
+                folder = graph.find_folder(settings.user, settings.folder_name)
+                if folder:  # a write that changes nothing proves Contacts.ReadWrite, not just read access
+                    graph.rename_folder(settings.user, folder["id"], folder["displayName"])
+                    checks.append(Check("contactsPermission", True, "ok"))
+                else:
+                    checks.append(_read_only_hint(services.tokens.token(GRAPH_SCOPE)))
             except ApiError as exc:
                 checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
         except ApiError as exc:
@@ -65,6 +71,26 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check("mailbox", False, "not checked: no Graph token"))
         checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
     return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def _read_only_hint(token: str) -> Check:
+    """Reading worked; before the folder exists a write cannot be tried without creating something,
+    so look at the token: Entra's Contacts.Read without Contacts.ReadWrite means every write fails.
+    (Exchange RBAC for Applications grants do not show in the token, so no role is no verdict.)"""
+    try:
+        payload = token.split(".")[1]
+        roles = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))).get("roles") or []
+    except (IndexError, ValueError, AttributeError):
+        roles = []
+    if "Contacts.Read" in roles and "Contacts.ReadWrite" not in roles:
+        return Check(
+            "contactsPermission",
+            False,
+            "The app can read but not write contacts: it has the Graph application permission Contacts.Read "
+            "but not Contacts.ReadWrite. Grant Contacts.ReadWrite (Microsoft Graph, application) with admin "
+            "consent in the app registration.",
+        )
+    return Check("contactsPermission", True, "ok")
 
 
 def _bc_hint(exc: ApiError, company_id: str) -> str:

@@ -1,0 +1,442 @@
+"""The function folders called the way the Functions host calls them (issue 4).
+
+Timer → Storage Queue (a real Azurite queue) → worker; the inline-or-202 sync of `POST /api/sync`
+continued by the worker under the same run id; every function.json against its `main`; and the
+logs a run leaves for Application Insights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import threading
+import typing
+from datetime import timedelta
+
+import azure.functions as func
+import pytest
+from azure.functions import meta
+from azure.functions.timer import TimerRequest
+
+import function_sync_http
+import function_sync_timer
+import function_sync_worker
+import function_users_http
+from sandbox.azurite import DEV_KEY
+from shared import api
+from shared.model import RunReport, iso, utcnow
+from shared.sync import LEASE_SECONDS
+from tests.local_host import ROOT, Collector, QueueHost, function_folders, host_json
+from tests.world import tag
+
+ALICE = "alice@contoso.example"
+BOB = "bob@contoso.example"
+CAROL = "carol@contoso.example"
+
+
+@pytest.fixture
+def queue(azurite, env) -> QueueHost:
+    return QueueHost(azurite.connection_string, api.QUEUE_NAME)
+
+
+def _people(world, n: int, prefix: str = "Person") -> list[dict]:
+    return [world.person(f"{prefix} {i:03d} Sample") for i in range(n)]
+
+
+def _tick(past_due: bool = False) -> list[str]:
+    """One timer tick: what the timer function hands its queue output binding."""
+    jobs = Collector()
+    function_sync_timer.main(TimerRequest(past_due=past_due), jobs)
+    return jobs.messages()
+
+
+def _report(run_id: str) -> RunReport:
+    report = api.get_services().store.get_report(run_id)
+    assert report is not None, run_id
+    return report
+
+
+def _post(path: str, body: dict | bytes | None = None, jobs: Collector | None = None, **params: str):
+    """POST through function_sync_http's main, as the host calls it for `sync/{*rest}`."""
+    raw = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
+    rest = path.removeprefix("sync").strip("/")
+    req = func.HttpRequest(
+        "POST",
+        f"https://contoso-sync.azurewebsites.net/api/{path}",
+        params=params,
+        route_params={"rest": rest},
+        body=raw,
+    )
+    resp = function_sync_http.main(req, jobs or Collector())
+    return resp.status_code, json.loads(resp.get_body() or b"null"), resp.headers
+
+
+def _get_run(run_id: str):
+    req = func.HttpRequest(
+        "GET",
+        f"https://contoso-sync.azurewebsites.net/api/sync/runs/{run_id}",
+        route_params={"rest": f"runs/{run_id}"},
+        body=b"",
+    )
+    resp = function_sync_http.main(req, Collector())
+    return resp.status_code, json.loads(resp.get_body()), resp.headers
+
+
+# Timer → queue → worker ------------------------------------------------------------------------
+def test_timer_fans_out_to_enabled_users_and_the_worker_syncs_each(world, queue, caplog):
+    people = _people(world, 6)
+    for upn in (ALICE, BOB):
+        world.user(upn)
+    world.user(CAROL, enabled=False)
+    caplog.set_level(logging.INFO)
+
+    messages = _tick(past_due=True)
+    assert sorted(json.loads(m)["user"] for m in messages) == [ALICE, BOB]
+    assert any("past due" in r.getMessage() for r in caplog.records)
+    queue.send(messages)
+    attempts = queue.drain(function_sync_worker.main)
+
+    assert [a.error for a in attempts] == [None, None]
+    want = {p["email"] for p in people}
+    for upn in (ALICE, BOB):
+        assert set(world.outlook_by_email(upn)) == want
+    assert world.folder_id(CAROL) is None and world.cloud.graph.find_folder(CAROL, "Business Central") is None
+    for m in messages:
+        report = _report(json.loads(m)["runId"])
+        assert report.status == "succeeded" and report.counts["outlookCreated"] == 6
+
+    # The next tick: nothing changed, so nothing is written.
+    queue.send(_tick())
+    attempts = queue.drain(function_sync_worker.main)
+    assert len(attempts) == 2
+    for a in attempts:
+        report = _report(a.job["runId"])
+        assert report.mode == "incremental" and report.counts["outlookCreated"] == 0
+
+
+def test_a_user_disabled_after_the_tick_is_skipped_by_the_worker(world, queue):
+    _people(world, 2)
+    world.user(ALICE)
+    messages = _tick()
+    world.user(ALICE, enabled=False)
+    queue.send(messages)
+    attempts = queue.drain(function_sync_worker.main)
+    assert [a.error for a in attempts] == [None]
+    assert world.folder_id(ALICE) is None
+
+
+def test_failing_user_is_retried_then_poisoned_with_the_reason_in_its_report(world, queue):
+    _people(world, 3)
+    world.user(ALICE)
+    world.user(BOB)
+    world.cloud.graph.remove_mailbox(BOB)  # licence removed: Graph has no mailbox for Bob any more
+
+    queue.send(_tick())
+    attempts = queue.drain(function_sync_worker.main)
+
+    bob = [a for a in attempts if a.job["user"] == BOB]
+    assert [a.dequeue_count for a in bob] == [1, 2, 3, 4, 5]
+    assert all(a.error is not None for a in bob) and [a.poisoned for a in bob] == [False] * 4 + [True]
+    assert queue.poisoned() == [bob[0].body]
+    report = _report(bob[0].job["runId"])  # every attempt of one job shares its run report
+    assert report.status == "failed"
+    assert "gave up after 5 attempts" in report.message and "poison" in report.message
+    assert "mailbox" in report.message.lower()
+
+    alice = [a for a in attempts if a.job["user"] == ALICE]
+    assert [(a.dequeue_count, a.error) for a in alice] == [(1, None)]
+    assert len(world.outlook_by_email(ALICE)) == 3
+
+
+def test_max_dequeue_count_agrees_with_host_json():
+    assert host_json()["extensions"]["queues"]["maxDequeueCount"] == api.MAX_DEQUEUE
+
+
+def test_scheduled_run_becomes_a_full_reconcile_when_the_last_one_is_too_old(world, queue, monkeypatch):
+    monkeypatch.setenv("SYNC_FULL_SYNC_HOURS", "6")
+    api.reset_services()
+    world.person("Pat Buyer", jobTitle="Buyer")
+    world.user(ALICE)
+    queue.send(_tick())
+    queue.drain(function_sync_worker.main)
+    [o] = world.outlook(ALICE)
+    # Drift an incremental run leaves alone: an edit made in Outlook (BC is the source).
+    world.cloud.graph.user_update_contact(
+        ALICE, world.folder_id(ALICE), o["id"], jobTitle="Edited in Outlook"
+    )
+
+    queue.send(_tick())
+    [attempt] = queue.drain(function_sync_worker.main)
+    assert _report(attempt.job["runId"]).mode == "incremental"
+    assert world.outlook(ALICE)[0]["jobTitle"] == "Edited in Outlook"
+
+    store = world.services.store
+    state = store.get_state(ALICE)
+    state.last_full_sync = iso(utcnow() - timedelta(hours=7))
+    store.save_state(state)
+    queue.send(_tick())
+    [attempt] = queue.drain(function_sync_worker.main)
+    report = _report(attempt.job["runId"])
+    assert report.mode == "full" and "full reconcile" in report.message
+    assert report.counts["outlookUpdated"] == 1
+    assert world.outlook(ALICE)[0]["jobTitle"] == "Buyer"
+
+
+def test_unreadable_and_malformed_jobs_are_dropped_not_retried(world, queue, caplog):
+    world.user(ALICE)
+    queue.send(["not json", json.dumps({"user": "not a user"}), json.dumps({"user": ALICE, "mode": "x"})])
+    attempts = queue.drain(function_sync_worker.main)
+    assert [a.error for a in attempts] == [None, None, None]
+    assert queue.poisoned() == []
+
+
+def _break_settings_row(world, user: str, **columns) -> None:
+    """Hand-edit a settings row in Storage, as someone with Storage Explorer might."""
+    from azure.data.tables import TableServiceClient, UpdateMode
+
+    from shared.store import encode_key
+
+    service = TableServiceClient.from_connection_string(world.env["AzureWebJobsStorage"])
+    table = service.get_table_client(world.services.store.table_names["Settings"])
+    entity = table.get_entity(encode_key(user), "settings")
+    entity.update(columns)
+    table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+
+def test_a_hand_broken_settings_row_is_skipped_by_timer_and_worker(world, queue, caplog):
+    _people(world, 2)
+    world.user(ALICE)
+    world.user(BOB)
+    messages = _tick()
+    _break_settings_row(world, BOB, filter=json.dumps({"city": "Oslo..Bergen..Trondheim"}))
+    queue.send(messages)
+    attempts = queue.drain(function_sync_worker.main)
+    assert [a.error for a in attempts] == [None, None]  # a retry cannot repair the row
+    assert len(world.outlook(ALICE)) == 2 and world.folder_id(BOB) is None
+
+    caplog.set_level(logging.WARNING)
+    assert [json.loads(m)["user"] for m in _tick()] == [ALICE]
+    assert any(
+        "invalid settings" in r.getMessage() and "filter.city" in r.getMessage() for r in caplog.records
+    )
+
+
+# POST /api/sync through the function ------------------------------------------------------------
+def test_inline_sync_answers_200_with_the_report(world):
+    _people(world, 3)
+    world.user(ALICE)
+    status, body, _ = _post("sync", {"user": ALICE, "mode": "full"})
+    assert status == 200
+    assert body["status"] == "succeeded" and body["counts"]["outlookCreated"] == 3
+    assert body["user"] == ALICE and body["mode"] == "full" and body["dryRun"] is False
+    assert {"runId", "startedAt", "finishedAt", "items", "requests"} <= set(body)
+
+
+def test_a_run_beyond_the_budget_answers_202_and_the_worker_finishes_it(world, queue, monkeypatch):
+    people = _people(world, 100)
+    world.user(ALICE)
+    monkeypatch.setenv("SYNC_INLINE_BUDGET_SECONDS", "1")
+    api.reset_services()
+    world.cloud.graph.faults.latency = 0.08  # every Graph request and batch item takes 80 ms
+
+    jobs = Collector()
+    status, body, headers = _post("sync", {"user": ALICE, "mode": "full"}, jobs, code="the-function-key")
+    world.cloud.graph.faults.latency = 0.0
+    assert status == 202, body
+    run_id = body["runId"]
+    assert headers["Location"] == (
+        f"https://contoso-sync.azurewebsites.net/api/sync/runs/{run_id}?code=the-function-key"
+    )
+    assert int(headers["Retry-After"]) > 0
+    assert body["status"] == "queued"
+    folder = world.cloud.graph.find_folder(ALICE, "Business Central")
+    part = len(world.cloud.graph.folder_contacts(ALICE, folder["id"]))
+    assert 0 < part < 100  # stopped at a batch boundary, with what it wrote already there
+
+    status, polled, headers = _get_run(run_id)
+    assert status == 202 and polled["status"] == "queued" and "Retry-After" in headers
+
+    [message] = jobs.messages()
+    assert json.loads(message)["runId"] == run_id
+    queue.send([message])
+    [attempt] = queue.drain(function_sync_worker.main)
+    assert attempt.error is None
+
+    status, report, _ = _get_run(run_id)
+    assert status == 200
+    assert report["status"] == "succeeded" and report["runId"] == run_id
+    assert report["counts"]["outlookCreated"] == 100 and report["counts"]["failed"] == 0
+    outlook = world.outlook_by_email(ALICE)  # asserts no duplicates
+    assert set(outlook) == {p["email"] for p in people}
+    assert {tag(c) for c in outlook.values()} == {p["id"] for p in people}
+
+
+def test_wait_false_always_queues(world, queue):
+    _people(world, 2)
+    world.user(ALICE)
+    jobs = Collector()
+    status, body, headers = _post("sync", {"user": ALICE, "wait": False}, jobs)
+    assert status == 202 and body["status"] == "queued"
+    assert headers["Location"].endswith(f"/api/sync/runs/{body['runId']}")
+    assert world.outlook(ALICE) == []
+    queue.send(jobs.messages())
+    queue.drain(function_sync_worker.main)
+    status, report, _ = _get_run(body["runId"])
+    assert status == 200 and report["counts"]["outlookCreated"] == 2
+    assert len(world.outlook(ALICE)) == 2
+
+
+def test_409_while_a_run_holds_the_lease(world):
+    world.user(ALICE)
+    holder = "0123456789abcdef0123456789abcdef"
+    lease = world.services.store.acquire_lease(ALICE, holder, LEASE_SECONDS)
+    jobs = Collector()
+    status, body, _ = _post("sync", {"user": ALICE, "wait": False}, jobs)
+    assert status == 409
+    assert body["error"]["code"] == "RunInProgress" and body["error"]["runId"] == holder
+    assert jobs.messages() == []
+    world.services.store.release_lease(lease)
+    assert _post("sync", {"user": ALICE})[0] == 200
+
+
+def test_a_crashed_run_reads_as_failed_instead_of_running_forever(world):
+    world.user(ALICE)
+    report = RunReport(user=ALICE, mode="incremental", status="running")
+    world.services.store.save_report(report)  # its host died; its lease is gone
+    status, body, _ = _get_run(report.runId)
+    assert status == 200 and body["status"] == "failed"
+    assert "stopped without finishing" in body["message"]
+
+
+def test_a_run_still_inside_one_batch_after_the_grace_answers_202_and_finishes(world, monkeypatch):
+    _people(world, 30)
+    world.user(ALICE)
+    monkeypatch.setenv("SYNC_INLINE_BUDGET_SECONDS", "1")
+    monkeypatch.setattr(api, "INTERRUPT_GRACE_SECONDS", 0.2)
+    api.reset_services()
+    world.cloud.graph.faults.slow(2.0, method="POST", path_regex=r"\$batch$")  # one slow batch
+    jobs = Collector()
+    status, body, _ = _post("sync", {"user": ALICE, "mode": "full"}, jobs)
+    assert status == 202 and body["status"] == "running"
+    assert jobs.messages() == []  # the run finishes by itself: nothing to continue
+    status, polled, _ = _get_run(body["runId"])
+    assert status == 202 and polled["status"] == "running"  # it still holds the lease: not abandoned
+    [thread] = [t for t in threading.enumerate() if t.name == f"sync-{body['runId']}"]
+    thread.join()
+    status, report, _ = _get_run(body["runId"])
+    assert status == 200 and report["status"] == "succeeded"
+    assert report["counts"]["outlookCreated"] == 30 and len(world.outlook_by_email(ALICE)) == 30
+
+
+# function.json against the code -----------------------------------------------------------------
+def _annotation_ok(binding: dict, annotation: object, is_return: bool = False) -> bool:
+    """The Python worker's own check that a parameter's type fits its binding (azure.functions)."""
+    converter = meta.get_binding_registry().get(binding["type"])
+    assert converter is not None, binding["type"]
+    if binding["direction"] == "in":
+        return converter.check_input_type_annotation(annotation)
+    if not is_return:
+        assert typing.get_origin(annotation) is func.Out, f"{binding['name']} must be func.Out[...]"
+        (annotation,) = typing.get_args(annotation)
+    return converter.check_output_type_annotation(annotation)
+
+
+@pytest.mark.parametrize("folder", function_folders(), ids=lambda f: f.name)
+def test_function_json_matches_main(folder):
+    config = folder.config
+    assert config.get("scriptFile") == "__init__.py" and "entryPoint" not in config
+    main = folder.module.main
+    hints = typing.get_type_hints(main)
+    params = list(inspect.signature(main).parameters)
+    named = [b for b in folder.bindings if b["name"] != "$return"]
+    assert sorted(params) == sorted(b["name"] for b in named), "parameters must be exactly the bindings"
+    assert len([b for b in folder.bindings if b["type"].endswith("Trigger")]) == 1
+    for b in named:
+        assert _annotation_ok(b, hints[b["name"]]), (
+            f"{b['name']}: {hints[b['name']]} does not fit {b['type']}"
+        )
+        if b["type"] in ("queue", "queueTrigger"):
+            assert b["queueName"] == api.QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
+    returns = [b for b in folder.bindings if b["name"] == "$return"]
+    if folder.trigger["type"] == "httpTrigger":
+        assert folder.trigger["authLevel"] == "function"
+        assert [r["type"] for r in returns] == ["http"]
+        assert _annotation_ok(returns[0], hints["return"], is_return=True)
+    else:
+        assert returns == [] and hints.get("return") is type(None)
+
+
+def test_the_functions_are_the_four_expected_with_their_triggers():
+    triggers = {f.name: f.trigger for f in function_folders()}
+    assert {k: t["type"] for k, t in triggers.items()} == {
+        "function_sync_http": "httpTrigger",
+        "function_sync_timer": "timerTrigger",
+        "function_sync_worker": "queueTrigger",
+        "function_users_http": "httpTrigger",
+    }
+    assert triggers["function_sync_timer"]["schedule"] == "%SYNC_SCHEDULE%"
+    assert triggers["function_sync_timer"].get("runOnStartup", False) is False
+    assert triggers["function_sync_http"]["route"] == "sync/{*rest}"
+    assert triggers["function_users_http"]["route"] == "users/{*rest}"
+    assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
+    assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
+    host = host_json()
+    assert host["version"] == "2.0" and host["extensions"]["http"]["routePrefix"] == "api"
+    assert host["extensions"]["queues"]["messageEncoding"] == "base64"
+
+
+def test_function_folders_stay_thin():
+    for folder in function_folders():
+        source = (ROOT / folder.name / "__init__.py").read_text()
+        assert source.count("\n") < 20, f"{folder.name} should only hand over to shared.api"
+
+
+# Logging for Application Insights -------------------------------------------------------------
+def _run_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "contact sync run"]
+
+
+def test_one_structured_record_per_run_without_the_mailbox_address(world, caplog):
+    _people(world, 3)
+    world.cloud.bc.seed_contact(world.company, type="Company", displayName="Contoso", email="co@example.com")
+    world.user(ALICE)
+    caplog.set_level(logging.INFO)
+    status, body, _ = _post("sync", {"user": ALICE, "mode": "full"})
+    assert status == 200
+    [record] = _run_records(caplog)
+    dims = record.custom_dimensions
+    assert dims["runId"] == body["runId"] and dims["mode"] == "full" and dims["status"] == "succeeded"
+    assert dims["outlookCreated"] == 3 and dims["skipped"] == 1
+    assert isinstance(dims["durationSeconds"], float) and dims["durationSeconds"] >= 0
+    assert dims["userHash"] == api.user_hash(ALICE)
+    assert ALICE not in json.dumps(dims) and "alice" not in json.dumps(dims).lower()
+    skipped = [r for r in caplog.records if r.levelno == logging.WARNING and "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and "Person" in skipped[0].getMessage()
+    assert ALICE not in skipped[0].getMessage() and "co@example.com" not in skipped[0].getMessage()
+
+
+def test_no_secret_token_or_storage_key_in_logs_or_error_bodies(world, caplog):
+    caplog.set_level(logging.DEBUG)
+    _people(world, 2)
+    world.user(ALICE)
+    bodies = [_post("sync", {"user": ALICE})[1]]
+    world.cloud.entra.revoke_secret(world.cloud.tenant_id, world.cloud.client_id)
+    api.get_services().tokens.invalidate()  # the cached tokens are gone too: every token request fails
+    bodies.append(_post("sync", {"user": ALICE, "mode": "full"})[1])  # a run that cannot get tokens
+    bodies.append(_post("sync", {"user": "nobody@contoso.example"})[1])
+    bodies.append(_post("sync", b"{not json")[1])
+    req = func.HttpRequest(
+        "POST",
+        f"https://x/api/users/{ALICE}/validate",
+        route_params={"rest": f"{ALICE}/validate"},
+        body=b"",
+    )
+    bodies.append(json.loads(function_users_http.main(req).get_body()))
+    assert bodies[1]["status"] == "failed" and not bodies[4]["ok"]
+    text = json.dumps(bodies) + "\n".join(
+        f"{r.getMessage()} {getattr(r, 'custom_dimensions', '')} {r.exc_text or ''}" for r in caplog.records
+    )
+    assert world.cloud.client_secret not in text
+    assert DEV_KEY not in text and "AccountKey" not in text
+    assert "eyJ" not in text
