@@ -9,13 +9,11 @@ handed to the Storage Queue under the same run id, and the caller gets 202 point
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +25,7 @@ from shared.config import Config, ConfigError
 from shared.model import RunReport, UserSettings, ValidationError, iso, normalize_user, utcnow
 from shared.planner import FULL, INCREMENTAL
 from shared.store import MalformedRowError, Store, StoreError
+from shared.sync import user_hash
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the
 # longer than this (heavy throttling), the answer leaves anyway and the run finishes in the background,
 # so the caller always hears back within budget + grace (Power Automate gives up after 120 s).
 INTERRUPT_GRACE_SECONDS = 20.0
-MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
 _SYNC_FIELDS = {"user", "mode", "dryRun", "force", "wait"}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _IN_PROGRESS = ("queued", "running", "interrupted")
@@ -67,11 +65,6 @@ def reset_services() -> None:
     global _services
     with _services_lock:
         _services = None
-
-
-def user_hash(user: str) -> str:
-    """How logs name a user: Application Insights gets no mailbox addresses (same hash as sync.py)."""
-    return hashlib.sha256(user.encode()).hexdigest()[:16]
 
 
 # Responses -----------------------------------------------------------------------------------
@@ -160,40 +153,6 @@ def _settings_or_error(store: Store, user: str) -> UserSettings:
             404, "UserNotFound", f"no sync settings for {user}; create them with PUT /api/users/{user}"
         )
     return settings
-
-
-# Logging ---------------------------------------------------------------------------------------
-def log_skips(report: RunReport) -> None:
-    """Warnings for the contacts a finished run skipped (ids and reasons; never names or addresses)."""
-    skipped = [i for i in report.items if i.action == "skipped"]
-    for item in skipped[:MAX_SKIP_WARNINGS]:
-        log.warning(
-            "contact skipped: %s",
-            item.reason,
-            extra={
-                "custom_dimensions": {
-                    "runId": report.runId,
-                    "userHash": user_hash(report.user),
-                    "bcId": item.bcId,
-                    "outlookId": item.outlookId,
-                    "reason": item.reason,
-                }
-            },
-        )
-    if len(skipped) > MAX_SKIP_WARNINGS:
-        reasons = Counter(i.reason for i in skipped)
-        log.warning(
-            "%d more contacts skipped; the run report lists them all",
-            len(skipped) - MAX_SKIP_WARNINGS,
-            extra={
-                "custom_dimensions": {
-                    "runId": report.runId,
-                    "userHash": user_hash(report.user),
-                    "skipped": len(skipped),
-                    "reasons": dict(reasons.most_common(10)),
-                }
-            },
-        )
 
 
 # Queue messages --------------------------------------------------------------------------------
@@ -364,7 +323,6 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
         services.store.save_report(final)
         jobs.set(Job(user, final.mode, final.runId, dry_run, force, "continuation").to_message())
         return _accepted(req, final)
-    log_skips(final)
     return json_response(200, final.to_json())
 
 
@@ -569,7 +527,6 @@ def work(msg: func.QueueMessage) -> RunReport | None:
             report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"
             store.save_report(report)
         raise RuntimeError(f"sync run {report.runId} failed (attempt {attempt}): {report.message}")
-    log_skips(report)
     return report
 
 

@@ -38,6 +38,8 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check(name, True, "ok"))
         return True
 
+    # A cached token would hide a secret revoked or expired since it was issued: ask Entra afresh.
+    services.tokens.invalidate()
     bc_token = token("bcToken", BC_SCOPE)
     graph_token = token("graphToken", GRAPH_SCOPE)
     if bc_token:

@@ -97,6 +97,14 @@ def test_1_4_connection_can_be_validated(world):
         "contactsPermission",
     }
 
+    # A secret revoked after a token was cached is still caught.
+    world.cloud.entra.revoke_secret(world.cloud.tenant_id, world.cloud.client_id)
+    result = validate_user(world.services, settings)
+    token_check = next(c for c in result["checks"] if c["name"] == "bcToken")
+    assert not token_check["ok"] and "invalid_client" in token_check["message"]
+    assert world.cloud.client_secret not in str(result)
+    world.cloud.entra.add_secret(world.cloud.tenant_id, world.cloud.client_id, world.cloud.client_secret)
+
     world.cloud.bc.unregister_entra_app(world.cloud.client_id)
     result = validate_user(world.services, settings)
     bc_check = next(c for c in result["checks"] if c["name"] == "bcCompany")
