@@ -61,6 +61,8 @@ class Executor:
         report: RunReport,
         heartbeat: Callable[[], None] = lambda: None,
         checkpoint: Callable[[str], None] = lambda name: None,
+        not_kept: Callable[[dict[str, Any]], str | None] = lambda bc: None,
+        remove_from_outlook: bool = True,
     ):
         self.user = user
         self.company_id = company_id
@@ -71,6 +73,11 @@ class Executor:
         self.report = report
         self.heartbeat = heartbeat
         self.checkpoint = checkpoint
+        # Why the user's folder would not hold a BC record (eligibility, filter), or None. A contact
+        # written to BC from Outlook may fall outside the user's filter; it leaves the folder in the
+        # same run, so the run's result is what the next run expects (SPEC §4.5 idempotence).
+        self.not_kept = not_kept
+        self.remove_from_outlook = remove_from_outlook
         self.outcome = Outcome()
 
     # Bookkeeping --------------------------------------------------------------------------
@@ -163,7 +170,20 @@ class Executor:
                 if a.kind == "create_bc":
                     link.outlook_hash = ""
                 links.append(link)
-                if outlook_view(a.outlook) != bc_view(bc) or a.kind == "create_bc":
+                dropped = self.not_kept(bc) if self.remove_from_outlook else None
+                if dropped:
+                    follow_ups.append(
+                        Action(
+                            "delete_outlook",
+                            "outlookDeleted",
+                            bc["id"],
+                            a.outlook_id,
+                            bc=bc,
+                            email=bc.get("email"),
+                            reason=f"in Business Central now; removed from the sync folder: {dropped}",
+                        )
+                    )
+                elif outlook_view(a.outlook) != bc_view(bc) or a.kind == "create_bc":
                     follow_ups.append(
                         Action(
                             "update_outlook",
@@ -235,7 +255,7 @@ class Executor:
                     if res.ok or res.status == 404:  # already gone is as good as deleted
                         self.outcome.deleted.add(a.outlook_id)
                         self.report.add(a.report_as, a.bc_id, a.outlook_id, a.email, a.reason)
-                        if a.bc_id:
+                        if a.bc_id and a.unlinks:
                             deletes.append(a.bc_id)
                     else:
                         self._fail(a, res, res.error or f"status {res.status}")

@@ -171,9 +171,14 @@ class HttpClient:
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
         allow_status: tuple[int, ...] = (),
+        idempotent: bool | None = None,
     ) -> HttpResponse:
-        """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise."""
+        """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise.
+
+        `idempotent` overrides what the method says, e.g. for a `$batch` POST that only reads.
+        """
         method = method.upper()
+        repeatable = method in _IDEMPOTENT if idempotent is None else idempotent
         waited = 0.0
         refreshed = False
         attempt = 0
@@ -198,7 +203,7 @@ class HttpClient:
                 sent = not isinstance(
                     exc, requests.exceptions.ConnectTimeout
                 ) and "NewConnectionError" not in repr(exc)
-                if method not in _IDEMPOTENT and sent:
+                if not repeatable and sent:
                     raise AmbiguousWriteError(
                         self.service,
                         method,
@@ -217,7 +222,7 @@ class HttpClient:
                 continue
             except requests.exceptions.Timeout:
                 self.counter.add(self.service)
-                if method not in _IDEMPOTENT:
+                if not repeatable:
                     raise AmbiguousWriteError(
                         self.service, method, url, None, "Timeout", "no answer in time"
                     ) from None
@@ -242,10 +247,13 @@ class HttpClient:
                 continue
             code, message = _error_of(None if body is _NOT_JSON else body, text)
             retryable = status in RETRY_STATUSES or (status >= 500 and body is _NOT_JSON)
-            if retryable and method not in _IDEMPOTENT and status == 504:
-                raise AmbiguousWriteError(
-                    self.service, method, url, status, code or "GatewayTimeout", message
-                )
+            # 429 and 503 say the request was not processed. A 504, or a gateway's error page (502,
+            # 500 as HTML), may come after the service applied a write: repeating it could duplicate.
+            if retryable and not repeatable and status not in (429, 503):
+                if body is _NOT_JSON and not code:
+                    message = f"{_ctype(resp)} body instead of JSON"
+                fallback = {502: "BadGateway", 504: "GatewayTimeout"}.get(status, "ServerError")
+                raise AmbiguousWriteError(self.service, method, url, status, code or fallback, message)
             if retryable and attempt < self._max_attempts:
                 delay = parse_retry_after(resp.headers.get("Retry-After"))
                 if delay is None:
@@ -303,8 +311,11 @@ class HttpClient:
         while pending:
             attempt += 1
             payload = {"requests": [_batch_request(i, items[i]) for i in pending]}
+            reads_only = all(items[i].method.upper() == "GET" for i in pending)
             try:
-                resp = self.request("POST", batch_url, json_body=payload, headers=headers)
+                resp = self.request(
+                    "POST", batch_url, json_body=payload, headers=headers, idempotent=reads_only or None
+                )
             except AmbiguousWriteError as exc:
                 for i in pending:
                     reads = items[i].method.upper() == "GET"

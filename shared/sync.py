@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from shared.executor import Executor
 from shared.filters import parse_filter
 from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
 from shared.http import ApiError, HttpClient, RequestCounter
-from shared.mapping import fingerprint, normalize_email, outlook_view
+from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store
@@ -259,23 +260,67 @@ def run_user(
         finally:
             if lease is not None:
                 store.release_lease(lease)
-        log.info(
-            "contact sync run",
+        if report.status != "interrupted":  # an interrupted run logs once, when its continuation ends
+            log_run(report, time.monotonic() - started)
+    return report
+
+
+MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
+
+
+def user_hash(user: str) -> str:
+    """How logs name a user: Application Insights gets no mailbox addresses."""
+    return hashlib.sha256(user.encode()).hexdigest()[:16]
+
+
+def log_run(report: RunReport, duration: float) -> None:
+    """One structured record per run for Application Insights, and warnings for skipped contacts.
+
+    Only ids, counts and reasons: no names, addresses, tokens or secrets.
+    """
+    who = {"runId": report.runId, "userHash": user_hash(report.user)}
+    log.info(
+        "contact sync run",
+        extra={
+            "custom_dimensions": {
+                **who,
+                "mode": report.mode,
+                "dryRun": report.dryRun,
+                "status": report.status,
+                "durationSeconds": round(duration, 3),
+                **report.counts,
+                "bcRequests": report.requests.get("bc", 0),
+                "graphRequests": report.requests.get("graph", 0),
+            }
+        },
+    )
+    skipped = [i for i in report.items if i.action == "skipped"]
+    for item in skipped[:MAX_SKIP_WARNINGS]:
+        log.warning(
+            "contact skipped: %s",
+            item.reason,
             extra={
                 "custom_dimensions": {
-                    "runId": report.runId,
-                    "userHash": hashlib.sha256(settings.user.encode()).hexdigest()[:16],
-                    "mode": report.mode,
-                    "dryRun": dry_run,
-                    "status": report.status,
-                    "durationSeconds": round(time.monotonic() - started, 3),
-                    **report.counts,
-                    "bcRequests": report.requests["bc"],
-                    "graphRequests": report.requests["graph"],
+                    **who,
+                    "bcId": item.bcId,
+                    "outlookId": item.outlookId,
+                    "reason": item.reason,
                 }
             },
         )
-    return report
+    if len(skipped) > MAX_SKIP_WARNINGS:
+        reasons = Counter(i.reason for i in skipped)
+        log.warning(
+            "%d more contacts skipped; the run report lists them all",
+            len(skipped) - MAX_SKIP_WARNINGS,
+            extra={
+                "custom_dimensions": {
+                    **who,
+                    "skipped": len(skipped),
+                    "reasons": dict(reasons.most_common(10)),
+                }
+            },
+        )
 
 
 def _describe(exc: Exception) -> str:
@@ -417,6 +462,8 @@ def _run(
         report=report,
         heartbeat=heartbeat,
         checkpoint=checkpoint,
+        not_kept=lambda c: bc_is_eligible(c) or (None if flt.matches(c) else "does not match your filter"),
+        remove_from_outlook=settings.remove_from_outlook,
     )
     outcome = executor.apply(result)
 
