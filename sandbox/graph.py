@@ -461,6 +461,8 @@ def _parse_email(name: str, value: Any) -> dict:
 class GraphService(Service):
     """Microsoft Graph v1.0, the contact-related part, for one tenant."""
 
+    envelope_latency = False  # latency is per item; see sandbox.httpd.Service.envelope_latency
+
     name = "graph"
 
     def __init__(
