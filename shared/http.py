@@ -125,6 +125,47 @@ def _error_of(body: Any, text: str) -> tuple[str, str]:
     return "", text[:200].strip()
 
 
+class WindowPacer:
+    """Keeps one client under a request budget per sliding window.
+
+    Graph allows 10,000 requests per 10 minutes per app and mailbox, counting every operation inside a
+    `$batch`; a large first sync would otherwise run into 429s and sit out their Retry-After. Pacing
+    waits exactly as long as the window needs instead. One run per mailbox at a time (the lease) makes
+    a per-run pacer enough.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._sleep = sleep
+        self._events: list[tuple[float, int]] = []
+        self._used = 0
+        self._lock = threading.Lock()
+        self.waited = 0.0
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            while True:
+                now = self._clock()
+                while self._events and self._events[0][0] <= now - self.window:
+                    self._used -= self._events.pop(0)[1]
+                if self._used + n <= self.limit or not self._events:
+                    self._events.append((now, n))
+                    self._used += n
+                    return
+                wait = self._events[0][0] + self.window - now
+                self.waited += wait
+                self._sleep(wait)
+
+
 class HttpClient:
     """A `requests.Session` with the retry policy, for one service and one run's counter."""
 
@@ -143,6 +184,7 @@ class HttpClient:
         sleep: Callable[[float], None] = time.sleep,
         default_headers: dict[str, str] | None = None,
         session: requests.Session | None = None,
+        pacer: Callable[[int], None] | None = None,
     ):
         self.service = service
         self._token = token
@@ -156,6 +198,7 @@ class HttpClient:
         self._sleep = sleep
         self._headers = dict(default_headers or {})
         self._session = session or requests.Session()
+        self._pacer = pacer
         self._rng = random.Random()
 
     def _backoff(self, attempt: int) -> float:
@@ -172,6 +215,7 @@ class HttpClient:
         params: dict[str, str] | None = None,
         allow_status: tuple[int, ...] = (),
         idempotent: bool | None = None,
+        operations: int = 1,
     ) -> HttpResponse:
         """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise.
 
@@ -184,6 +228,8 @@ class HttpClient:
         attempt = 0
         while True:
             attempt += 1
+            if self._pacer is not None:
+                self._pacer(operations)  # every attempt counts against the service's budget
             hdrs = {**self._headers, **(headers or {}), "Authorization": f"Bearer {self._token()}"}
             if "Prefer" in self._headers and headers and "Prefer" in headers:
                 hdrs["Prefer"] = f"{self._headers['Prefer']}, {headers['Prefer']}"
@@ -314,7 +360,12 @@ class HttpClient:
             reads_only = all(items[i].method.upper() == "GET" for i in pending)
             try:
                 resp = self.request(
-                    "POST", batch_url, json_body=payload, headers=headers, idempotent=reads_only or None
+                    "POST",
+                    batch_url,
+                    json_body=payload,
+                    headers=headers,
+                    idempotent=reads_only or None,
+                    operations=len(pending),
                 )
             except AmbiguousWriteError as exc:
                 for i in pending:

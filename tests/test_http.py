@@ -95,3 +95,23 @@ def test_failed_batch_items_report_their_own_error(clients):
     )
     assert results[0].ok and not results[1].ok and results[1].status == 400
     assert "EmailAddresses has 4 entries" in results[1].error
+
+
+def test_pacer_waits_for_the_window_instead_of_being_throttled():
+    from shared.http import WindowPacer
+
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(s: float) -> None:
+        waits.append(s)
+        now[0] += s
+
+    pacer = WindowPacer(100, 600.0, clock=lambda: now[0], sleep=sleep)
+    for _ in range(5):
+        pacer(20)  # five batches of 20 fill the budget
+    now[0] = 30.0
+    pacer(20)  # the sixth must wait until the first leaves the window
+    assert waits == [570.0]
+    pacer(1)  # all five left the window together: no further wait
+    assert waits == [570.0] and now[0] == 600.0
