@@ -76,6 +76,9 @@ class Action:
     outlook: dict[str, Any] | None = None  # the Outlook contact the action is based on
     email: str | None = None
     reason: str = ""
+    # A delete_outlook also drops the link of bc_id. Not for an unlinked tagged duplicate: the link of
+    # that BC id belongs to the contact that stays.
+    unlinks: bool = True
 
     @property
     def writes(self) -> bool:
@@ -124,9 +127,17 @@ def needs(snap: Snapshot, settings: UserSettings, flt: ContactFilter) -> Needs:
         if tag:
             if tag in snap.bc_index and tag not in snap.bc:
                 out.bc.add(tag)
+            # A duplicate, or the stand-in of a linked contact that is gone (e.g. with a deleted
+            # folder)? Only the linked contact's existence tells.
+            link = snap.links.get(tag)
+            unknown = (
+                link and link.outlook_id not in snap.outlook and link.outlook_id not in snap.outlook_removed
+            )
+            if unknown and not snap.outlook_complete:
+                out.outlook.add(link.outlook_id)
             continue
         email = normalize_email(outlook_email(contact))
-        if email and settings.pull_new_from_outlook:
+        if email:  # an email match is adopted even with pullNewFromOutlook off: nothing goes to BC
             for bc_id in bc_by_email.get(email, []):
                 if bc_id not in snap.bc:
                     out.bc.add(bc_id)
@@ -242,6 +253,25 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                 )
             continue
         if gone:
+            stand_in = _stand_in(snap, by_outlook, bc_id, email, claimed_outlook)
+            if stand_in is not None:
+                o = snap.outlook[stand_in]
+                claimed_outlook.add(stand_in)
+                result.actions.append(
+                    Action(
+                        "link",
+                        "linked",
+                        bc_id,
+                        stand_in,
+                        None if outlook_view(o) == bc_view(bc) else bc_to_outlook(bc, o),
+                        bc=bc,
+                        outlook=o,
+                        email=email,
+                        reason="deleted in Outlook; the folder has another contact for it (same BC id tag "
+                        "or email), which is adopted instead of recreating one",
+                    )
+                )
+                continue
             result.actions.append(
                 Action(
                     "recreate_outlook",
@@ -300,7 +330,7 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
     bc_by_email = _bc_by_email(snap.bc_index)
     new_by_email: dict[str, str] = {}  # normalized email → Outlook id that goes to BC in this run
     for oid in sorted(snap.outlook):
-        if oid in by_outlook:
+        if oid in by_outlook or oid in claimed_outlook:
             continue
         o = snap.outlook[oid]
         tag = snap.tags.get(oid)
@@ -308,9 +338,6 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
             _plan_tagged(result, snap, settings, flt, oid, o, tag, claimed_bc, claimed_outlook)
             continue
         email = outlook_email(o)
-        if not settings.pull_new_from_outlook:
-            skip("new Outlook contact not sent to BC: pullNewFromOutlook is off", None, oid, email)
-            continue
         reason = outlook_is_eligible(o)
         if reason:
             skip(reason, None, oid, email)
@@ -318,7 +345,12 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
         key = normalize_email(email)
         matches = bc_by_email.get(key, [])
         if matches:
+            # Adopting links the user's contact to BC's (BC's data wins) instead of making a second
+            # Outlook contact for it; nothing is sent to BC, so it does not depend on pullNewFromOutlook.
             _plan_email_match(result, snap, flt, oid, o, matches, claimed_bc, claimed_outlook)
+            continue
+        if not settings.pull_new_from_outlook:
+            skip("new Outlook contact not sent to BC: pullNewFromOutlook is off", None, oid, email)
             continue
         if key in new_by_email:
             skip("another new Outlook contact with the same email goes to BC in this run", None, oid, email)
@@ -375,6 +407,27 @@ def _update_outlook(bc: dict[str, Any], link: Link, o: dict[str, Any] | None, re
     )
 
 
+def _stand_in(
+    snap: Snapshot, by_outlook: dict[str, str], bc_id: str, email: str | None, claimed: set[str]
+) -> str | None:
+    """An unlinked Outlook contact that already stands for a BC contact whose own Outlook contact is
+    gone: one carrying its BC id tag (written by an interrupted run), else an untagged one with its
+    email (the user's own). Adopting it avoids putting a second contact next to it."""
+    key = normalize_email(email)
+    by_email = None
+    for oid in sorted(snap.outlook):
+        if oid in by_outlook or oid in claimed:
+            continue
+        tag = snap.tags.get(oid)
+        if tag == bc_id:
+            return oid
+        o = snap.outlook[oid]
+        same = not tag and key and normalize_email(outlook_email(o)) == key
+        if by_email is None and same and outlook_is_eligible(o) is None:
+            by_email = oid
+    return by_email
+
+
 def _plan_tagged(
     result: Plan,
     snap: Snapshot,
@@ -399,6 +452,7 @@ def _plan_tagged(
                 oid,
                 email=email,
                 reason="duplicate of a contact already synced from Business Central",
+                unlinks=False,
             )
         )
         return
@@ -412,6 +466,7 @@ def _plan_tagged(
                     oid,
                     email=email,
                     reason="deleted in Business Central",
+                    unlinks=False,
                 )
             )
         else:
@@ -437,6 +492,7 @@ def _plan_tagged(
                     bc=bc,
                     email=email,
                     reason=f"no longer synced: {reason}",
+                    unlinks=False,
                 )
             )
         else:

@@ -22,9 +22,9 @@ from shared.auth import BC_SCOPE, GRAPH_SCOPE, TokenProvider, token_provider
 from shared.bc_client import BcClient
 from shared.config import Config
 from shared.executor import Executor
-from shared.filters import parse_filter
+from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
-from shared.http import ApiError, HttpClient, RequestCounter
+from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
 from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
@@ -33,6 +33,10 @@ from shared.store import Store
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
+# Graph: 10,000 requests per 10 minutes per app and mailbox (throttling-outlook docs); keep a margin
+# for the validation endpoint and the Outlook clients of the same app.
+GRAPH_MAILBOX_BUDGET = 9_500
+GRAPH_WINDOW_SECONDS = 600.0
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
 MODES = (INCREMENTAL, FULL)
 
@@ -149,6 +153,7 @@ class Services:
             sleep=self.sleep,
             backoff_base=self.backoff_base,
             default_headers={"Prefer": 'IdType="ImmutableId"'},
+            pacer=WindowPacer(GRAPH_MAILBOX_BUDGET, GRAPH_WINDOW_SECONDS, sleep=self.sleep),
         )
         bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
         graph = GraphClient(graph_http, self.config.graph_base_url)
@@ -229,8 +234,10 @@ def run_user(
     started = time.monotonic()
 
     def heartbeat() -> None:
+        # Renew once a third of the lease has passed, not after every batch: a store write per
+        # batch would cost as much as the batch's own link write.
         nonlocal lease
-        if lease is not None:
+        if lease is not None and (lease.expires_at - utcnow()).total_seconds() < LEASE_SECONDS * 2 / 3:
             lease = store.renew_lease(lease, LEASE_SECONDS)
 
     try:
@@ -405,27 +412,19 @@ def _run(
         links=links,
         outlook_complete=mode == FULL,
     )
-    for _ in range(3):  # tags, then the BC/Outlook records they point at
-        want = needs(snap, settings, flt)
-        if not want:
-            break
-        if want.tags or want.outlook:
-            ids = sorted(want.tags | want.outlook)
-            found, missing = (
-                graph.get_contacts(settings.user, folder_id, ids) if folder_id else ({}, set(ids))
-            )
-            for oid in want.tags:
-                snap.tags[oid] = tag_of(found[oid]) if oid in found else None
-            for oid, contact in found.items():
-                contact.pop("singleValueExtendedProperties", None)
-                snap.outlook[oid] = contact
-            for oid in missing:
-                snap.outlook.pop(oid, None)
-                snap.outlook_removed.add(oid)
-        if want.bc:
-            for c in bc.get_contacts(company_id, sorted(want.bc)):
-                snap.bc[c["id"]] = c
+    _complete(snap, settings, flt, bc, graph, company_id, folder_id)
     result = plan(snap, settings, flt, force=force)
+    if not snap.outlook_complete and folder_id and any(a.kind in _CREATES for a in result.actions):
+        # The folder may hold the user's own contact with that email, which this delta did not show
+        # (skipped earlier, e.g. while the BC contact was not synced). Read the folder once and plan
+        # again knowing all of it, so that contact is adopted instead of getting a duplicate.
+        for contact in graph.list_contacts(settings.user, folder_id):
+            snap.tags.setdefault(contact["id"], tag_of(contact))
+            contact.pop("singleValueExtendedProperties", None)
+            snap.outlook.setdefault(contact["id"], contact)
+        snap.outlook_complete = True
+        _complete(snap, settings, flt, bc, graph, company_id, folder_id)
+        result = plan(snap, settings, flt, force=force)
     if mode == INCREMENTAL and state.bc_watermark:
         # BC contacts re-read only because of the overlap window were reported by an earlier run.
         seen = parse_iso(state.bc_watermark)
@@ -493,6 +492,41 @@ def _run(
     store.save_state(state)
 
 
+_CREATES = ("create_outlook", "recreate_outlook")
+
+
+def _complete(
+    snap: Snapshot,
+    settings: UserSettings,
+    flt: ContactFilter,
+    bc: BcClient,
+    graph: GraphClient,
+    company_id: str,
+    folder_id: str | None,
+) -> None:
+    """Fetch what `plan()` still needs: tags first, then the BC/Outlook records they point at."""
+    for _ in range(4):  # tags, then the BC/Outlook records they point at, then theirs
+        want = needs(snap, settings, flt)
+        if not want:
+            break
+        if want.tags or want.outlook:
+            ids = sorted(want.tags | want.outlook)
+            found, missing = (
+                graph.get_contacts(settings.user, folder_id, ids) if folder_id else ({}, set(ids))
+            )
+            for oid in want.tags:
+                snap.tags[oid] = tag_of(found[oid]) if oid in found else None
+            for oid, contact in found.items():
+                contact.pop("singleValueExtendedProperties", None)
+                snap.outlook[oid] = contact
+            for oid in missing:
+                snap.outlook.pop(oid, None)
+                snap.outlook_removed.add(oid)
+        if want.bc:
+            for c in bc.get_contacts(company_id, sorted(want.bc)):
+                snap.bc[c["id"]] = c
+
+
 def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any) -> str:
     """The delta link to store: past this run's own writes when nothing else happened meanwhile.
 
@@ -552,7 +586,7 @@ def run_users(
     mode: str = INCREMENTAL,
     *,
     dry_run: bool = False,
-    max_parallel: int = 8,
+    max_parallel: int = 64,
 ) -> list[RunReport]:
     """Several users at once (CLI, benchmark): BC read once per company, mailboxes in parallel.
 
