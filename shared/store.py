@@ -267,6 +267,23 @@ def _report_summary(report: RunReport) -> dict[str, Any]:
 # --- the store ----------------------------------------------------------------------------------
 
 
+def pooled_transport(size: int = 64) -> Any:
+    """An HTTP transport whose connection pool fits the runs of one process.
+
+    The SDK's default pool keeps 10 connections; with more users syncing in parallel the rest are
+    opened and thrown away for every call ("Connection pool is full, discarding connection").
+    """
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+    from requests.adapters import HTTPAdapter
+
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return RequestsTransport(session=session, session_owner=False)
+
+
 class Store:
     """All Table Storage access of the sync. Safe to share within a process: it holds only clients.
 
@@ -296,7 +313,9 @@ class Store:
         try:
             # A trailing ';' is harmless in a full connection string but makes the SDK refuse the
             # common local shorthand "UseDevelopmentStorage=true;".
-            service = TableServiceClient.from_connection_string(conn_str.strip().rstrip(";"))
+            service = TableServiceClient.from_connection_string(
+                conn_str.strip().rstrip(";"), transport=pooled_transport()
+            )
         except (ValueError, TypeError, AttributeError):
             # `from None`: the SDK's own message could quote part of the string.
             raise StoreError(

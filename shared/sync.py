@@ -28,7 +28,7 @@ from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
 from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
-from shared.store import Store
+from shared.store import Store, pooled_transport
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def store_from_config(config: Config) -> Store:
     from shared.auth import ManagedIdentityCredential
 
     service = TableServiceClient(
-        endpoint=config.table_service_uri, credential=ManagedIdentityCredential(config.storage_client_id)
+        endpoint=config.table_service_uri,
+        credential=ManagedIdentityCredential(config.storage_client_id),
+        transport=pooled_transport(),
     )
     return Store(service, prefix=config.table_prefix)
 
