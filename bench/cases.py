@@ -27,7 +27,7 @@ from bench.host import Sandbox
 from bench.measure import MemoryWatch, TimedStore, WarningCount, route_engine_logs, timed_call
 from shared.auth import token_provider
 from shared.config import Config
-from shared.model import RunReport, UserSettings, iso, utcnow
+from shared.model import WRITE_ACTIONS, RunReport, UserSettings, iso, utcnow
 from shared.planner import FULL, INCREMENTAL
 from shared.sync import Services, run_user, run_users, store_from_config
 
@@ -43,14 +43,7 @@ def engine_warnings() -> WarningCount:
     return _warnings
 
 
-WRITE_KEYS = (
-    "outlookCreated",
-    "outlookUpdated",
-    "outlookDeleted",
-    "outlookRecreated",
-    "bcCreated",
-    "bcUpdated",
-)
+WRITE_KEYS = WRITE_ACTIONS
 
 
 @dataclass

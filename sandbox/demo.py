@@ -20,20 +20,9 @@ from pathlib import Path
 
 import azure.functions as func
 
+from sandbox.bindings import Collector
+
 USER = "alice@contoso.example"
-
-
-class _Out:
-    """The queue output binding as the host hands it to a function."""
-
-    def __init__(self) -> None:
-        self.value = None
-
-    def set(self, value) -> None:
-        self.value = value
-
-    def get(self):
-        return self.value
 
 
 def call(main, method: str, route: str, body: dict | None = None, **kwargs):
@@ -94,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def sync(mode: str, title: str) -> RunReport:
             started = time.monotonic()
-            status, body = call(sync_http, "POST", "sync", {"user": USER, "mode": mode}, jobs=_Out())
+            status, body = call(sync_http, "POST", "sync", {"user": USER, "mode": mode}, jobs=Collector())
             print(
                 f"\n=== {title}: POST /api/sync mode={mode} → {status} in {time.monotonic() - started:.1f}s ==="
             )

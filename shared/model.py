@@ -187,6 +187,7 @@ ACTIONS = (
     "skipped",
     "failed",
 )
+WRITE_ACTIONS = ACTIONS[:6]  # the counts that stand for a write to Outlook or BC
 
 
 @dataclass

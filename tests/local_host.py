@@ -31,6 +31,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import azure.functions as func
 from azure.functions.queue import QueueMessage
 
+from sandbox.bindings import Collector
+
 ROOT = Path(__file__).resolve().parent.parent
 # The newest Queue service version the pinned Azurite (package-lock.json) accepts; the SDK's default
 # can be newer than the emulator.
@@ -43,25 +45,6 @@ _REASONS = {
     401: "Unauthorized",
     404: "Not Found",
 }
-
-
-class Collector(func.Out):
-    """An output binding: whatever the function `set()`s."""
-
-    def __init__(self) -> None:
-        self.value: Any = None
-
-    def set(self, val: Any) -> None:
-        self.value = val
-
-    def get(self) -> Any:
-        return self.value
-
-    def messages(self) -> list[str]:
-        """Queue messages as the host would write them (one value or a list of them)."""
-        if self.value is None:
-            return []
-        return list(self.value) if isinstance(self.value, list | tuple) else [self.value]
 
 
 @dataclass

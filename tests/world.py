@@ -10,17 +10,10 @@ from typing import Any
 from sandbox.cloud import Cloud
 from shared.config import Config
 from shared.mapping import BC_ID_PROPERTY_ID
-from shared.model import RunReport, UserSettings
+from shared.model import WRITE_ACTIONS, RunReport, UserSettings
 from shared.sync import Services, run_user
 
-WRITE_COUNTS = (
-    "outlookCreated",
-    "outlookUpdated",
-    "outlookDeleted",
-    "outlookRecreated",
-    "bcCreated",
-    "bcUpdated",
-)
+WRITE_COUNTS = WRITE_ACTIONS
 
 
 class World:

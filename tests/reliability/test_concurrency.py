@@ -16,6 +16,7 @@ import pytest
 
 import function_sync_http
 import function_sync_worker
+from sandbox.bindings import Collector
 from sandbox.httpd import Request, Response
 from shared import api
 from shared.model import utcnow
@@ -25,19 +26,6 @@ from tests.reliability.checks import assert_converged
 from tests.reliability.conftest import batch_envelope
 
 ALICE = "alice@contoso.example"
-
-
-class Out:
-    """A function's output binding, as the host passes it."""
-
-    def __init__(self) -> None:
-        self.value = None
-
-    def set(self, value) -> None:
-        self.value = value
-
-    def get(self):
-        return self.value
 
 
 class Gate:
@@ -91,8 +79,8 @@ def _thread(target, results: dict, key: str) -> threading.Thread:
     return t
 
 
-def _post_sync(body: dict) -> tuple[func.HttpResponse, Out]:
-    out = Out()
+def _post_sync(body: dict) -> tuple[func.HttpResponse, Collector]:
+    out = Collector()
     req = func.HttpRequest(
         "POST",
         "https://app.example/api/sync",

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import function_sync_http
 import function_users_http
+from sandbox.bindings import Collector
 from shared import api
 from shared.model import UserSettings, ValidationError
 from tests.reliability.conftest import long_profile
@@ -77,14 +78,6 @@ PROFILE = settings(
 )
 
 
-class Out:
-    def __init__(self) -> None:
-        self.value = None
-
-    def set(self, value: Any) -> None:
-        self.value = value
-
-
 def _call(main, method: str, rest: str, body: Any = None, raw: bytes | None = None, **kw):
     req = func.HttpRequest(
         method,
@@ -100,8 +93,8 @@ def _users(method: str, path: str, body: Any = None, raw: bytes | None = None) -
     return _call(function_users_http.main, method, f"users/{path}".rstrip("/"), body, raw)
 
 
-def _sync(body: Any = None, raw: bytes | None = None) -> tuple[func.HttpResponse, Out]:
-    out = Out()
+def _sync(body: Any = None, raw: bytes | None = None) -> tuple[func.HttpResponse, Collector]:
+    out = Collector()
     return _call(function_sync_http.main, "POST", "sync", body, raw, jobs=out), out
 
 
@@ -226,7 +219,7 @@ def test_malformed_settings_rows_skip_that_user_with_a_reason(world, azurite, en
     _write_malformed(azurite, env["SYNC_TABLE_PREFIX"])
     with recorder.case("hostile input", "malformed settings rows in Table Storage") as rec:
         rec.add(len(MALFORMED) + 1)
-        jobs = Out()
+        jobs = Collector()
         api.fan_out(None, jobs)
         users = sorted(json.loads(m)["user"] for m in jobs.value)
         assert users == [ALICE, "bob@contoso.example"]

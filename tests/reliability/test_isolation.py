@@ -8,6 +8,7 @@ import json
 import azure.functions as func
 import pytest
 
+from sandbox.bindings import Collector
 from shared import api
 from shared.sync import run_users
 from tests.reliability.checks import assert_converged
@@ -49,7 +50,7 @@ def test_one_broken_user_does_not_stop_the_others(world, env, recorder, runner):
             settings = world.services.store.list_settings()
             reports = {r.user: r for r in run_users(world.services, settings, "full")}
         else:
-            jobs = _Out()
+            jobs = Collector()
             api.fan_out(None, jobs)
             reports = {}
             for message in jobs.value:
@@ -69,11 +70,3 @@ def test_one_broken_user_does_not_stop_the_others(world, env, recorder, runner):
         report = world.sync(CAROL)
         assert report.status == "succeeded" and report.counts["outlookCreated"] == 12
         assert_converged(world, CAROL)
-
-
-class _Out:
-    def __init__(self) -> None:
-        self.value = None
-
-    def set(self, value) -> None:
-        self.value = value

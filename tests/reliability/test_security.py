@@ -20,6 +20,7 @@ import azure.functions as func
 import function_sync_http
 import function_users_http
 from sandbox.azurite import DEV_KEY
+from sandbox.bindings import Collector
 from sandbox.httpd import Request, Response
 from shared.sync import run_users
 from tests.reliability.checks import assert_converged, new_outlook_contacts
@@ -55,11 +56,6 @@ def _call(main, method: str, rest: str, body=None, **kw) -> func.HttpResponse:
         body=b"" if body is None else json.dumps(body).encode(),
     )
     return main(req, **kw)
-
-
-class _Out:
-    def set(self, value) -> None:
-        self.value = value
 
 
 def test_no_secret_token_or_key_in_logs_reports_or_error_bodies(world, env, cloud, caplog, recorder):
@@ -98,16 +94,16 @@ def test_no_secret_token_or_key_in_logs_reports_or_error_bodies(world, env, clou
 
             # HTTP answers, errors included.
             for main, method, rest, body, kw in [
-                (function_sync_http.main, "POST", "sync", {"user": ALICE}, {"jobs": _Out()}),
+                (function_sync_http.main, "POST", "sync", {"user": ALICE}, {"jobs": Collector()}),
                 (
                     function_sync_http.main,
                     "POST",
                     "sync",
                     {"user": "nobody@contoso.example"},
-                    {"jobs": _Out()},
+                    {"jobs": Collector()},
                 ),
-                (function_sync_http.main, "POST", "sync", {"user": "' or 1 eq 1"}, {"jobs": _Out()}),
-                (function_sync_http.main, "GET", "sync/runs/" + "0" * 32, None, {"jobs": _Out()}),
+                (function_sync_http.main, "POST", "sync", {"user": "' or 1 eq 1"}, {"jobs": Collector()}),
+                (function_sync_http.main, "GET", "sync/runs/" + "0" * 32, None, {"jobs": Collector()}),
                 (function_users_http.main, "POST", f"users/{ALICE}/validate", None, {}),
                 (function_users_http.main, "POST", "users/bob@contoso.example/validate", None, {}),
                 (function_users_http.main, "PUT", f"users/{ALICE}", {"filter": {"city": "a&b"}}, {}),
