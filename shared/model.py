@@ -173,6 +173,10 @@ class UserState:
     last_full_sync: str | None = None
     last_run_id: str | None = None
     last_status: str | None = None
+    # Set while a run writes and cleared when it completes: if it is still set, that run stopped
+    # midway, and contacts it created may since have vanished from Outlook without the delta query
+    # saying so (delta leaves out items created and deleted between two rounds): reconcile fully.
+    writing_run: str | None = None
     etag: str | None = None
 
 

@@ -78,6 +78,7 @@ _STATE_COLUMNS = {
     "last_full_sync": "lastFullSync",
     "last_run_id": "lastRunId",
     "last_status": "lastStatus",
+    "writing_run": "writingRun",
 }
 _LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email"]
 

@@ -376,6 +376,9 @@ def _run(
         elif state.settings_hash != scope_hash:
             mode = FULL
             report.message = "settings changed since the last run: a full sync was done"
+        elif state.writing_run:
+            mode = FULL
+            report.message = "the previous run stopped while writing: a full sync was done"
         elif _full_due(state, config.full_sync_hours):
             mode = FULL
             report.message = f"scheduled full reconcile (every {config.full_sync_hours:g} h)"
@@ -466,6 +469,9 @@ def _run(
         not_kept=lambda c: bc_is_eligible(c) or (None if flt.matches(c) else "does not match your filter"),
         remove_from_outlook=settings.remove_from_outlook,
     )
+    if any(a.writes for a in result.actions):
+        state.writing_run = report.runId
+        state = store.save_state(state)
     outcome = executor.apply(result)
 
     # Watermarks advance only past what was written (SPEC §4.3.4) ----------------------------
@@ -489,6 +495,7 @@ def _run(
     if mode == FULL:
         state.last_full_sync = report.startedAt
     state.last_run_id = report.runId
+    state.writing_run = None
     report.status = "partial" if outcome.failures else "succeeded"
     state.last_status = report.status
     store.save_state(state)

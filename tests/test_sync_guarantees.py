@@ -269,3 +269,25 @@ def test_two_new_outlook_contacts_with_one_email_make_one_bc_contact(world):
     report = world.sync()
     assert report.counts["bcCreated"] == 1
     assert len(world.bc_by_email()["twin@example.org"]) == 1
+
+
+def test_contact_created_then_deleted_after_an_interrupted_run_is_recreated(world):
+    """A run stopped after writing but before saving its watermarks; the user then deletes a contact
+    it created. Delta leaves out items created and deleted between two rounds, so only a full
+    reconcile can see it is gone: the next run does one."""
+    world.user()
+    world.person("First Person")
+    world.sync(mode="full")
+    world.person("Second Person")
+
+    def crash(name: str) -> None:
+        if name == "before_watermark":
+            raise RuntimeError("simulated crash")
+
+    assert world.sync(checkpoint=crash).status == "failed"
+    second = world.outlook_by_email()["second.person@example.com"]
+    world.cloud.graph.user_delete_contact(ALICE, world.folder_id(), second["id"])
+    report = world.sync()
+    assert report.mode == "full" and report.counts["outlookRecreated"] == 1
+    assert sorted(world.outlook_by_email()) == ["first.person@example.com", "second.person@example.com"]
+    assert writes(world.sync()) == 0
