@@ -15,7 +15,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from shared.bc_client import BcClient, BcWrite
 from shared.graph_client import GraphClient
@@ -236,12 +235,11 @@ class Executor:
         return results
 
     def _graph_item(self, a: Action) -> BatchItem:
-        base = f"{self.graph.user_path(self.user)}/contactFolders/{quote(self.folder_id, safe='')}/contacts"
         if a.kind in ("create_outlook", "recreate_outlook"):
-            return BatchItem("POST", base, a.body)
+            return self.graph.contact_op(self.user, self.folder_id, "POST", body=a.body)
         if a.kind == "delete_outlook":
-            return BatchItem("DELETE", f"{base}/{quote(a.outlook_id, safe='')}")
-        return BatchItem("PATCH", f"{base}/{quote(a.outlook_id, safe='')}", a.body)
+            return self.graph.contact_op(self.user, self.folder_id, "DELETE", a.outlook_id)
+        return self.graph.contact_op(self.user, self.folder_id, "PATCH", a.outlook_id, a.body)
 
     def _apply_graph(self, actions: list[Action]) -> None:
         for start in range(0, len(actions), GRAPH_CHUNK):

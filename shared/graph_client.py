@@ -176,14 +176,8 @@ class GraphClient:
 
     def get_contacts(self, user: str, folder_id: str, ids: list[str]) -> tuple[dict[str, dict], set[str]]:
         """Full contacts (with their BC-id tag) by id; returns (found by id, ids that no longer exist)."""
-        items = [
-            BatchItem(
-                "GET",
-                f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/{quote(i, safe='')}"
-                f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}",
-            )
-            for i in ids
-        ]
+        query = f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}"
+        items = [self.contact_op(user, folder_id, "GET", i, query=query) for i in ids]
         found: dict[str, dict] = {}
         missing: set[str] = set()
         for cid, res in zip(ids, self._batch(items), strict=True):
@@ -196,20 +190,23 @@ class GraphClient:
         return found, missing
 
     # Writing contacts -------------------------------------------------------------------
-    def create_contacts(self, user: str, folder_id: str, bodies: list[dict[str, Any]]) -> list[ItemResult]:
+    def contact_op(
+        self,
+        user: str,
+        folder_id: str,
+        method: str,
+        contact_id: str | None = None,
+        body: dict[str, Any] | None = None,
+        query: str = "",
+    ) -> BatchItem:
+        """One `$batch` operation on the folder's contacts (the collection when no contact id)."""
         path = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
-        return self._batch([BatchItem("POST", path, b) for b in bodies])
-
-    def update_contacts(self, user: str, folder_id: str, updates: list[tuple[str, dict]]) -> list[ItemResult]:
-        base = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/"
-        return self._batch([BatchItem("PATCH", base + quote(cid, safe=""), body) for cid, body in updates])
-
-    def delete_contacts(self, user: str, folder_id: str, ids: list[str]) -> list[ItemResult]:
-        base = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/"
-        return self._batch([BatchItem("DELETE", base + quote(cid, safe="")) for cid in ids])
+        if contact_id is not None:
+            path += f"/{quote(contact_id, safe='')}"
+        return BatchItem(method, path + query, body)
 
     def write(self, items: list[BatchItem]) -> list[ItemResult]:
-        """Mixed writes in one stream of batches (the executor's path)."""
+        """Operations from `contact_op`, in as many `$batch` calls as they need."""
         return self._batch(items)
 
     def _batch(self, items: list[BatchItem]) -> list[ItemResult]:

@@ -23,7 +23,7 @@ from shared.bc_client import BcClient
 from shared.config import Config
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
-from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
+from shared.graph_client import IMMUTABLE_IDS, DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
 from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
@@ -136,23 +136,24 @@ class Services:
     def from_config(cls, config: Config) -> Services:
         return cls(config=config, store=store_from_config(config), tokens=token_provider(config))
 
-    def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
-        bc_http = HttpClient(
-            "bc",
-            lambda: self.tokens.token(BC_SCOPE),
+    def _http(self, service: str, scope: str, counter: RequestCounter, **extra: Any) -> HttpClient:
+        return HttpClient(
+            service,
+            lambda: self.tokens.token(scope),
             counter=counter,
             on_unauthorized=self.tokens.invalidate,
             sleep=self.sleep,
             backoff_base=self.backoff_base,
+            **extra,
         )
-        graph_http = HttpClient(
+
+    def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
+        bc_http = self._http("bc", BC_SCOPE, counter)
+        graph_http = self._http(
             "graph",
-            lambda: self.tokens.token(GRAPH_SCOPE),
-            counter=counter,
-            on_unauthorized=self.tokens.invalidate,
-            sleep=self.sleep,
-            backoff_base=self.backoff_base,
-            default_headers={"Prefer": 'IdType="ImmutableId"'},
+            GRAPH_SCOPE,
+            counter,
+            default_headers={"Prefer": IMMUTABLE_IDS},
             pacer=WindowPacer(GRAPH_MAILBOX_BUDGET, GRAPH_WINDOW_SECONDS, sleep=self.sleep),
         )
         bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
