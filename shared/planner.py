@@ -202,27 +202,18 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
         gone = removed(link)
         o = snap.outlook.get(link.outlook_id)
         if bc_id not in snap.bc_index:  # deleted in BC
-            if gone:
-                result.actions.append(
-                    Action("unlink", "", bc_id, link.outlook_id, reason="deleted on both sides")
+            result.actions.append(
+                _leave(
+                    settings,
+                    bc_id,
+                    link,
+                    gone,
+                    gone_reason="deleted on both sides",
+                    delete_reason="deleted in Business Central",
+                    kept_reason="deleted in BC; removeFromOutlook is off",
+                    email=link.email,
                 )
-            elif settings.remove_from_outlook:
-                result.actions.append(
-                    Action(
-                        "delete_outlook",
-                        "outlookDeleted",
-                        bc_id,
-                        link.outlook_id,
-                        email=link.email,
-                        reason="deleted in Business Central",
-                    )
-                )
-            else:
-                result.actions.append(
-                    Action(
-                        "unlink", "", bc_id, link.outlook_id, reason="deleted in BC; removeFromOutlook is off"
-                    )
-                )
+            )
             claimed_bc.add(bc_id)
             continue
         bc = snap.bc.get(bc_id)
@@ -233,24 +224,19 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
         reason = _bc_reason(bc, flt)
         email = bc.get("email")
         if reason:
-            if gone:
-                result.actions.append(Action("unlink", "", bc_id, link.outlook_id, reason=reason))
-            elif settings.remove_from_outlook:
-                result.actions.append(
-                    Action(
-                        "delete_outlook",
-                        "outlookDeleted",
-                        bc_id,
-                        link.outlook_id,
-                        bc=bc,
-                        email=email,
-                        reason=f"no longer synced: {reason}",
-                    )
+            result.actions.append(
+                _leave(
+                    settings,
+                    bc_id,
+                    link,
+                    gone,
+                    gone_reason=reason,
+                    delete_reason=f"no longer synced: {reason}",
+                    kept_reason=f"{reason}; removeFromOutlook is off",
+                    bc=bc,
+                    email=email,
                 )
-            else:
-                result.actions.append(
-                    Action("unlink", "", bc_id, link.outlook_id, reason=f"{reason}; removeFromOutlook is off")
-                )
+            )
             continue
         if gone:
             stand_in = _stand_in(snap, by_outlook, bc_id, email, claimed_outlook)
@@ -390,6 +376,35 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
 
     _guard(result, snap, force)
     return result
+
+
+def _leave(
+    settings: UserSettings,
+    bc_id: str,
+    link: Link,
+    gone: bool,
+    *,
+    gone_reason: str,
+    delete_reason: str,
+    kept_reason: str,
+    bc: dict[str, Any] | None = None,
+    email: str | None = None,
+) -> Action:
+    """A linked contact that is no longer synced: drop the link if Outlook lost it too, else remove
+    it from the folder (removeFromOutlook) or leave it there unlinked."""
+    if gone:
+        return Action("unlink", "", bc_id, link.outlook_id, reason=gone_reason)
+    if settings.remove_from_outlook:
+        return Action(
+            "delete_outlook",
+            "outlookDeleted",
+            bc_id,
+            link.outlook_id,
+            bc=bc,
+            email=email,
+            reason=delete_reason,
+        )
+    return Action("unlink", "", bc_id, link.outlook_id, reason=kept_reason)
 
 
 def _update_outlook(bc: dict[str, Any], link: Link, o: dict[str, Any] | None, reason: str) -> Action:
