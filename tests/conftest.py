@@ -45,3 +45,12 @@ def world(cloud, env):
     from tests.world import World
 
     return World(cloud, env)
+
+
+@pytest.fixture
+def client(env):
+    """The HTTP API over real HTTP (tests/api_client.py), with this test's settings."""
+    from tests.api_client import LocalHost, api_client
+
+    with api_client(LocalHost()) as c:
+        yield c

@@ -7,15 +7,12 @@ settings round trips, the connection check's messages, and JSON errors for every
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import azure.functions as func
 import pytest
 import requests
-from azure.functions.queue import QueueMessage
 
-import function_sync_worker
 from sandbox.entra import BC_RESOURCE, GRAPH_RESOURCE
 from shared import api
 from shared.sync import LEASE_SECONDS
@@ -23,41 +20,6 @@ from tests.local_host import LocalHost
 
 ALICE = "alice@contoso.example"
 BOB = "bob@contoso.example"
-
-
-@dataclass
-class Client:
-    base: str
-    host: LocalHost
-
-    def __call__(
-        self, method: str, path: str, body: Any = None, *, key: str | None = "query", **kw: Any
-    ) -> requests.Response:
-        """`key`: "query" (?code=), "header" (x-functions-key), None (no key) or a wrong key's value."""
-        params, headers = {}, kw.pop("headers", {})
-        if key == "query":
-            params["code"] = self.host.key
-        elif key == "header":
-            headers["x-functions-key"] = self.host.key
-        elif key is not None:
-            params["code"] = key
-        if body is not None and not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-        return requests.request(
-            method, f"{self.base}/api/{path}", params=params, data=body, headers=headers, timeout=60, **kw
-        )
-
-    def run_queued_jobs(self) -> None:
-        """What the queue trigger would do with the jobs the HTTP functions queued."""
-        for n, message in enumerate(self.host.queued(api.QUEUE_NAME)):
-            function_sync_worker.main(QueueMessage(id=str(n), body=message.encode(), dequeue_count=1))
-
-
-@pytest.fixture
-def client(env):
-    host = LocalHost()
-    with host.serve() as base:
-        yield Client(base, host)
 
 
 def _error(resp: requests.Response, status: int, code: str | None = None) -> dict[str, Any]:
