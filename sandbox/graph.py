@@ -487,6 +487,10 @@ class GraphService(Service):
         self.delta_page_size = delta_page_size
         self.delta_max_page_size = delta_max_page_size  # [observed] Q&A 2025: contacts delta caps at 200
         self.delta_token_cache = delta_token_cache
+        # Documented behaviour: `Prefer: IdType="ImmutableId"` is honoured (outlook-immutable-id.md).
+        # False stands for a tenant where it is not (e.g. a mailbox Graph cannot serve immutable ids
+        # for), so the live conformance check can be shown to report it; nothing else turns it off.
+        self.honour_immutable_ids = True
         self.mailbox_counters: dict[str, Counters] = _CounterMap()
         self._users: dict[str, _User] = {}
         self._upn_index: dict[str, str] = {}
@@ -507,6 +511,12 @@ class GraphService(Service):
             ("GET", folder, self._get_folder, "folders.get"),
             ("PATCH", folder, self._update_folder, "folders.update"),
             ("DELETE", folder, self._delete_folder, "folders.delete"),
+            (
+                "POST",
+                folder + r"/(?i:(?:microsoft\.graph\.)?permanentDelete)",
+                self._permanent_delete_folder,
+                "folders.delete",
+            ),
             ("GET", folder + delta, self._delta, "contacts.delta"),
             ("GET", folder + r"/(?i:contacts)", self._list_contacts, "contacts.list"),
             ("POST", folder + r"/(?i:contacts)", self._create_contact, "contacts.create"),
@@ -682,6 +692,8 @@ class GraphService(Service):
             client_request_id=req.headers.get("client-request-id") or "",
             prefer=_parse_prefer(req.headers.get("Prefer")),
         )
+        if not self.honour_immutable_ids:
+            ctx.prefer.pop("idtype", None)
         ctx.client_request_id = ctx.client_request_id or ctx.request_id
         previous = getattr(self._tls, "ctx", None)
         self._tls.ctx = ctx
@@ -934,6 +946,13 @@ class GraphService(Service):
         )
 
     def _delete_folder(self, req: Request, ctx: _Ctx, user: str, folder: str) -> Response:
+        mailbox = self._mailbox(user, ctx)
+        self._remove_folder(mailbox, self._folder(mailbox, folder))
+        return Response(204)
+
+    def _permanent_delete_folder(self, req: Request, ctx: _Ctx, user: str, folder: str) -> Response:
+        # contactfolder-permanentdelete.md (v1.0): the folder and its items leave the mailbox at once
+        # (not via Deleted Items); 204 No Content.
         mailbox = self._mailbox(user, ctx)
         self._remove_folder(mailbox, self._folder(mailbox, folder))
         return Response(204)
