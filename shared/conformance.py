@@ -54,7 +54,6 @@ DELTA_REMOVED_WAIT = 2.0
 REQUIRED_BC_FIELDS = tuple(dict.fromkeys((*CONTACT_FIELDS, *MAPPED_FIELDS)))
 _RETRY = {429, 503}
 _SAFE = {"GET", "PATCH", "DELETE"}
-_EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
 
 
 @dataclass
@@ -174,6 +173,10 @@ class _Api:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
 def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
@@ -264,10 +267,10 @@ class Conformance:
     def _token(self, assumption: str, scope: str, role: str) -> bool:
         try:
             token = self.tokens.token(scope)
-        except AuthError as exc:
+        except (AuthError, requests.RequestException, ValueError) as exc:
             return self._add(
                 assumption,
-                str(exc),
+                str(exc) if isinstance(exc, AuthError) else f"no token: {type(exc).__name__}: {exc}",
                 False,
                 "check SYNC_TENANT_ID, SYNC_CLIENT_ID and the secret; grant admin consent (docs/DEPLOY.md)",
             )
@@ -610,6 +613,8 @@ class Conformance:
                     step(company)
                 except StepFailed as exc:
                     self._add(name, exc.saw, False, exc.todo)
+                except AuthError as exc:  # a token refused halfway: this row differs, the next ones run
+                    self._add(name, str(exc), False, "check the app registration and its consent")
 
     def _bc_companies(self, company: str) -> None:
         got = self.bc.call("GET", f"{self.bc_root}/companies", headers={"Accept": "application/json"})
@@ -629,7 +634,7 @@ class Conformance:
             )
         self._add(
             BC_COMPANIES,
-            f"{len(companies)} companies; the configured one is '{names[company.lower()]}'",
+            f"{_count(len(companies), 'company', 'companies')}; the configured one is '{names[company.lower()]}'",
             True,
         )
 
@@ -644,12 +649,16 @@ class Conformance:
             root = ET.fromstring(got.text)
         except ET.ParseError:
             raise StepFailed(f"$metadata is not CSDL XML ({got.content_type or 'no content type'})") from None
-        contact = next((e for e in root.iter(f"{_EDM}EntityType") if e.get("Name") == "contact"), None)
+        # Matched by local name: the CSDL namespace is fixed by OData 4.0, but a prefix-free match
+        # also reads a 4.01 document or one served with another default namespace.
+        contact = next(
+            (e for e in root.iter() if _local(e.tag) == "EntityType" and e.get("Name") == "contact"), None
+        )
         if contact is None:
             raise StepFailed(
                 "$metadata has no EntityType 'contact'", "BC API v2.0 contacts need BC 18 or later"
             )
-        present = {p.get("Name") for p in contact.iter(f"{_EDM}Property")}
+        present = {p.get("Name") for p in contact if _local(p.tag) == "Property"}
         missing = [f for f in REQUIRED_BC_FIELDS if f not in present]
         if missing:
             raise StepFailed(
