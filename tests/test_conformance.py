@@ -151,3 +151,13 @@ def test_a_wrong_secret_creates_nothing_and_names_the_settings(tenant: Cloud, mo
     assert "SYNC_CLIENT_ID" in token_row["todo"]
     assert all(f["verdict"] == "differs" for f in found.values())
     assert tenant.graph.counters.http_total == 0 and tenant.bc.counters.http_total == 0
+
+
+def test_a_missing_setting_is_named_and_nothing_is_sent(tenant: Cloud, monkeypatch, capsys):
+    monkeypatch.delenv("BC_COMPANY_ID")
+
+    code, out = conformance()
+
+    assert code == 2 and out == ""
+    assert "BC_COMPANY_ID" in capsys.readouterr().err
+    assert tenant.graph.counters.http_total == 0 and tenant.bc.counters.http_total == 0
