@@ -643,7 +643,10 @@ class Conformance:
         if got.status != 200:
             raise StepFailed(
                 f"GET $metadata answered {got.error()}",
-                "the sync cannot confirm which contact fields this BC version has; report the answer",
+                "this environment does not serve …/api/v2.0/$metadata: check BC_ENVIRONMENT and "
+                "BC_API_BASE_URL"
+                if got.status == 404
+                else "the sync cannot confirm which contact fields this BC version has; report the answer",
             )
         try:
             root = ET.fromstring(got.text)
@@ -707,8 +710,10 @@ class Conformance:
         if got.status != 200:
             raise StepFailed(
                 f"GET countriesRegions answered {got.error()}",
-                "the sync checks Outlook country names against this list; grant read access to "
-                "countries/regions (permission sets) or report the answer",
+                "countriesRegions is part of API v2.0 (BC 17+): check BC_ENVIRONMENT and the BC version"
+                if got.status == 404
+                else "the sync checks Outlook country names against this list: give the app's permission "
+                "sets read access to Countries/Regions",
             )
         codes = [c.get("code") for c in got.body.get("value", []) if isinstance(c, dict) and c.get("code")]
         if not codes:
