@@ -511,12 +511,6 @@ class GraphService(Service):
             ("GET", folder, self._get_folder, "folders.get"),
             ("PATCH", folder, self._update_folder, "folders.update"),
             ("DELETE", folder, self._delete_folder, "folders.delete"),
-            (
-                "POST",
-                folder + r"/(?i:(?:microsoft\.graph\.)?permanentDelete)",
-                self._permanent_delete_folder,
-                "folders.delete",
-            ),
             ("GET", folder + delta, self._delta, "contacts.delta"),
             ("GET", folder + r"/(?i:contacts)", self._list_contacts, "contacts.list"),
             ("POST", folder + r"/(?i:contacts)", self._create_contact, "contacts.create"),
@@ -946,13 +940,6 @@ class GraphService(Service):
         )
 
     def _delete_folder(self, req: Request, ctx: _Ctx, user: str, folder: str) -> Response:
-        mailbox = self._mailbox(user, ctx)
-        self._remove_folder(mailbox, self._folder(mailbox, folder))
-        return Response(204)
-
-    def _permanent_delete_folder(self, req: Request, ctx: _Ctx, user: str, folder: str) -> Response:
-        # contactfolder-permanentdelete.md (v1.0): the folder and its items leave the mailbox at once
-        # (not via Deleted Items); 204 No Content.
         mailbox = self._mailbox(user, ctx)
         self._remove_folder(mailbox, self._folder(mailbox, folder))
         return Response(204)

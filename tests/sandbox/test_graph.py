@@ -766,26 +766,6 @@ def test_counters_record_calls_and_operations_per_mailbox(client: GraphClient, g
 
 
 # --------------------------------------------------------------------------- conformance switches
-def test_permanent_delete_removes_a_folder_and_its_contacts_from_the_mailbox(
-    client: GraphClient, graph: GraphService
-):
-    """Permanently delete a contact folder (v1.0): `POST /users/{id}/contactFolders/{id}/permanentDelete`
-    answers 204 and the folder with its items leaves the mailbox, without a stop in Deleted Items.
-    Source: "contactFolder: permanentDelete", https://learn.microsoft.com/graph/api/contactfolder-permanentdelete?view=graph-rest-1.0
-    """
-    fid = make_folder(client, "Scratch")
-    contact = make_contact(client, fid, displayName="Ann Lee")
-
-    assert client.post(f"/users/{ALICE}/contactFolders/{fid}/permanentDelete").status_code == 204
-    assert client.get(f"/users/{ALICE}/contactFolders/{fid}").status_code == 404
-    assert client.get(f"/users/{ALICE}/contacts/{contact['id']}").status_code == 404
-    assert graph.folders(ALICE) == []
-    reader = client.with_token("tok-read")
-    again = make_folder(client, "Scratch")
-    refused = reader.post(f"/users/{ALICE}/contactFolders/{again}/permanentDelete")
-    assert refused.status_code == 403  # a write: Contacts.ReadWrite, as for DELETE
-
-
 def test_immutable_id_preference_is_honoured_unless_the_tenant_switch_turns_it_off(
     client: GraphClient, graph: GraphService
 ):
