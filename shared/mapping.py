@@ -7,15 +7,17 @@ that the sync can hash "what we last agreed on" and tell a real change from nois
 Facts the mapping relies on, with where they come from:
 
 - BC stores one email and one phone; Graph has at most 3 `emailAddresses` and 2 `businessPhones`
-  (observed server limits, microsoft-graph-docs-contrib issue #560; research/graph_api.md §1). BC's
-  value always takes the first slot and the user's other Outlook values are kept behind it (see
+  (observed server limits, not documented:
+  https://github.com/microsoftgraph/microsoft-graph-docs-contrib/issues/560; docs/API_NOTES.md §1).
+  BC's value always takes the first slot and the user's other Outlook values are kept behind it (see
   `bc_to_outlook` for a blank BC value).
 - Graph regenerates `displayName` when other name properties change unless it is sent too
   (api-reference/v1.0/resources/contact.md), so every body carries it.
 - A PATCH of a structured address must send the whole `physicalAddress` (api/contact-update.md),
   so `businessAddress` is always complete. Every contact property but `id` is nullable in the v1.0
-  CSDL (research/graph_contact_schema.json), so a blank BC value is sent as null to clear the
-  Outlook string (not verified against a live tenant); list properties are cleared with [].
+  CSDL (https://github.com/microsoftgraph/msgraph-metadata, `clean_v10_metadata/cleanMetadata.xml`;
+  docs/API_NOTES.md §2), so a blank BC value is sent as null to clear the Outlook string (not
+  verified against a live tenant); list properties are cleared with [].
 - BC field lengths come from table 5050 Contact (StefanMaron/MSDyn365BC.Code.History,
   `BaseApp/Source/Base Application/CRM/Contact/Contact.Table.al`): Name Text[100], E-Mail Text[80],
   Phone No./Mobile Phone No. Text[30], Address Text[100], Address 2 Text[50], City Text[30],
