@@ -1,4 +1,4 @@
-"""Field mapping between a BC API v2.0 contact and a Microsoft Graph v1.0 contact (SPEC §4.6).
+"""Field mapping between a BC API v2.0 contact and a Microsoft Graph v1.0 contact (BEHAVIOUR §4.6).
 
 This is the one module that knows both JSON shapes. Besides the two write bodies it defines a
 *view*: the mapped fields of either side in one common shape (BC field names, normalized text), so
@@ -45,7 +45,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-# The named property that tags an Outlook contact with the BC contact id (SPEC §4.1). The GUID is
+# The named property that tags an Outlook contact with the BC contact id (BEHAVIOUR §4.1). The GUID is
 # this application's property-set namespace, generated once for this project; it must never change,
 # or contacts tagged by earlier runs can no longer be found. Format per Graph
 # resources/extended-properties-overview.md: "String {GUID} Name <name>" (the name is case-sensitive).
@@ -71,7 +71,7 @@ BC_LIMITS: dict[str, int] = {
 MAX_EMAIL_ADDRESSES = 3
 MAX_BUSINESS_PHONES = 2
 
-# The BC fields the mapping carries, in the order of SPEC §4.6; also the keys of a view.
+# The BC fields the mapping carries, in the order of BEHAVIOUR §4.6; also the keys of a view.
 MAPPED_FIELDS = (
     "displayName",
     "email",
@@ -146,12 +146,12 @@ def bc_length(value: str) -> int:
 
 
 def normalize_email(value: Any) -> str:
-    """The matching key of an email address: trimmed and case-folded (SPEC §4.3)."""
+    """The matching key of an email address: trimmed and case-folded (BEHAVIOUR §4.3)."""
     return _text(value).casefold()
 
 
 def split_name(display_name: str) -> tuple[str, str]:
-    """(givenName, surname) from a display name: the last word is the surname (SPEC §4.6).
+    """(givenName, surname) from a display name: the last word is the surname (BEHAVIOUR §4.6).
 
     A single word is a given name only. Inner spacing of the given name is kept as written.
     """
@@ -257,7 +257,7 @@ def fingerprint(view: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
-# --- eligibility (SPEC §4.2) ----------------------------------------------------------------------
+# --- eligibility (BEHAVIOUR §4.2) ----------------------------------------------------------------------
 
 
 def bc_is_eligible(bc: Mapping[str, Any]) -> str | None:

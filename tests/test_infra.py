@@ -397,7 +397,7 @@ def test_checkov_skips_are_exactly_the_reviewed_ones(checkov_report):
 
 
 # ---------------------------------------------------------------------------------------------------
-# App settings (SPEC section 6) against shared/config.py
+# App settings (BEHAVIOUR §6) against shared/config.py
 # ---------------------------------------------------------------------------------------------------
 
 
