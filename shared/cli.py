@@ -6,7 +6,7 @@
     python -m shared validate --user alice@contoso.com
     python -m shared report RUN_ID
 
-Settings come from the environment (SPEC §6), as in Azure.
+Settings come from the environment (BEHAVIOUR §6), as in Azure.
 """
 
 from __future__ import annotations
