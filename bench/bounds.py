@@ -1,6 +1,6 @@
 """What a case needs at the very least, in requests and in time, under the latency model.
 
-The lower bound counts only what the APIs force on any correct sync (SPEC §3):
+The lower bound counts only what the APIs force on any correct sync (BEHAVIOUR §3):
 - Graph writes go 20 to a `$batch` call; a contacts delta round returns at most 200 items a page
   and always at least one page; a new contact's BC-id tag cannot be `$expand`ed on delta, so each
   unknown Outlook contact costs one batched GET; our own writes come back in the next delta round

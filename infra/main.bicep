@@ -34,7 +34,7 @@ param keyVaultPurgeProtection bool = true
 param tags object = {}
 
 // ---------------------------------------------------------------------------------------------------
-// Sign-in of the app (SPEC section 6)
+// Sign-in of the app (BEHAVIOUR §6)
 // ---------------------------------------------------------------------------------------------------
 
 @description('SYNC_TENANT_ID: tenant of the app registration (GUID or primary domain). Default: this subscription\'s tenant.')

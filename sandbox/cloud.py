@@ -1,6 +1,6 @@
 """The whole simulated cloud in one object: Entra ID, Business Central and Graph over HTTPS.
 
-Used by the tests and the demo. `env()` gives the app settings (SPEC §6) that point the product at
+Used by the tests and the demo. `env()` gives the app settings (BEHAVIOUR §6) that point the product at
 it, including `REQUESTS_CA_BUNDLE` so the product verifies the sandbox's certificate like any other.
 """
 

@@ -39,7 +39,7 @@ BATCH_MAX_REQUESTS = 20  # concepts/json-batching.md
 
 TokenValidator = Callable[[str, str], "dict | None"]
 
-# --- contact schema (research/graph_contact_schema.json, from msgraph-metadata cleanMetadata.xml) ----
+# --- contact schema: github.com/microsoftgraph/msgraph-metadata clean_v10_metadata/cleanMetadata.xml ---
 STRING_PROPS = (
     "assistantName",
     "birthday",
@@ -346,7 +346,8 @@ def _parse_prefer(values: str | None) -> dict[str, str]:
 
 def _ext_key(raw: Any) -> tuple[str, str]:
     """(matching key, id as returned). Type and GUID compare case-insensitively; the name does not
-    (research/graph_api.md §6, extended-properties-overview.md)."""
+    (https://learn.microsoft.com/en-us/graph/api/resources/extended-properties-overview;
+    docs/API_NOTES.md §5)."""
     match = _EXT_ID.match(raw) if isinstance(raw, str) else None
     if not match:
         raise GraphError(400, "ErrorInvalidProperty", MSG_EXT_ID)
@@ -1110,8 +1111,9 @@ class GraphService(Service):
         return Response(204)
 
     def _check_if_match(self, req: Request, contact: _Contact) -> None:
-        # If-Match is not documented for contacts (research/graph_api.md §7); Exchange reports a stale
-        # change key as ErrorIrresolvableConflict [observed], here with 412 as concepts/errors.md defines.
+        # If-Match is not documented for contacts (https://learn.microsoft.com/en-us/graph/api/contact-update,
+        # docs/API_NOTES.md §4); Exchange reports a stale change key as ErrorIrresolvableConflict
+        # [observed], here with 412 as concepts/errors.md defines.
         etag = req.headers.get("If-Match")
         if etag and etag.strip() != "*" and etag.strip() != f'W/"{contact.change_key}"':
             raise GraphError(

@@ -1,4 +1,4 @@
-"""The HTTP API of SPEC §7 and the queue/timer plumbing, shared by the thin function folders.
+"""The HTTP API of BEHAVIOUR §7 and the queue/timer plumbing, shared by the thin function folders.
 
 Power Automate's HTTP action gives up after 120 s but follows the asynchronous pattern by itself:
 a `202 Accepted` with `Location` and `Retry-After` makes it poll the location until it answers 200.

@@ -7,7 +7,7 @@
     python -m shared report RUN_ID
     python -m shared conformance --user alice@contoso.com [--json]
 
-Settings come from the environment (SPEC §6), as in Azure.
+Settings come from the environment (BEHAVIOUR §6), as in Azure.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""App settings (SPEC §6), read and validated once, with errors that name the setting.
+"""App settings (BEHAVIOUR §6), read and validated once, with errors that name the setting.
 
 Every setting the code reads is declared in `SETTINGS` below; the infrastructure tests check that
 Bicep sets exactly these, so adding a setting here without adding it to the deployment fails CI.

@@ -1,6 +1,6 @@
 """Applies a plan: BC writes first, then Outlook writes, each link recorded as soon as its write lands.
 
-Order matters for the guarantees of SPEC §4.5:
+Order matters for the guarantees of BEHAVIOUR §4.5:
 - A new Outlook contact goes to BC first; the BC id that comes back is then written onto the Outlook
   contact (the tag) and linked, so the pair is never left without a way to find each other again.
 - Links are stored after every batch, not at the end, so a crash loses at most one batch of links,
@@ -74,7 +74,7 @@ class Executor:
         self.checkpoint = checkpoint
         # Why the user's folder would not hold a BC record (eligibility, filter), or None. A contact
         # written to BC from Outlook may fall outside the user's filter; it leaves the folder in the
-        # same run, so the run's result is what the next run expects (SPEC §4.5 idempotence).
+        # same run, so the run's result is what the next run expects (BEHAVIOUR §4.5 idempotence).
         self.not_kept = not_kept
         self.remove_from_outlook = remove_from_outlook
         self.outcome = Outcome()

@@ -1,8 +1,8 @@
-"""Business Central filter expressions on BC contacts: the per-user filter of SPEC §5.
+"""Business Central filter expressions on BC contacts: the per-user filter of BEHAVIOUR §5.
 
 Users already know BC's filter pane, so the settings take the same text a salesperson would type
 there, e.g. ``{"companyName": "Contoso*|Fabrikam", "city": "<>Oslo"}``. This module supports the
-subset of BC's syntax that SPEC §5 promises, evaluates it against the BC API v2.0 contact JSON, and
+subset of BC's syntax that BEHAVIOUR §5 promises, evaluates it against the BC API v2.0 contact JSON, and
 refuses everything else with a ValidationError that names the field, so a filter is never silently
 read differently from how BC would read it.
 

@@ -19,7 +19,7 @@ from shared.mapping import BC_ID_PROPERTY_ID
 
 IMMUTABLE_IDS = 'IdType="ImmutableId"'
 BATCH_MAX = 20
-DELTA_PAGE_SIZE = 200  # the most Outlook returns per contacts delta page (graph_api.md §3)
+DELTA_PAGE_SIZE = 200  # the most Outlook returns per contacts delta page (docs/API_NOTES.md §3)
 LIST_PAGE_SIZE = 1000
 CONTACT_SELECT = (
     "id",

@@ -1,4 +1,4 @@
-"""Field mapping between a BC API v2.0 contact and a Microsoft Graph v1.0 contact (SPEC §4.6).
+"""Field mapping between a BC API v2.0 contact and a Microsoft Graph v1.0 contact (BEHAVIOUR §4.6).
 
 This is the one module that knows both JSON shapes. Besides the two write bodies it defines a
 *view*: the mapped fields of either side in one common shape (BC field names, normalized text), so
@@ -7,15 +7,17 @@ that the sync can hash "what we last agreed on" and tell a real change from nois
 Facts the mapping relies on, with where they come from:
 
 - BC stores one email and one phone; Graph has at most 3 `emailAddresses` and 2 `businessPhones`
-  (observed server limits, microsoft-graph-docs-contrib issue #560; research/graph_api.md §1). BC's
-  value always takes the first slot and the user's other Outlook values are kept behind it (see
+  (observed server limits, not documented:
+  https://github.com/microsoftgraph/microsoft-graph-docs-contrib/issues/560; docs/API_NOTES.md §1).
+  BC's value always takes the first slot and the user's other Outlook values are kept behind it (see
   `bc_to_outlook` for a blank BC value).
 - Graph regenerates `displayName` when other name properties change unless it is sent too
   (api-reference/v1.0/resources/contact.md), so every body carries it.
 - A PATCH of a structured address must send the whole `physicalAddress` (api/contact-update.md),
   so `businessAddress` is always complete. Every contact property but `id` is nullable in the v1.0
-  CSDL (research/graph_contact_schema.json), so a blank BC value is sent as null to clear the
-  Outlook string (not verified against a live tenant); list properties are cleared with [].
+  CSDL (https://github.com/microsoftgraph/msgraph-metadata, `clean_v10_metadata/cleanMetadata.xml`;
+  docs/API_NOTES.md §2), so a blank BC value is sent as null to clear the Outlook string (not
+  verified against a live tenant); list properties are cleared with [].
 - BC field lengths come from table 5050 Contact (StefanMaron/MSDyn365BC.Code.History,
   `BaseApp/Source/Base Application/CRM/Contact/Contact.Table.al`): Name Text[100], E-Mail Text[80],
   Phone No./Mobile Phone No. Text[30], Address Text[100], Address 2 Text[50], City Text[30],
@@ -43,7 +45,7 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-# The named property that tags an Outlook contact with the BC contact id (SPEC §4.1). The GUID is
+# The named property that tags an Outlook contact with the BC contact id (BEHAVIOUR §4.1). The GUID is
 # this application's property-set namespace, generated once for this project; it must never change,
 # or contacts tagged by earlier runs can no longer be found. Format per Graph
 # resources/extended-properties-overview.md: "String {GUID} Name <name>" (the name is case-sensitive).
@@ -69,7 +71,7 @@ BC_LIMITS: dict[str, int] = {
 MAX_EMAIL_ADDRESSES = 3
 MAX_BUSINESS_PHONES = 2
 
-# The BC fields the mapping carries, in the order of SPEC §4.6; also the keys of a view.
+# The BC fields the mapping carries, in the order of BEHAVIOUR §4.6; also the keys of a view.
 MAPPED_FIELDS = (
     "displayName",
     "email",
@@ -144,12 +146,12 @@ def bc_length(value: str) -> int:
 
 
 def normalize_email(value: Any) -> str:
-    """The matching key of an email address: trimmed and case-folded (SPEC §4.3)."""
+    """The matching key of an email address: trimmed and case-folded (BEHAVIOUR §4.3)."""
     return _text(value).casefold()
 
 
 def split_name(display_name: str) -> tuple[str, str]:
-    """(givenName, surname) from a display name: the last word is the surname (SPEC §4.6).
+    """(givenName, surname) from a display name: the last word is the surname (BEHAVIOUR §4.6).
 
     A single word is a given name only. Inner spacing of the given name is kept as written.
     """
@@ -255,7 +257,7 @@ def fingerprint(view: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
-# --- eligibility (SPEC §4.2) ----------------------------------------------------------------------
+# --- eligibility (BEHAVIOUR §4.2) ----------------------------------------------------------------------
 
 
 def bc_is_eligible(bc: Mapping[str, Any]) -> str | None:

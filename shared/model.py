@@ -80,7 +80,7 @@ def normalize_folder_name(value: Any) -> str:
 
 @dataclass(frozen=True)
 class UserSettings:
-    """One salesperson's sync setup (SPEC §5)."""
+    """One salesperson's sync setup (BEHAVIOUR §5)."""
 
     user: str
     enabled: bool = True
@@ -145,7 +145,7 @@ class UserSettings:
 
 @dataclass
 class Link:
-    """Ties one BC contact to one Outlook contact for one user (SPEC §4.1).
+    """Ties one BC contact to one Outlook contact for one user (BEHAVIOUR §4.1).
 
     The hashes are of the mapped view of each side as last written or seen, so a later run can tell
     "this side changed since we last agreed" from "nothing happened" without asking either API.
@@ -205,7 +205,7 @@ class ReportItem:
 
 @dataclass
 class RunReport:
-    """The run report of SPEC §7, built as the run goes and persisted at the end."""
+    """The run report of BEHAVIOUR §7, built as the run goes and persisted at the end."""
 
     user: str
     mode: str

@@ -6,7 +6,7 @@ addresses are preserved), fetches them, then calls `plan()`. The executor applie
 run reports it and stops. Keeping the decision pure is what makes dry runs honest and lets the
 tests explore it directly.
 
-Rules (SPEC §4): BC is the source of truth; a link ties one BC id to one Outlook id; every Outlook
+Rules (BEHAVIOUR §4): BC is the source of truth; a link ties one BC id to one Outlook id; every Outlook
 contact we write carries its BC id in an extended property ("tag"), so a lost link or a crash between
 a write and its link is healed by adopting the tagged contact instead of creating a second one.
 """
@@ -34,7 +34,7 @@ from shared.model import Link, ReportItem, UserSettings
 
 FULL = "full"
 INCREMENTAL = "incremental"
-SAFETY_MIN = 10  # the guard applies above this many removals (SPEC §4.5)
+SAFETY_MIN = 10  # the guard applies above this many removals (BEHAVIOUR §4.5)
 
 
 @dataclass
@@ -542,7 +542,7 @@ def _plan_email_match(
     claimed_bc: set[str],
     claimed_outlook: set[str],
 ) -> None:
-    """A new Outlook contact whose email BC already has: link to it, BC's data wins (SPEC §4.3)."""
+    """A new Outlook contact whose email BC already has: link to it, BC's data wins (BEHAVIOUR §4.3)."""
     email = outlook_email(o)
     free = [m for m in matches if m not in claimed_bc]
     eligible = [m for m in free if m in snap.bc and _bc_reason(snap.bc[m], flt) is None]

@@ -1,4 +1,4 @@
-"""Table Storage: per-user settings, links, watermarks, run reports and leases (SPEC §2, §4, §5, §7).
+"""Table Storage: per-user settings, links, watermarks, run reports and leases (BEHAVIOUR §2, §4, §5, §7).
 
 Everything the sync remembers between runs lives here, behind one class, so the rest of the code
 never sees an entity dict, a key-encoding rule or an Azure exception. The layout, chosen so every
@@ -6,7 +6,7 @@ hot read is a single-partition query:
 
 | table          | PartitionKey           | RowKey                          | holds                          |
 |----------------|------------------------|---------------------------------|--------------------------------|
-| {p}Settings    | user                   | ``settings``                    | SPEC §5 settings, one per user |
+| {p}Settings    | user                   | ``settings``                    | BEHAVIOUR §5 settings, one per user |
 | {p}Links       | user                   | BC contact id                   | outlookId, both hashes, email  |
 | {p}State       | user                   | ``state``                       | watermarks, delta link, folder |
 | {p}Runs        | ``run_`` + runId       | ``head``, ``chunk_{gen}_{n}``   | report, zlib-compressed chunks |
@@ -343,7 +343,7 @@ class Store:
                     return None
                 raise
 
-    # --- settings (SPEC §5) ---------------------------------------------------------------------
+    # --- settings (BEHAVIOUR §5) ---------------------------------------------------------------------
 
     def get_settings(self, user: str) -> UserSettings | None:
         entity = self._get_entity("Settings", encode_key(user), _SETTINGS_RK, f"read settings of {user}")
@@ -370,7 +370,7 @@ class Store:
 
         Settings go first (that is what stops the timer from scheduling the user), then watermarks
         and links. Nothing a person made is lost: the Outlook contacts and BC contacts stay, every
-        Outlook contact the sync made carries its BC id (SPEC §4.1) so a later setup re-adopts it
+        Outlook contact the sync made carries its BC id (BEHAVIOUR §4.1) so a later setup re-adopts it
         instead of duplicating it, and the run reports are kept as the audit trail. The lease is left
         to expire, so a run in progress is not joined by a second one. Idempotent: calling it again
         finishes a clean-up that was interrupted.
@@ -405,7 +405,7 @@ class Store:
                     problems.append((decode_key(entity["PartitionKey"]), str(err)))
         return valid, problems
 
-    # --- links (SPEC §4.1) ----------------------------------------------------------------------
+    # --- links (BEHAVIOUR §4.1) ----------------------------------------------------------------------
 
     def get_links(self, user: str) -> dict[str, Link]:
         """All links of a user by BC id: one partition query, paged 1,000 at a time, only the link
@@ -489,7 +489,7 @@ class Store:
             ):
                 yield decode_key(e["RowKey"])
 
-    # --- state / watermarks (SPEC §4.3 step 4) --------------------------------------------------
+    # --- state / watermarks (BEHAVIOUR §4.3 step 4) --------------------------------------------------
 
     def get_state(self, user: str) -> UserState:
         """The stored state, or a fresh one (etag None) for a user who never ran."""
@@ -533,7 +533,7 @@ class Store:
                 raise
         return replace(state, etag=meta["etag"])
 
-    # --- run reports (SPEC §7) ------------------------------------------------------------------
+    # --- run reports (BEHAVIOUR §7) ------------------------------------------------------------------
 
     def save_report(self, report: RunReport) -> None:
         """Stores (or re-stores) a report of any size; called at the start of a run and at the end.
@@ -666,7 +666,7 @@ class Store:
         micros = (started - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
         return f"{_INVERTED_BASE - micros:017d}_{encode_key(report.runId)}"
 
-    # --- leases (SPEC §4.5: one run per user at a time) -----------------------------------------
+    # --- leases (BEHAVIOUR §4.5: one run per user at a time) -----------------------------------------
 
     def current_lease(self, user: str) -> Lease | None:
         """Who is running this user's sync now, or None when nobody holds an unexpired lease."""

@@ -1,4 +1,4 @@
-"""One user's run (SPEC §4): lease → read both sides → plan → apply → advance watermarks → report.
+"""One user's run (BEHAVIOUR §4): lease → read both sides → plan → apply → advance watermarks → report.
 
 Business Central is read once per company and shared by the users of that company (`BcReader`),
 because BC's request budget is per service principal (6,000 / 5 min) while Graph's is per mailbox.
@@ -475,7 +475,7 @@ def _run(
         state = store.save_state(state)
     outcome = executor.apply(result)
 
-    # Watermarks advance only past what was written (SPEC §4.3.4) ----------------------------
+    # Watermarks advance only past what was written (BEHAVIOUR §4.3.4) ----------------------------
     checkpoint("before_watermark")
     newest = max((c.get("lastModifiedDateTime") or "" for c in read.contacts.values()), default="")
     watermark = state.bc_watermark
@@ -566,7 +566,7 @@ def _safety_item(message: str) -> ReportItem:
 def _ensure_folder(
     graph: GraphClient, settings: UserSettings, state: UserState, report: RunReport, dry: bool
 ) -> str | None:
-    """The id of the user's sync folder, renaming or creating it as the settings say (SPEC §5)."""
+    """The id of the user's sync folder, renaming or creating it as the settings say (BEHAVIOUR §5)."""
     name = settings.folder_name
     if state.folder_id:
         if state.folder_name != name and not dry:

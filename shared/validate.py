@@ -1,4 +1,4 @@
-"""The connection check of SPEC §1.4 / §7: can this app sync this user, and if not, what to fix.
+"""The connection check of BEHAVIOUR §1.4 / §7: can this app sync this user, and if not, what to fix.
 
 Each check answers `ok` or an actionable message; later checks that depend on a failed one are
 reported as not run rather than failing with a confusing second error.

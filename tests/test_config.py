@@ -1,4 +1,4 @@
-"""App settings (SPEC §6): defaults, and a clear error naming the setting for anything wrong."""
+"""App settings (BEHAVIOUR §6): defaults, and a clear error naming the setting for anything wrong."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The per-user BC filter (SPEC §5): examples per syntax element, errors, and a property test that
+"""The per-user BC filter (BEHAVIOUR §5): examples per syntax element, errors, and a property test that
 the parser agrees with an independent reference evaluator built from a generated syntax tree."""
 
 from __future__ import annotations

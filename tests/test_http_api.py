@@ -1,4 +1,4 @@
-"""The HTTP API of SPEC §7 over real HTTP, through the local stand-in of the Functions host.
+"""The HTTP API of BEHAVIOUR §7 over real HTTP, through the local stand-in of the Functions host.
 
 What a Power Automate flow or an admin sees: status codes, JSON bodies, the 202 pattern's headers,
 settings round trips, the connection check's messages, and JSON errors for every bad request.

@@ -1,6 +1,6 @@
 """Checks of the Bicep deployment in infra/ (issue 5).
 
-There is no Bicep CLI on these machines (research/tooling.md section 3), so: syntax is checked with
+There is no Bicep CLI on these machines (docs/API_NOTES.md §6), so: syntax is checked with
 tree-sitter-bicep, policy with checkov, and the wiring between the Bicep and the code (app settings, their
 defaults, the queue and the tables) by evaluating the few Bicep expressions involved. The evaluator below
 understands only the shapes this repository uses; anything else fails with the file and line, so a
@@ -397,7 +397,7 @@ def test_checkov_skips_are_exactly_the_reviewed_ones(checkov_report):
 
 
 # ---------------------------------------------------------------------------------------------------
-# App settings (SPEC section 6) against shared/config.py
+# App settings (BEHAVIOUR §6) against shared/config.py
 # ---------------------------------------------------------------------------------------------------
 
 

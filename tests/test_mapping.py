@@ -1,4 +1,4 @@
-"""Field mapping BC ⇄ Outlook (SPEC §4.6): round trips, preserved Outlook extras, Graph list limits,
+"""Field mapping BC ⇄ Outlook (BEHAVIOUR §4.6): round trips, preserved Outlook extras, Graph list limits,
 BC's length and validation rules, name derivation, eligibility and the change fingerprint."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The guarantees of SPEC §4.5 and the sync semantics of §4.3 to §4.4, each as a scenario."""
+"""The guarantees of BEHAVIOUR §4.5 and the sync semantics of §4.3 to §4.4, each as a scenario."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_bc_deletion_and_filter_change_remove_from_outlook(world):
     assert report.counts["outlookDeleted"] == 2
     assert len(world.outlook()) == 4
 
-    # Narrowing the filter removes what falls outside it (SPEC §4.3.3) ...
+    # Narrowing the filter removes what falls outside it (BEHAVIOUR §4.3.3) ...
     world.cloud.bc.edit_contact(world.company, people[2]["id"], city="Bergen")
     world.user(filter={"city": "Oslo"})
     report = world.sync()

@@ -1,4 +1,4 @@
-"""One scenario per promise of the user guide (SPEC §1), through the engine against the sandbox.
+"""One scenario per promise of the user guide (BEHAVIOUR §1), through the engine against the sandbox.
 
 Each test looks where a user would: the contacts in the Outlook folder, the contacts in BC, the
 run report.

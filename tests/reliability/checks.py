@@ -1,4 +1,4 @@
-"""The end state SPEC §4.5 promises, checked from what a user sees in BC and in the Outlook folder."""
+"""The end state BEHAVIOUR §4.5 promises, checked from what a user sees in BC and in the Outlook folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One run per user at a time (SPEC §4.5; issue 6, item 3), across every way a run starts.
+"""One run per user at a time (BEHAVIOUR §4.5; issue 6, item 3), across every way a run starts.
 
 Overlap is made certain with events, not sleeps: a run is held inside the simulated Graph (the
 `WireTap` below blocks its first write batch) until the competing start has been answered.

@@ -1,4 +1,4 @@
-"""SPEC §4.5 as a stateful property test: random edits on both sides, random faults and crashes,
+"""BEHAVIOUR §4.5 as a stateful property test: random edits on both sides, random faults and crashes,
 interleaved with incremental and full runs, against the simulated cloud.
 
 The expectation is derived from Business Central itself (it is the source of truth), so the model
@@ -493,7 +493,7 @@ class SyncMachine(RuleBasedStateMachine):
         assert outside == self.outside, "the sync touched a contact outside its folder"
 
     def check_converged(self) -> None:
-        """After a run without injected faults that succeeded: SPEC §4.5 in full."""
+        """After a run without injected faults that succeeded: BEHAVIOUR §4.5 in full."""
         state = self.store.get_state(self.user)
         folders = self.cloud.graph.folders(self.user)
         named = [f for f in folders if f["displayName"].lower() == self.settings.folder_name.lower()]

@@ -33,7 +33,7 @@ def test_cleaning_up_a_duplicate_keeps_the_link_of_the_contact_that_stays(world)
 def test_new_outlook_contact_outside_the_filter_goes_to_bc_and_leaves_the_folder_in_the_same_run(world):
     """A contact the user adds to the folder is created in BC even when it does not match the user's
     filter; it then left the folder only on the *next* run, so a run right after a successful run
-    wrote something (SPEC §4.5 idempotence). Now the same run removes it and says why."""
+    wrote something (BEHAVIOUR §4.5 idempotence). Now the same run removes it and says why."""
     world.user(filter={"city": "Oslo"})
     world.sync(mode="full")
     world.cloud.graph.user_create_contact(

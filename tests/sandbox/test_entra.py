@@ -25,7 +25,7 @@ def claims_of(token: str) -> dict[str, Any]:
 def msal_app(
     entra: EntraService, secret: str = CLIENT_SECRET, tenant: str = TENANT_ID, client_id: str = CLIENT_ID
 ):
-    # Exactly how the product builds its client (SPEC §6: instance discovery off for the sandbox host).
+    # Exactly how the product builds its client (BEHAVIOUR §6: instance discovery off for the sandbox host).
     return msal.ConfidentialClientApplication(
         client_id, authority=f"{entra.base_url}/{tenant}", client_credential=secret, instance_discovery=False
     )
