@@ -50,7 +50,7 @@ DELTA_PAGE = 1
 # again a few times before the check says @removed never came.
 DELTA_REMOVED_ATTEMPTS = 5
 DELTA_REMOVED_WAIT = 2.0
-# The BC contact fields the engine reads ($select) and maps (SPEC §4.6): all must exist in $metadata.
+# The BC contact fields the engine reads ($select) and maps (BEHAVIOUR §4.6): all must exist in $metadata.
 REQUIRED_BC_FIELDS = tuple(dict.fromkeys((*CONTACT_FIELDS, *MAPPED_FIELDS)))
 _RETRY = {429, 503}
 _SAFE = {"GET", "PATCH", "DELETE"}
