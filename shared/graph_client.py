@@ -105,7 +105,17 @@ class GraphClient:
     def find_folder(self, user: str, name: str) -> dict[str, Any] | None:
         """The folder under Contacts with this name. Exchange compares folder names without regard to
         case ("business central" is the folder "Business Central"), so this does too."""
-        return find_by_name(self.list_folders(user), name)
+        return find_by_name(self.folders_named(user, name), name)
+
+    def folders_named(self, user: str, name: str) -> list[dict[str, Any]]:
+        """The folders under Contacts that `$filter=displayName eq` matches (Exchange: any case)."""
+        escaped = name.replace("'", "''")
+        resp = self.http.request(
+            "GET",
+            self._url(f"{self.user_path(user)}/contactFolders"),
+            params={"$filter": f"displayName eq '{escaped}'"},
+        )
+        return list(resp.body.get("value", []))
 
     def list_folders(self, user: str) -> list[dict[str, Any]]:
         """The folders directly under the default Contacts folder. A folder the user deleted is in
@@ -133,7 +143,8 @@ class GraphClient:
         except ApiError as exc:
             if exc.status != 409:
                 raise
-            found = self.find_folder(user, name)
+            # By name, then by reading them all, in case a tenant's `eq` ever compared case-sensitively.
+            found = self.find_folder(user, name) or find_by_name(self.list_folders(user), name)
             if found is None:
                 raise
             return found
@@ -236,13 +247,18 @@ class GraphClient:
         return out
 
     def get_contacts(self, user: str, folder_id: str, ids: list[str]) -> tuple[dict[str, dict], set[str]]:
-        """Full contacts (with their BC-id tag) by id; returns (found by id, ids that no longer exist)."""
+        """Full contacts (with their BC-id tag) by id; returns (found by id, ids no longer in the folder)."""
         query = f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}"
         items = [self.contact_op(user, folder_id, "GET", i, query=query) for i in ids]
         found: dict[str, dict] = {}
         missing: set[str] = set()
         for cid, res in zip(ids, self._batch(items), strict=True):
             if res.ok and isinstance(res.body, dict):
+                if res.body.get("parentFolderId") not in (None, folder_id):
+                    # Ids are mailbox-wide, so a contact GET through our folder's path also answers
+                    # for one elsewhere, e.g. in a deleted folder now in Deleted Items: not ours.
+                    missing.add(cid)
+                    continue
                 found[cid] = res.body
             elif res.status == 404:
                 missing.add(cid)

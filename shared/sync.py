@@ -29,7 +29,6 @@ from shared.graph_client import (
     DeltaPage,
     FolderGone,
     GraphClient,
-    find_by_name,
     is_partial,
     tag_of,
 )
@@ -621,14 +620,15 @@ def _ensure_folder(
 ) -> str | None:
     """The id of the user's sync folder, renaming or creating it as the settings say (SPEC §5).
 
-    The folder must be directly under Contacts. One listing of those folders per run tells whether
-    ours still is: a folder the user deleted moves to Deleted Items, keeps its id and still answers
-    GET and delta, so only its absence from this listing shows it is gone. Names are matched without
+    The folder must be directly under Contacts. A listing of those folders each run tells whether ours
+    still is: a folder the user deleted moves to Deleted Items, keeps its id and still answers GET and
+    delta, so only its absence from the listing shows it is gone. Names are matched without
     regard to case, as Exchange does, so an existing "business central" is used, never duplicated.
     """
     name = settings.folder_name
-    folders = graph.list_folders(settings.user)
-    if state.folder_id and not any(f.get("id") == state.folder_id for f in folders):
+    if state.folder_id and not _under_contacts(
+        graph, settings.user, state.folder_id, state.folder_name or name
+    ):
         log.info("the sync folder is no longer under Contacts (deleted in Outlook); using a new one")
         state.folder_id = None
     if state.folder_id:
@@ -645,12 +645,20 @@ def _ensure_folder(
                     ) from None
                 raise
         return state.folder_id
-    found = find_by_name(folders, name)
+    found = graph.find_folder(settings.user, name)
     if found:
         return found["id"]
     if dry:
         return None
     return graph.create_folder(settings.user, name)["id"]
+
+
+def _under_contacts(graph: GraphClient, user: str, folder_id: str, name: str) -> bool:
+    """Is our folder still directly under Contacts? One request when it still has its name (the
+    listing by name); a second, of all folders under Contacts, when the user renamed it or deleted it."""
+    if any(f.get("id") == folder_id for f in graph.folders_named(user, name)):
+        return True
+    return any(f.get("id") == folder_id for f in graph.list_folders(user))
 
 
 def run_users(
