@@ -23,9 +23,17 @@ from shared.bc_client import BcClient
 from shared.config import Config
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
-from shared.graph_client import IMMUTABLE_IDS, DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
+from shared.graph_client import (
+    IMMUTABLE_IDS,
+    DeltaExpired,
+    DeltaPage,
+    FolderGone,
+    GraphClient,
+    is_partial,
+    tag_of,
+)
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
-from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
+from shared.mapping import bc_is_eligible, bc_view, fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store, pooled_transport
@@ -386,7 +394,18 @@ def _run(
     dry = report.dryRun
 
     # Outlook folder --------------------------------------------------------------------------
+    previous_folder = state.folder_id
     folder_id = _ensure_folder(graph, settings, state, report, dry)
+    if previous_folder and folder_id != previous_folder:
+        # The user deleted the folder (it sits in Deleted Items, still readable, but is no longer
+        # under Contacts): never write there; fill a folder under Contacts from scratch.
+        mode = FULL
+        report.message = (
+            "the Outlook folder had been deleted (moved to Deleted Items): a new folder was created under "
+            "Contacts and fully synced"
+            if folder_id
+            else "the Outlook folder had been deleted (moved to Deleted Items): a dry run creates no new one"
+        )
     delta = DeltaPage()
     if folder_id:
         try:
@@ -409,6 +428,8 @@ def _run(
         since = iso(parse_iso(state.bc_watermark) - OVERLAP)
     read = reader.read(bc, company_id, since)
     links = store.get_links(settings.user)
+    if folder_id:
+        delta = _read_partial(graph, settings, folder_id, delta, links, read.contacts)
     snap = Snapshot(
         mode=mode,
         bc=dict(read.contacts),
@@ -416,6 +437,7 @@ def _run(
         outlook={c["id"]: c for c in delta.changed},
         outlook_removed=set(delta.removed),
         links=links,
+        tags=dict(delta.tags),
         outlook_complete=mode == FULL,
     )
     _complete(snap, settings, flt, bc, graph, company_id, folder_id)
@@ -505,6 +527,35 @@ def _run(
 _CREATES = ("create_outlook", "recreate_outlook")
 
 
+def _read_partial(
+    graph: GraphClient,
+    settings: UserSettings,
+    folder_id: str,
+    delta: DeltaPage,
+    links: dict[str, Any],
+    bc_changed: dict[str, dict[str, Any]],
+) -> DeltaPage:
+    """Read whole the updated contacts that delta gave as their id and changed properties only.
+
+    Never taken as the whole contact (that would blank BC fields and lose Outlook-only values such as
+    a second email). One exception needs no read: a synced contact edited in Outlook while its BC
+    record is unchanged (its view still hashes as the link says) and Outlook edits are not pulled: the
+    plan ignores such an edit, so the item is left out unread.
+    """
+    if not settings.pull_edits_from_outlook:
+        by_outlook = {link.outlook_id: bc_id for bc_id, link in links.items()}
+
+        def ignored(c: dict[str, Any]) -> bool:
+            bc_id = by_outlook.get(c["id"])
+            if bc_id is None or not links[bc_id].outlook_hash:
+                return False
+            bc = bc_changed.get(bc_id)  # also BC records re-read only for the overlap window
+            return bc is None or fingerprint(bc_view(bc)) == links[bc_id].bc_hash
+
+        delta.changed = [c for c in delta.changed if not (is_partial(c) and ignored(c))]
+    return graph.fill_partial(settings.user, folder_id, delta)
+
+
 def _complete(
     snap: Snapshot,
     settings: UserSettings,
@@ -549,7 +600,8 @@ def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outc
     if not outcome.written and not outcome.deleted:
         return delta_link
     try:
-        after = graph.delta(user, folder_id, delta_link)
+        # Our own updates come back partial (id + what we changed): read those whole to compare.
+        after = graph.fill_partial(user, folder_id, graph.delta(user, folder_id, delta_link))
     except (DeltaExpired, FolderGone, ApiError) as exc:
         log.info("could not settle the delta link (%s); keeping the start link", exc)
         return delta_link
@@ -566,8 +618,19 @@ def _safety_item(message: str) -> ReportItem:
 def _ensure_folder(
     graph: GraphClient, settings: UserSettings, state: UserState, report: RunReport, dry: bool
 ) -> str | None:
-    """The id of the user's sync folder, renaming or creating it as the settings say (BEHAVIOUR §5)."""
+    """The id of the user's sync folder, renaming or creating it as the settings say (BEHAVIOUR §5).
+
+    The folder must be directly under Contacts. A listing of those folders each run tells whether ours
+    still is: a folder the user deleted moves to Deleted Items, keeps its id and still answers GET and
+    delta, so only its absence from the listing shows it is gone. Names are matched without
+    regard to case, as Exchange does, so an existing "business central" is used, never duplicated.
+    """
     name = settings.folder_name
+    if state.folder_id and not _under_contacts(
+        graph, settings.user, state.folder_id, state.folder_name or name
+    ):
+        log.info("the sync folder is no longer under Contacts (deleted in Outlook); using a new one")
+        state.folder_id = None
     if state.folder_id:
         if state.folder_name != name and not dry:
             try:
@@ -588,6 +651,14 @@ def _ensure_folder(
     if dry:
         return None
     return graph.create_folder(settings.user, name)["id"]
+
+
+def _under_contacts(graph: GraphClient, user: str, folder_id: str, name: str) -> bool:
+    """Is our folder still directly under Contacts? One request when it still has its name (the
+    listing by name); a second, of all folders under Contacts, when the user renamed it or deleted it."""
+    if any(f.get("id") == folder_id for f in graph.folders_named(user, name)):
+        return True
+    return any(f.get("id") == folder_id for f in graph.list_folders(user))
 
 
 def run_users(
