@@ -163,6 +163,10 @@ class GraphClient:
                 url = next_link
                 continue
             out.delta_link = resp.body.get("@odata.deltaLink", "")
+            if out.delta_link:
+                # Stored, then called with a token on the next run: refuse a foreign one now, before
+                # it reaches Table Storage (a nextLink is refused by the request that would follow it).
+                self.http.check_target(out.delta_link)
             break
         out.changed = list(seen.values())
         out.removed = list(removed)
