@@ -34,7 +34,7 @@ from shared.graph_client import (
 )
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
 from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
-from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
+from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, redact, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store, pooled_transport
 
@@ -297,7 +297,7 @@ def run_user(
     except Exception as exc:  # one failing user must never stop the others
         report.status = "failed"
         report.message = _describe(exc)
-        log.warning("contact sync run failed: %s", report.message)
+        log.warning("contact sync run failed: %s", redact(report.message, settings.user))
     finally:
         for service in ("bc", "graph"):
             report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
@@ -597,7 +597,7 @@ def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outc
     try:
         after = graph.delta(user, folder_id, delta_link)
     except (DeltaExpired, FolderGone, ApiError) as exc:
-        log.info("could not settle the delta link (%s); keeping the start link", exc)
+        log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
     own = all(outcome.written.get(c["id"]) == fingerprint(outlook_view(c)) for c in after.changed) and all(
         oid in outcome.deleted for oid in after.removed

@@ -250,7 +250,10 @@ def test_a_stored_delta_link_to_a_foreign_host_is_not_used(client, world):
 # Item 11: no mailbox address in logs ------------------------------------------------------------
 def test_a_sync_logged_at_info_names_no_mailbox(client, world, caplog):
     """With the root logger at INFO, as a Functions host or an operator's terminal has it, every
-    record of a sync (Azure SDK included) identifies the user only by userHash, never by address."""
+    record of a sync (Azure SDK included, a failed run's warning too) identifies the user only by
+    userHash, never by address. The Azure SDK's HttpLoggingPolicy logs each request URL at INFO
+    ("Configure logging in the Azure libraries for Python", https://learn.microsoft.com/azure/
+    developer/python/sdk/azure-sdk-logging), and Table Storage URLs hold the mailbox address."""
     for name in ("azure", "azure.core.pipeline.policies.http_logging_policy"):
         logging.getLogger(name).setLevel(logging.NOTSET)  # a fresh process: nobody set them yet
     api.reset_services()  # the app configures its logging as it builds its services
@@ -260,6 +263,8 @@ def test_a_sync_logged_at_info_names_no_mailbox(client, world, caplog):
     new_user = sync(client, mode="full")
     new_outlook_contacts(world, 1)
     assert new_user["status"] == "succeeded" and sync(client)["status"] == "succeeded"
+    world.cloud.graph.remove_mailbox(ALICE)  # a failing run logs its error, which names a Graph path
+    assert sync(client)["status"] == "failed"
 
     texts = [r.getMessage() + repr(r.__dict__) for r in caplog.records]
     assert texts, "the sync logged nothing at INFO"
