@@ -28,13 +28,14 @@ from shared.graph_client import (
     DeltaExpired,
     DeltaPage,
     FolderGone,
+    ForeignDeltaLink,
     GraphClient,
     is_partial,
     tag_of,
 )
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
 from shared.mapping import bc_is_eligible, bc_view, fingerprint, normalize_email, outlook_view
-from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
+from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, redact, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store, pooled_transport
 
@@ -45,6 +46,10 @@ LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
 # for the validation endpoint and the Outlook clients of the same app.
 GRAPH_MAILBOX_BUDGET = 9_500
 GRAPH_WINDOW_SECONDS = 600.0
+# Read timeouts (seconds): BC's queue limit is 8 minutes and its request limit 10 minutes
+# (operational-limits-online, dynamics-current-limits), so 630 s = 10 min + 30 s of margin; Graph 120 s.
+BC_READ_TIMEOUT = 630.0
+GRAPH_READ_TIMEOUT = 120.0
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
 MODES = (INCREMENTAL, FULL)
 
@@ -129,6 +134,19 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
     return CompanyRead(read.read_at, since, contacts, read.index)
 
 
+# The Azure SDK's HTTP logging policy writes every request URL at INFO, and a Table Storage URL holds
+# the partition key, which is the mailbox address. At WARNING only `userHash` identifies a user.
+SDK_LOGGERS = ("azure", "azure.core.pipeline.policies.http_logging_policy")
+
+
+def quiet_sdk_loggers() -> None:
+    """Keep the Azure SDK's loggers at WARNING or above, whatever the root logger's level."""
+    for name in SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 @dataclass
 class Services:
     """Everything a run needs, built once per process and shared by its runs."""
@@ -142,6 +160,9 @@ class Services:
 
     @classmethod
     def from_config(cls, config: Config) -> Services:
+        """The app's services; every entry point (functions, CLI) builds them here, so this is also
+        where the SDK loggers are kept quiet."""
+        quiet_sdk_loggers()
         return cls(config=config, store=store_from_config(config), tokens=token_provider(config))
 
     def _http(self, service: str, scope: str, counter: RequestCounter, **extra: Any) -> HttpClient:
@@ -156,13 +177,22 @@ class Services:
         )
 
     def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
-        bc_http = self._http("bc", BC_SCOPE, counter)
+        # Each client talks only to its configured base: a nextLink or deltaLink elsewhere is
+        # refused before a token is fetched. BC queues a principal's requests beyond 5 at once for
+        # up to 8 minutes (then 503) and aborts a request after 10 minutes (504): its read timeout
+        # outlasts both, so BC's own answer arrives instead of our timeout turning a queued write
+        # into an ambiguous one. Graph does not queue; 120 s is ample for a batch of 20.
+        bc_http = self._http(
+            "bc", BC_SCOPE, counter, base_url=self.config.bc_base_url, timeout=(10.0, BC_READ_TIMEOUT)
+        )
         graph_http = self._http(
             "graph",
             GRAPH_SCOPE,
             counter,
             default_headers={"Prefer": IMMUTABLE_IDS},
             pacer=WindowPacer(GRAPH_MAILBOX_BUDGET, GRAPH_WINDOW_SECONDS, sleep=self.sleep),
+            base_url=self.config.graph_base_url,
+            timeout=(10.0, GRAPH_READ_TIMEOUT),
         )
         bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
         graph = GraphClient(graph_http, self.config.graph_base_url)
@@ -268,7 +298,7 @@ def run_user(
     except Exception as exc:  # one failing user must never stop the others
         report.status = "failed"
         report.message = _describe(exc)
-        log.warning("contact sync run failed: %s", report.message)
+        log.warning("contact sync run failed: %s", redact(report.message, settings.user))
     finally:
         for service in ("bc", "graph"):
             report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
@@ -410,6 +440,15 @@ def _run(
     if folder_id:
         try:
             delta = graph.delta(settings.user, folder_id, state.delta_link if mode == INCREMENTAL else None)
+        except ForeignDeltaLink as exc:
+            mode = FULL
+            report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
+            log.warning(
+                "stored delta link refused: %s",
+                exc,
+                extra={"custom_dimensions": {"runId": report.runId, "userHash": user_hash(settings.user)}},
+            )
+            delta = graph.delta(settings.user, folder_id, None)
         except DeltaExpired:
             mode = FULL
             report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
@@ -603,7 +642,7 @@ def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outc
         # Our own updates come back partial (id + what we changed): read those whole to compare.
         after = graph.fill_partial(user, folder_id, graph.delta(user, folder_id, delta_link))
     except (DeltaExpired, FolderGone, ApiError) as exc:
-        log.info("could not settle the delta link (%s); keeping the start link", exc)
+        log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
     own = all(outcome.written.get(c["id"]) == fingerprint(outlook_view(c)) for c in after.changed) and all(
         oid in outcome.deleted for oid in after.removed
