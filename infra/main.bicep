@@ -78,7 +78,7 @@ param grantAppPermissions bool = false
 ])
 param contactsPermission string = 'exchangeRbac'
 
-@description('Redirect URI of the self-service admin page (single-page app), e.g. https://<app>.azurewebsites.net/api/admin. Empty: none.')
+@description('Redirect URI of the self-service admin page (single-page app), the URL the page is served from. Empty: none.')
 param adminPageRedirectUri string = ''
 
 // ---------------------------------------------------------------------------------------------------
