@@ -263,3 +263,13 @@ def test_no_mailbox_address_reaches_the_records_the_queries_read(logged):
         ]
     )
     assert ALICE not in text and GHOST not in text and "@" not in text
+
+
+def test_run_logs_are_not_sampled_away():
+    """Adaptive sampling drops a share of each telemetry type it is not told to keep ("Configure
+    sampling", https://learn.microsoft.com/azure/azure-functions/configure-monitoring#configure-sampling).
+    The workbook counts runs and the failed-run alert fires on single records, so traces must be kept."""
+    sampling = json.loads((ROOT / "host.json").read_text())["logging"]["applicationInsights"][
+        "samplingSettings"
+    ]
+    assert not sampling.get("isEnabled", True) or "Trace" in sampling["excludedTypes"].split(";")
