@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, TokenProvider, token_provider
 from shared.bc_client import BcClient
@@ -260,7 +262,7 @@ def run_user(
     except Exception as exc:  # one failing user must never stop the others
         report.status = "failed"
         report.message = _describe(exc)
-        log.warning("contact sync run failed: %s", report.message)
+        log.warning("contact sync run failed: %s", without_address(report.message, report.user))
     finally:
         for service in ("bc", "graph"):
             report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
@@ -281,6 +283,18 @@ MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
 def user_hash(user: str) -> str:
     """How logs name a user: Application Insights gets no mailbox addresses."""
     return hashlib.sha256(user.encode()).hexdigest()[:16]
+
+
+def without_address(text: str | None, user: str) -> str:
+    """`text` for a log line: the user's mailbox address (as typed or URL-encoded, any case) becomes
+    the user's hash. API error messages quote the address; logs name users only by user_hash."""
+    forms = sorted({user, quote(user, safe="")}, key=len, reverse=True)
+    pattern = "|".join(re.escape(f) for f in forms if f)
+    return (
+        re.sub(pattern, f"<user {user_hash(user)}>", text or "", flags=re.IGNORECASE)
+        if pattern
+        else text or ""
+    )
 
 
 def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | None = None) -> None:
