@@ -221,6 +221,7 @@ def test_checker_reports_each_kind_of_violation():
         "staleUserHours": Given("staleUserHours", variable="STALE_USER_HOURS", default="48", as_type="int"),
         "useFederatedCredential": Given("useFederatedCredential", literal="yes"),
         "maximumInstanceCount": Given("maximumInstanceCount", literal=2000),
+        "syncInlineBudgetSeconds": Given("syncInlineBudgetSeconds", literal=0),
         "syncTenant": Given("syncTenant", literal="contoso.com"),
     }
     assert check(bad) == [
@@ -231,6 +232,7 @@ def test_checker_reports_each_kind_of_violation():
         "staleUserHours: 48 is above @maxValue(47) (default of STALE_USER_HOURS)",
         "useFederatedCredential: expected bool, got str 'yes'",
         "maximumInstanceCount: 2000 is above @maxValue(1000)",
+        "syncInlineBudgetSeconds: 0 is below @minValue(1)",
     ]
     assert check({}) == [
         "environmentName: required, but given no value",
