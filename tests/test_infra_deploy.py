@@ -592,3 +592,13 @@ def test_power_automate_guide_gives_the_sync_function_its_own_key():
     )
     assert commands and set(commands) == {"function_sync_http"}
     assert (ROOT / "function_sync_http" / "function.json").is_file()
+
+
+def test_the_guide_computes_the_same_user_hash_as_the_logs():
+    """The workbook names users by hash; the guide's one-liner must find the same one."""
+    (command,) = re.findall(r'`(python3 -c "[^`]*hashlib[^`]*)`', DEPLOY_MD.read_text())
+    code = re.search(r'-c "([^"]*)"', command).group(1)
+    result = subprocess.run(
+        ["python3", "-c", code, "Alice@Contoso.example"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == api.user_hash("alice@contoso.example")
