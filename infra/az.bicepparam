@@ -3,6 +3,9 @@
 // Values come from environment variables with the same names azd uses, so one set of `export` lines
 // serves both paths. A required variable that is not set stops the build with its name
 // (readEnvironmentVariable without a default: learn.microsoft.com/azure/azure-resource-manager/bicep/bicep-functions-parameters-file).
+// readEnvironmentVariable returns a string, so bool and int parameters wrap it in bool()/int(): a bare
+// string for an int parameter is error BCP033 (Azure/bicep#18103). For @allowed parameters the value
+// read is checked against the allowed list when az builds the file.
 // Not named main.bicepparam on purpose: azd would pick that up instead of main.parameters.json.
 using './main.bicep'
 
