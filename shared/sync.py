@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -309,7 +309,7 @@ def run_user(
             if lease is not None:
                 store.release_lease(lease)
         if report.status != "interrupted":  # an interrupted run logs once, when its continuation ends
-            log_run(report, time.monotonic() - started)
+            log_run(report, time.monotonic() - started, counter.throttled)
     return report
 
 
@@ -321,11 +321,13 @@ def user_hash(user: str) -> str:
     return hashlib.sha256(user.encode()).hexdigest()[:16]
 
 
-def log_run(report: RunReport, duration: float) -> None:
+def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | None = None) -> None:
     """One structured record per run for Application Insights, and warnings for skipped contacts.
 
-    Only ids, counts and reasons: no names, addresses, tokens or secrets.
+    Only ids, counts and reasons: no names, addresses, tokens or secrets. `throttled`: the requests
+    answered 429 per service (RequestCounter.throttled); the operations workbook charts them.
     """
+    throttled = throttled or {}
     who = {"runId": report.runId, "userHash": user_hash(report.user)}
     log.info(
         "contact sync run",
@@ -339,6 +341,8 @@ def log_run(report: RunReport, duration: float) -> None:
                 **report.counts,
                 "bcRequests": report.requests.get("bc", 0),
                 "graphRequests": report.requests.get("graph", 0),
+                "bcThrottled": throttled.get("bc", 0),
+                "graphThrottled": throttled.get("graph", 0),
             }
         },
     )
