@@ -49,12 +49,17 @@ def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
 
 
+def user_hash(user: str) -> str:
+    """How logs name a user: Application Insights gets no mailbox addresses."""
+    return hashlib.sha256(user.encode()).hexdigest()[:16]
+
+
 def redact(text: str, user: str) -> str:
     """`text` for a log record: the mailbox address, plain or percent-encoded (it appears in the
     Graph paths that error messages name), replaced by the user's hash, which is how logs name users."""
     if not user:
         return text
-    tag = "user#" + hashlib.sha256(user.encode()).hexdigest()[:16]
+    tag = f"<user {user_hash(user)}>"
     for form in sorted({user, quote(user, safe="@"), quote(user, safe="")}, key=len, reverse=True):
         text = re.sub(re.escape(form), tag, text, flags=re.IGNORECASE)
     return text

@@ -35,7 +35,17 @@ from shared.graph_client import (
 )
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
 from shared.mapping import bc_is_eligible, bc_view, fingerprint, normalize_email, outlook_view
-from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, redact, utcnow
+from shared.model import (
+    ReportItem,
+    RunReport,
+    UserSettings,
+    UserState,
+    iso,
+    parse_iso,
+    redact,
+    user_hash,
+    utcnow,
+)
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store, pooled_transport
 
@@ -314,11 +324,6 @@ def run_user(
 
 
 MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
-
-
-def user_hash(user: str) -> str:
-    """How logs name a user: Application Insights gets no mailbox addresses."""
-    return hashlib.sha256(user.encode()).hexdigest()[:16]
 
 
 def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | None = None) -> None:
