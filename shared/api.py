@@ -21,9 +21,10 @@ from urllib.parse import urlencode
 
 import azure.functions as func
 
-from shared.config import Config, ConfigError
+from shared.config import ConfigError
 from shared.model import RunReport, UserSettings, ValidationError, iso, normalize_user, utcnow
 from shared.planner import FULL, INCREMENTAL
+from shared.services import get_services, reset_services  # noqa: F401 (tests reset through here until the split)
 from shared.store import MalformedRowError, Store, StoreError
 from shared.sync import user_hash
 
@@ -42,29 +43,6 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _IN_PROGRESS = ("queued", "running", "interrupted")
 _FINAL_OK = ("succeeded", "partial", "safetyStop")
 _JOB_REASONS = ("schedule", "http", "continuation")
-
-_services = None
-_services_lock = threading.Lock()
-
-
-def get_services():
-    """The process-wide services (config, store, MSAL app, BC reader), built on first use."""
-    global _services
-    with _services_lock:
-        if _services is None:
-            from shared.sync import Services
-
-            services = Services.from_config(Config.from_env())
-            services.store.ensure_tables()
-            _services = services
-        return _services
-
-
-def reset_services() -> None:
-    """Forget the process-wide services (tests switch environments)."""
-    global _services
-    with _services_lock:
-        _services = None
 
 
 # Responses -----------------------------------------------------------------------------------

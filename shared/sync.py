@@ -14,29 +14,25 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shared.auth import BC_SCOPE, GRAPH_SCOPE, TokenProvider, token_provider
 from shared.bc_client import BcClient
-from shared.config import Config
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
-from shared.graph_client import IMMUTABLE_IDS, DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
-from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
+from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
+from shared.http import ApiError, RequestCounter
 from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
-from shared.store import Store, pooled_transport
+
+if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
+    from shared.services import Services
 
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
-# Graph: 10,000 requests per 10 minutes per app and mailbox (throttling-outlook docs); keep a margin
-# for the validation endpoint and the Outlook clients of the same app.
-GRAPH_MAILBOX_BUDGET = 9_500
-GRAPH_WINDOW_SECONDS = 600.0
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
 MODES = (INCREMENTAL, FULL)
 
@@ -119,62 +115,6 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
         if c.get("lastModifiedDateTime") and parse_iso(c["lastModifiedDateTime"]) > since_dt
     }
     return CompanyRead(read.read_at, since, contacts, read.index)
-
-
-@dataclass
-class Services:
-    """Everything a run needs, built once per process and shared by its runs."""
-
-    config: Config
-    store: Store
-    tokens: TokenProvider
-    bc_reader: BcReader = field(default_factory=BcReader)  # shared by the runs of one schedule tick
-    sleep: Callable[[float], None] = time.sleep
-    backoff_base: float = 0.5  # seconds; the first retry waits up to this when no Retry-After is sent
-
-    @classmethod
-    def from_config(cls, config: Config) -> Services:
-        return cls(config=config, store=store_from_config(config), tokens=token_provider(config))
-
-    def _http(self, service: str, scope: str, counter: RequestCounter, **extra: Any) -> HttpClient:
-        return HttpClient(
-            service,
-            lambda: self.tokens.token(scope),
-            counter=counter,
-            on_unauthorized=self.tokens.invalidate,
-            sleep=self.sleep,
-            backoff_base=self.backoff_base,
-            **extra,
-        )
-
-    def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
-        bc_http = self._http("bc", BC_SCOPE, counter)
-        graph_http = self._http(
-            "graph",
-            GRAPH_SCOPE,
-            counter,
-            default_headers={"Prefer": IMMUTABLE_IDS},
-            pacer=WindowPacer(GRAPH_MAILBOX_BUDGET, GRAPH_WINDOW_SECONDS, sleep=self.sleep),
-        )
-        bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
-        graph = GraphClient(graph_http, self.config.graph_base_url)
-        return bc, graph
-
-
-def store_from_config(config: Config) -> Store:
-    """Table Storage by connection string (local, Azurite) or by managed identity (Azure, no keys)."""
-    if config.storage_connection_string:
-        return Store.from_connection_string(config.storage_connection_string, prefix=config.table_prefix)
-    from azure.data.tables import TableServiceClient
-
-    from shared.auth import ManagedIdentityCredential
-
-    service = TableServiceClient(
-        endpoint=config.table_service_uri,
-        credential=ManagedIdentityCredential(config.storage_client_id),
-        transport=pooled_transport(),
-    )
-    return Store(service, prefix=config.table_prefix)
 
 
 def settings_hash(settings: UserSettings, company_id: str) -> str:
