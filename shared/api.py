@@ -21,8 +21,9 @@ from urllib.parse import urlencode
 
 import azure.functions as func
 
+from shared import runs
 from shared.config import ConfigError
-from shared.model import RunReport, UserSettings, ValidationError, iso, normalize_user, utcnow
+from shared.model import RunReport, RunStatus, UserSettings, ValidationError, iso, normalize_user, utcnow
 from shared.planner import FULL, INCREMENTAL
 from shared.services import get_services, reset_services  # noqa: F401 (tests reset through here until the split)
 from shared.store import MalformedRowError, Store, StoreError
@@ -40,8 +41,6 @@ MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the
 INTERRUPT_GRACE_SECONDS = 20.0
 _SYNC_FIELDS = {"user", "mode", "dryRun", "force", "wait"}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_IN_PROGRESS = ("queued", "running", "interrupted")
-_FINAL_OK = ("succeeded", "partial", "safetyStop")
 _JOB_REASONS = ("schedule", "http", "continuation")
 
 
@@ -274,8 +273,7 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
     if current is not None:
         raise HttpError(409, "RunInProgress", f"a sync for {user} is already running", runId=current.holder)
     if not wait:
-        report = RunReport(user=user, mode=mode, dryRun=dry_run, status="queued")
-        report.message = "queued; poll the Location for the report"
+        report = runs.queued(user, mode, dry_run)
         services.store.save_report(report)
         jobs.set(Job(user, mode, report.runId, dry_run, force, "http").to_message())
         return _accepted(req, report)
@@ -294,10 +292,9 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
         raise inline.error
     final = inline.result
     assert final is not None
-    if final.status == "interrupted":
+    if final.status == RunStatus.INTERRUPTED:
         # Stopped at a batch boundary: what was written is linked; the queue finishes the run.
-        final.status = "queued"
-        final.message = "continuing in the background; poll the Location for the report"
+        runs.requeue(final)
         services.store.save_report(final)
         jobs.set(Job(user, final.mode, final.runId, dry_run, force, "continuation").to_message())
         return _accepted(req, final)
@@ -311,9 +308,9 @@ def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
     report = store.get_report(run_id)
     if report is None:
         raise HttpError(404, "RunNotFound", f"no run {run_id}")
-    if report.status == "running" and not report.dryRun:
+    if report.status == RunStatus.RUNNING and not report.dryRun:
         report = _settle_abandoned(store, report)
-    if report.status in _IN_PROGRESS:
+    if report.status in runs.IN_PROGRESS:
         return _accepted(req, report)
     return json_response(200, report.to_json())
 
@@ -329,14 +326,9 @@ def _settle_abandoned(store: Store, report: RunReport) -> RunReport:
     if lease is not None and lease.holder == report.runId:
         return report
     again = store.get_report(report.runId) or report
-    if again.status != "running":
+    if again.status != RunStatus.RUNNING:
         return again
-    again.status = "failed"
-    again.finishedAt = iso(utcnow())
-    again.message = (
-        "the run stopped without finishing (its host was restarted or timed out); what it wrote is "
-        "linked, and the next run continues from there"
-    )
+    runs.abandon(again)
     store.save_report(again)
     return again
 
@@ -444,9 +436,10 @@ def _give_up(store: Store, job: Job, message: str) -> None:
     report = store.get_report(job.runId) or RunReport(
         user=job.user, mode=job.mode, dryRun=job.dryRun, runId=job.runId
     )
-    report.status = "failed"
-    report.finishedAt = iso(utcnow())
-    report.message = message
+    if report.status in runs.DONE:
+        log.info("job not run, but its run had already finished (a repeated queue delivery)")
+        return
+    runs.give_up(report, message)
     store.save_report(report)
 
 
@@ -478,10 +471,10 @@ def work(msg: func.QueueMessage) -> RunReport | None:
             _give_up(store, job, "the user's sync settings were deleted before the run started")
         return None
     previous = store.get_report(job.runId) if job.runId else None
-    if previous is not None and previous.status in _FINAL_OK:
+    if previous is not None and previous.status in runs.DONE:
         log.info("job already done (a repeated queue delivery); skipped")
         return previous
-    resume = previous if previous is not None and previous.status in ("queued", "interrupted") else None
+    resume = previous if previous is not None and previous.status in runs.RESUMABLE else None
     try:
         report = run_user(
             services,
@@ -500,7 +493,7 @@ def work(msg: func.QueueMessage) -> RunReport | None:
         if attempt >= MAX_DEQUEUE:
             _give_up(store, job, f"gave up after {attempt} attempts: {exc}")
         raise  # an on-demand run waits its turn through the queue's retry
-    if report.status == "failed":
+    if report.status == RunStatus.FAILED:
         if attempt >= MAX_DEQUEUE:
             report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"
             store.save_report(report)

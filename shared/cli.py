@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from shared.config import Config, ConfigError
-from shared.model import ACTIONS, RunReport, UserSettings, ValidationError, normalize_user
+from shared.model import ACTIONS, RunReport, RunStatus, UserSettings, ValidationError, normalize_user
 from shared.services import Services
 from shared.sync import RunInProgress, run_user, run_users
 from shared.validate import validate_user
@@ -84,7 +84,7 @@ def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     else:
         out.write("\n\n".join(format_report(r) for r in reports) + "\n")
-    return 0 if all(r.status in ("succeeded", "skipped") for r in reports) else 1
+    return 0 if all(r.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED) for r in reports) else 1
 
 
 def _cmd_users(args: argparse.Namespace, out: TextIO) -> int:

@@ -635,18 +635,24 @@ class Store:
                 raise MalformedRowError(table, operation, f"stored report is unreadable ({err})") from None
         raise ConcurrencyError(table, operation, "the report kept changing while being read")
 
-    def list_reports(self, user: str, limit: int = 20, *, items: bool = True) -> list[RunReport]:
+    def list_reports(
+        self, user: str, limit: int = 20, *, items: bool = True, status: str | None = None
+    ) -> list[RunReport]:
         """The user's latest reports, newest first. With items=False only the index partition is read
-        and the reports come back without their item lists (counts are complete): enough for a list."""
+        and the reports come back without their item lists (counts are complete): enough for a list.
+        `status` keeps only the reports whose index row has that status (filtered by the service)."""
         if limit <= 0:
             return []
         client, table = self._client("Runs")
+        query, parameters = "PartitionKey eq @pk", {"pk": _user_pk(user)}
+        if status is not None:
+            query, parameters = f"{query} and status eq @status", {**parameters, "status": str(status)}
         with _guard(table, f"list reports of {user}"):
             rows = list(
                 islice(
                     client.query_entities(
-                        "PartitionKey eq @pk",
-                        parameters={"pk": _user_pk(user)},
+                        query,
+                        parameters=parameters,
                         select=["runId", "summary"],
                         results_per_page=min(limit, _PAGE),
                     ),
