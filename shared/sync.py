@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from shared import runs
 from shared.bc_client import BcClient
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
 from shared.http import ApiError, RequestCounter
 from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
-from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
+from shared.model import ReportItem, RunReport, RunStatus, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 
 if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
@@ -158,8 +159,7 @@ def run_user(
     store = services.store
     report = RunReport(user=settings.user, mode=mode, dryRun=dry_run)
     if resume is not None:
-        report = resume
-        report.status, report.finishedAt, report.message = "running", None, None
+        report = runs.resume(resume)
     elif run_id:
         report.runId = run_id
     lease = None
@@ -195,11 +195,9 @@ def run_user(
             checkpoint=checkpoint,
         )
     except RunInterrupted:
-        report.status = "interrupted"
-        report.message = "stopped at a batch boundary; the run continues from the queue"
+        runs.interrupt(report)
     except Exception as exc:  # one failing user must never stop the others
-        report.status = "failed"
-        report.message = _describe(exc)
+        runs.fail(report, _describe(exc))
         log.warning("contact sync run failed: %s", report.message)
     finally:
         for service in ("bc", "graph"):
@@ -210,7 +208,7 @@ def run_user(
         finally:
             if lease is not None:
                 store.release_lease(lease)
-        if report.status != "interrupted":  # an interrupted run logs once, when its continuation ends
+        if report.status != RunStatus.INTERRUPTED:  # an interrupted run logs once, when its continuation ends
             log_run(report, time.monotonic() - started)
     return report
 
@@ -384,15 +382,14 @@ def _run(
     for item in result.skipped:
         report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
     if result.safety_stop:
-        report.status = "safetyStop"
-        report.message = result.safety_stop
+        runs.stop_for_safety(report, result.safety_stop)
         report.items.append(_safety_item(result.safety_stop))
         return
     if dry:
         for a in result.actions:
             if a.report_as:
                 report.add(a.report_as, a.bc_id, a.outlook_id, a.email, f"dry run: {a.reason}")
-        report.status = "succeeded"
+        runs.succeed(report)
         return
     if folder_id is None:
         raise RuntimeError("no Outlook folder to sync into")
@@ -437,9 +434,9 @@ def _run(
         state.last_full_sync = report.startedAt
     state.last_run_id = report.runId
     state.writing_run = None
-    report.status = "partial" if outcome.failures else "succeeded"
-    state.last_status = report.status
-    store.save_state(state)
+    state.last_status = RunStatus.PARTIAL if outcome.failures else RunStatus.SUCCEEDED
+    store.save_state(state)  # before the report says so: if this fails, the run failed
+    runs.finish(report, failures=bool(outcome.failures))
 
 
 _CREATES = ("create_outlook", "recreate_outlook")
@@ -551,9 +548,7 @@ def run_users(
         try:
             return run_user(services, s, mode, dry_run=dry_run, reader=reader)
         except RunInProgress as exc:
-            r = RunReport(user=s.user, mode=mode, dryRun=dry_run, status="skipped")
-            r.message = str(exc)
-            return r
+            return runs.skipped(s.user, mode, dry_run, str(exc))
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(users) or 1))) as pool:
         return list(pool.map(one, users))
