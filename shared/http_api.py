@@ -237,6 +237,7 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
     current = services.store.current_lease(user)
     if current is not None:
         raise ErrorAnswer(409, "RunInProgress", f"a sync for {user} is already running", runId=current.holder)
+    runs.settle_abandoned(services.store, user)  # nobody holds the lease: a "running" run died
     if not wait:
         report = runs.queued(user, mode, dry_run)
         services.store.save_report(report)
@@ -273,29 +274,10 @@ def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
     report = store.get_report(run_id)
     if report is None:
         raise ErrorAnswer(404, "RunNotFound", f"no run {run_id}")
-    if report.status == RunStatus.RUNNING and not report.dryRun:
-        report = _settle_abandoned(store, report)
+    report = runs.as_seen(store, report)  # a run that died shows as failed; storing that is a writer's job
     if report.status in runs.IN_PROGRESS:
         return _accepted(req, report)
     return json_response(200, report.to_json())
-
-
-def _settle_abandoned(store: Store, report: RunReport) -> RunReport:
-    """A 'running' report whose run no longer holds the user's lease died with its host: say so.
-
-    A run holds the lease from before it saves 'running' until after it saves its final report, so
-    once the lease is gone a re-read shows either the final report or a run that never finished.
-    Without this a caller would poll a crashed run forever.
-    """
-    lease = store.current_lease(report.user)
-    if lease is not None and lease.holder == report.runId:
-        return report
-    again = store.get_report(report.runId) or report
-    if again.status != RunStatus.RUNNING:
-        return again
-    runs.abandon(again)
-    store.save_report(again)
-    return again
 
 
 @guarded

@@ -149,6 +149,7 @@ def work(msg: func.QueueMessage) -> RunReport | None:
     settings = _settings(store, job)
     if settings is None:
         return None
+    runs.settle_abandoned(store, job.user, keep=job.runId)  # runs of this user that died with their host
     previous = store.get_report(job.runId) if job.runId else None
     if previous is not None and previous.status in runs.DONE:
         log.info("job already done (a repeated queue delivery); skipped")
