@@ -265,6 +265,20 @@ def _report_summary(report: RunReport) -> dict[str, Any]:
     return summary
 
 
+def _delete_other_generations(client: Any, pk: str, generation: int) -> None:
+    """Delete a report's chunk rows of every generation but `generation` (the head stays)."""
+    keep = _chunk_prefix(generation)
+    stale = [
+        e["RowKey"]
+        for e in client.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey"], results_per_page=_PAGE
+        )
+        if e["RowKey"] != _HEAD_RK and not e["RowKey"].startswith(keep)
+    ]
+    for rk in stale:
+        client.delete_entity(pk, rk)
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -588,16 +602,7 @@ class Store:
             )
             if head and head.get("indexKey") and head.get("user") and head["indexKey"] != index_rk:
                 client.delete_entity(_user_pk(head["user"]), head["indexKey"])
-            keep = _chunk_prefix(generation)
-            stale = [
-                e["RowKey"]
-                for e in client.query_entities(
-                    "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey"], results_per_page=_PAGE
-                )
-                if e["RowKey"] != _HEAD_RK and not e["RowKey"].startswith(keep)
-            ]
-            for rk in stale:
-                client.delete_entity(pk, rk)
+            _delete_other_generations(client, pk, generation)
 
     def get_report(self, run_id: str) -> RunReport | None:
         client, table = self._client("Runs")
