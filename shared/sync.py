@@ -30,6 +30,7 @@ from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 
 if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
     from shared.services import Services
+    from shared.store import Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +163,7 @@ def run_user(
         report = runs.resume(resume)
     elif run_id:
         report.runId = run_id
-    lease = None
-    if not dry_run:
-        lease = store.acquire_lease(settings.user, report.runId, LEASE_SECONDS)
-        if lease is None:
-            current = store.current_lease(settings.user)
-            raise RunInProgress(
-                settings.user,
-                current.holder if current else None,
-                iso(current.expires_at) if current else None,
-            )
+    lease = None if dry_run else _take_lease(store, settings.user, report.runId)
     counter = RequestCounter()
     store.save_report(report)
     started = time.monotonic()
@@ -200,17 +192,35 @@ def run_user(
         runs.fail(report, _describe(exc))
         log.warning("contact sync run failed: %s", report.message)
     finally:
-        for service in ("bc", "graph"):
-            report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
-        report.finishedAt = iso(utcnow())
-        try:
-            store.save_report(report)
-        finally:
-            if lease is not None:
-                store.release_lease(lease)
-        if report.status != RunStatus.INTERRUPTED:  # an interrupted run logs once, when its continuation ends
-            log_run(report, time.monotonic() - started)
+        _close(store, report, counter, lease, started)
     return report
+
+
+def _close(
+    store: Store, report: RunReport, counter: RequestCounter, lease: Lease | None, started: float
+) -> None:
+    """Store the final report, then release the lease (in that order: see shared/runs.py)."""
+    for service in ("bc", "graph"):
+        report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
+    report.finishedAt = iso(utcnow())
+    try:
+        store.save_report(report)
+    finally:
+        if lease is not None:
+            store.release_lease(lease)
+    if report.status != RunStatus.INTERRUPTED:  # an interrupted run logs once, when its continuation ends
+        log_run(report, time.monotonic() - started)
+
+
+def _take_lease(store: Store, user: str, run_id: str) -> Lease:
+    """The user's lease for this run, or RunInProgress naming the run that holds it."""
+    lease = store.acquire_lease(user, run_id, LEASE_SECONDS)
+    if lease is None:
+        current = store.current_lease(user)
+        raise RunInProgress(
+            user, current.holder if current else None, iso(current.expires_at) if current else None
+        )
+    return lease
 
 
 MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
