@@ -5,11 +5,14 @@ the CLI prints it), so a status must never claim what cannot be true: a finished
 "running" again, a queued run that "succeeded" without running. Every change of status is a named
 `Transition` below; a change the table does not allow raises `IllegalTransition`.
 
-    (new) ──► running ──succeed | finish_partial | stop_for_safety | fail──► succeeded | partial | safetyStop | failed
-    (new) ──► queued ──resume──► running ──interrupt──► interrupted ──requeue──► queued
-                                    │                        └──resume──► running
-                                    └──abandon (its host died)──► failed
-    queued | running | interrupted | failed ──give_up (the worker will not run it)──► failed
+    (new) ──► running ──succeed──────────► succeeded
+                      ──finish_partial───► partial
+                      ──stop_for_safety──► safetyStop
+                      ──fail─────────────► failed
+                      ──abandon──────────► failed       (its host died: no lease, never finished)
+                      ──interrupt────────► interrupted ──requeue──► queued
+    (new) ──► queued ──resume──► running;  interrupted ──resume──► running
+    queued | running | interrupted | failed ──give_up──► failed   (the worker will not run it)
 
 A queue retry after a failed attempt starts a fresh report under the same run id (`sync.run_user`);
 that is a new report, not a transition of the failed one.
