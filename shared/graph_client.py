@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from shared.http import ApiError, BatchItem, HttpClient, ItemResult
+from shared.http import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
 from shared.mapping import BC_ID_PROPERTY_ID
 
 IMMUTABLE_IDS = 'IdType="ImmutableId"'
@@ -40,6 +40,11 @@ _EXPAND_TAG = f"singleValueExtendedProperties($filter=id eq '{BC_ID_PROPERTY_ID}
 
 class DeltaExpired(Exception):
     """The stored delta link can no longer be used (410 Gone or syncStateNotFound): resync."""
+
+
+class ForeignDeltaLink(DeltaExpired):
+    """The stored delta link points outside the configured Graph base: refused unsent, so the run
+    starts a fresh delta round (a full sync) instead of handing a token to another host."""
 
 
 class FolderGone(Exception):
@@ -160,6 +165,10 @@ class GraphClient:
     def delta(self, user: str, folder_id: str, delta_link: str | None) -> DeltaPage:
         """One full delta round: from the stored link (or the start) to the next deltaLink."""
         if delta_link:
+            try:
+                self.http.check_target(delta_link)
+            except ForeignUrlError as exc:
+                raise ForeignDeltaLink(str(exc)) from None
             url, params = delta_link, None
         else:
             url = self._url(
@@ -201,6 +210,10 @@ class GraphClient:
                 url = next_link
                 continue
             out.delta_link = resp.body.get("@odata.deltaLink", "")
+            if out.delta_link:
+                # Stored, then called with a token on the next run: refuse a foreign one now, before
+                # it reaches Table Storage (a nextLink is refused by the request that would follow it).
+                self.http.check_target(out.delta_link)
             break
         out.changed = list(seen.values())
         out.removed = list(removed)

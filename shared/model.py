@@ -7,11 +7,14 @@ raw dicts means nothing an API returns is lost on the way through.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 DEFAULT_FOLDER = "Business Central"
 
@@ -45,6 +48,22 @@ def iso(dt: datetime) -> str:
 
 def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def user_hash(user: str) -> str:
+    """How logs name a user: Application Insights gets no mailbox addresses."""
+    return hashlib.sha256(user.encode()).hexdigest()[:16]
+
+
+def redact(text: str, user: str) -> str:
+    """`text` for a log record: the mailbox address, plain or percent-encoded (it appears in the
+    Graph paths that error messages name), replaced by the user's hash, which is how logs name users."""
+    if not user:
+        return text
+    tag = f"<user {user_hash(user)}>"
+    for form in sorted({user, quote(user, safe="@"), quote(user, safe="")}, key=len, reverse=True):
+        text = re.sub(re.escape(form), tag, text, flags=re.IGNORECASE)
+    return text
 
 
 def normalize_user(value: Any) -> str:
@@ -203,6 +222,20 @@ class ReportItem:
     reason: str | None = None
 
 
+class RunStatus(StrEnum):
+    """What a run report says about its run. The values are what JSON, Table Storage and the OpenAPI
+    definition carry; how a run moves between them is `shared/runs.py`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    SAFETY_STOP = "safetyStop"
+    SKIPPED = "skipped"  # the CLI's run of several users: this one was already running (never stored)
+
+
 @dataclass
 class RunReport:
     """The run report of BEHAVIOUR §7, built as the run goes and persisted at the end."""
@@ -211,13 +244,17 @@ class RunReport:
     mode: str
     dryRun: bool = False
     runId: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: str = "running"
+    status: RunStatus = RunStatus.RUNNING
     startedAt: str = field(default_factory=lambda: iso(utcnow()))
     finishedAt: str | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
     items: list[ReportItem] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=lambda: {"bc": 0, "graph": 0})
     message: str | None = None
+
+    def __post_init__(self) -> None:
+        # A status read back from JSON is a plain string; an unknown one is refused (ValueError).
+        self.status = RunStatus(self.status)
 
     def add(
         self,
@@ -233,6 +270,7 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["status"] = self.status.value  # the plain string, as stored and answered
         if data.get("message") is None:
             data.pop("message", None)
         return data
