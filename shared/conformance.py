@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -118,12 +118,14 @@ class _Api:
 
     def __init__(
         self,
+        base_url: str,
         token: Callable[[], str],
         session: requests.Session,
         sleep: Callable[[float], None],
         timeout: tuple[float, float] = (10.0, 60.0),
         attempts: int = 4,
     ):
+        self._base = urlsplit(base_url.rstrip("/"))
         self._token = token
         self._session = session
         self._sleep = sleep
@@ -141,6 +143,17 @@ class _Api:
         safe: bool | None = None,
     ) -> Answer:
         repeatable = method.upper() in _SAFE if safe is None else safe
+        target = urlsplit(url)
+        if (target.scheme.lower(), target.netloc.lower()) != (
+            self._base.scheme.lower(),
+            self._base.netloc.lower(),
+        ) or not (target.path + "/").startswith(self._base.path + "/"):
+            # A nextLink/deltaLink pointing elsewhere would take the bearer token with it.
+            raise StepFailed(
+                f"refused to follow a link to {target.scheme}://{target.netloc}, outside the configured "
+                "base URL; nothing was sent there",
+                "check GRAPH_BASE_URL / BC_API_BASE_URL (sovereign cloud?) and report the answer",
+            )
         for attempt in range(1, self._attempts + 1):
             hdrs = {"Authorization": f"Bearer {self._token()}", **(headers or {})}
             if body is not None:
@@ -210,8 +223,8 @@ class Conformance:
         self.tokens = tokens
         self.sleep = sleep
         session = session or requests.Session()
-        self.graph = _Api(lambda: tokens.token(GRAPH_SCOPE), session, sleep)
-        self.bc = _Api(lambda: tokens.token(BC_SCOPE), session, sleep)
+        self.graph = _Api(config.graph_base_url, lambda: tokens.token(GRAPH_SCOPE), session, sleep)
+        self.bc = _Api(config.bc_base_url, lambda: tokens.token(BC_SCOPE), session, sleep)
         self.result = ConformanceResult()
         self._user_path = f"{config.graph_base_url}/users/{quote(user, safe='@')}"
         self.bc_root = (

@@ -161,3 +161,19 @@ def test_a_missing_setting_is_named_and_nothing_is_sent(tenant: Cloud, monkeypat
     assert code == 2 and out == ""
     assert "BC_COMPANY_ID" in capsys.readouterr().err
     assert tenant.graph.counters.http_total == 0 and tenant.bc.counters.http_total == 0
+
+
+def test_a_delta_link_to_another_host_is_refused_unsent_and_reported(tenant: Cloud):
+    # A misrouted (or hostile) answer points the deltaLink at another host: the check must not
+    # follow it with the bearer token, must say so, and must still clean up.
+    tenant.graph.faults.foreign_links("https://graph.attacker.example", path_regex=r"/delta$")
+
+    code, found = findings()
+
+    assert code == 1
+    delta = found["Graph: folder delta paging and @removed"]
+    assert delta["verdict"] == "differs"
+    assert "refused to follow a link to https://graph.attacker.example" in delta["saw"]
+    assert "GRAPH_BASE_URL" in delta["todo"]
+    assert found["Graph: cleanup of the scratch folder"]["verdict"] == "ok"
+    assert tenant.graph.faults.fired["relink"] == 1
