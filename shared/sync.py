@@ -19,13 +19,21 @@ from datetime import timedelta
 from typing import Any
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, TokenProvider, token_provider
-from shared.bc_client import BcClient
+from shared.bc_client import BcClient, BcSchema, SchemaError
 from shared.config import Config
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import IMMUTABLE_IDS, DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
-from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
+from shared.mapping import (
+    MAPPED_FIELDS,
+    BcContext,
+    CountryTable,
+    bc_is_eligible,
+    fingerprint,
+    normalize_email,
+    outlook_view,
+)
 from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store, pooled_transport
@@ -61,6 +69,11 @@ class CompanyRead:
     since: str | None  # None: every contact was read
     contacts: dict[str, dict[str, Any]]
     index: dict[str, str]  # every current contact id → normalized email
+    # casefolded name → name of every Company contact: a person's company name is checked against
+    # these before it is written, instead of recognising BC's (localized) refusal afterwards.
+    companies: dict[str, str] = field(default_factory=dict)
+    # The company's Country/Region table, read on first use and shared like the rest of the read.
+    countries: CountryTable = field(default_factory=CountryTable)
 
 
 class BcReader:
@@ -90,14 +103,18 @@ class BcReader:
             started = time.monotonic()
             if since is None:
                 contacts = {c["id"]: c for c in client.list_contacts(company_id)}
-                index = {cid: normalize_email(c.get("email")) for cid, c in contacts.items()}
+                rows = list(contacts.values())
             else:
                 contacts = {c["id"]: c for c in client.list_contacts(company_id, modified_after=since)}
-                index = {
-                    c["id"]: normalize_email(c.get("email"))
-                    for c in client.list_contacts(company_id, select=("id", "email"))
-                }
-            read = CompanyRead(started, since, contacts, index)
+                rows = client.list_contacts(company_id, select=("id", "email", "type", "displayName"))
+            index = {c["id"]: normalize_email(c.get("email")) for c in rows}
+            companies = {
+                str(c["displayName"]).strip().casefold(): str(c["displayName"]).strip()
+                for c in rows
+                if c.get("type") == "Company" and str(c.get("displayName") or "").strip()
+            }
+            countries = CountryTable(loader=lambda: client.countries(company_id))
+            read = CompanyRead(started, since, contacts, index, companies, countries)
             self._cache[company_id] = read
             return _narrow(read, since)
 
@@ -118,7 +135,7 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
         for cid, c in read.contacts.items()
         if c.get("lastModifiedDateTime") and parse_iso(c["lastModifiedDateTime"]) > since_dt
     }
-    return CompanyRead(read.read_at, since, contacts, read.index)
+    return CompanyRead(read.read_at, since, contacts, read.index, read.companies, read.countries)
 
 
 @dataclass
@@ -334,6 +351,8 @@ def log_run(report: RunReport, duration: float) -> None:
 
 
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, SchemaError):
+        return str(exc)
     if isinstance(exc, ApiError):
         hint = ""
         if exc.service == "graph" and exc.status == 403:
@@ -407,7 +426,14 @@ def _run(
     since = None
     if mode == INCREMENTAL and state.bc_watermark:
         since = iso(parse_iso(state.bc_watermark) - OVERLAP)
+    schema = bc.schema()
+    check_filter_fields(flt.to_json(), schema)
     read = reader.read(bc, company_id, since)
+    ctx = BcContext(
+        fields=frozenset(f for f in MAPPED_FIELDS if f in schema.contact_properties),
+        countries=read.countries,
+        companies=read.companies,
+    )
     links = store.get_links(settings.user)
     snap = Snapshot(
         mode=mode,
@@ -417,6 +443,7 @@ def _run(
         outlook_removed=set(delta.removed),
         links=links,
         outlook_complete=mode == FULL,
+        ctx=ctx,
     )
     _complete(snap, settings, flt, bc, graph, company_id, folder_id)
     result = plan(snap, settings, flt, force=force)
@@ -469,6 +496,7 @@ def _run(
         checkpoint=checkpoint,
         not_kept=lambda c: bc_is_eligible(c) or (None if flt.matches(c) else "does not match your filter"),
         remove_from_outlook=settings.remove_from_outlook,
+        ctx=ctx,
     )
     if any(a.writes for a in result.actions):
         state.writing_run = report.runId
@@ -488,7 +516,7 @@ def _run(
         watermark = iso(utcnow() - OVERLAP)  # an empty company: start from now
     state.bc_watermark = watermark
     if not outcome.hold_delta and delta.delta_link:
-        state.delta_link = _settle(graph, settings.user, folder_id, delta.delta_link, outcome)
+        state.delta_link = _settle(graph, settings.user, folder_id, delta.delta_link, outcome, ctx)
     state.folder_id = folder_id
     state.folder_name = settings.folder_name
     state.company_id = company_id
@@ -503,6 +531,22 @@ def _run(
 
 
 _CREATES = ("create_outlook", "recreate_outlook")
+
+
+def check_filter_fields(filter_spec: dict[str, str], schema: BcSchema) -> None:
+    """Refuse a user's filter on a field this tenant's BC version lacks, with what to do about it.
+
+    BC would answer such a filter with a 400 that fails every read; the sync filters locally, where
+    the field would silently read as blank and match the wrong contacts. Either way the user must
+    change the filter, so the run stops before reading and says so.
+    """
+    missing = [name for name in filter_spec if name not in schema.contact_properties]
+    if missing:
+        names = ", ".join(missing)
+        raise SchemaError(
+            f"the filter uses {names}, which this Business Central version's contacts API does not have; "
+            f"remove {names} from the user's filter (PUT /api/users/{{user}})"
+        )
 
 
 def _complete(
@@ -537,7 +581,9 @@ def _complete(
                 snap.bc[c["id"]] = c
 
 
-def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any) -> str:
+def _settle(
+    graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any, ctx: BcContext
+) -> str:
     """The delta link to store: past this run's own writes when nothing else happened meanwhile.
 
     The link read at the start predates our writes. Keeping it would replay every write as a change
@@ -553,9 +599,9 @@ def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outc
     except (DeltaExpired, FolderGone, ApiError) as exc:
         log.info("could not settle the delta link (%s); keeping the start link", exc)
         return delta_link
-    own = all(outcome.written.get(c["id"]) == fingerprint(outlook_view(c)) for c in after.changed) and all(
-        oid in outcome.deleted for oid in after.removed
-    )
+    own = all(
+        outcome.written.get(c["id"]) == fingerprint(outlook_view(c, ctx)) for c in after.changed
+    ) and all(oid in outcome.deleted for oid in after.removed)
     return after.delta_link if own and after.delta_link else delta_link
 
 
