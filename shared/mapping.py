@@ -287,6 +287,11 @@ def outlook_name(contact: Mapping[str, Any]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _outlook_country(contact: Mapping[str, Any]) -> str:
+    address = contact.get("businessAddress")
+    return _text(address.get("countryOrRegion")) if isinstance(address, Mapping) else ""
+
+
 def outlook_email(contact: Mapping[str, Any]) -> str:
     """The address that maps to BC's email: the first non-blank of `emailAddresses`, trimmed.
 
@@ -314,7 +319,8 @@ def outlook_view(contact: Mapping[str, Any], ctx: BcContext = DEFAULT_CONTEXT) -
     """The mapped fields of an Outlook contact in the shape of `bc_view`.
 
     With a country table, the country is the BC code the Outlook text stands for (so "Norway" and
-    BC's "NO" read the same); text BC does not know stays as typed, which differs from any code.
+    BC's "NO" read the same); text BC's table does not know reads as blank, like BC's empty country
+    for it: BC cannot hold it, so it stays in Outlook only (see `bc_to_outlook`) and is no change.
     """
     address = contact.get("businessAddress")
     address = address if isinstance(address, Mapping) else {}
@@ -338,7 +344,7 @@ def outlook_view(contact: Mapping[str, Any], ctx: BcContext = DEFAULT_CONTEXT) -
         "website": _text(contact.get("businessHomePage")),
     }
     if ctx.countries is not None and ctx.has("country") and view["country"]:
-        view["country"] = ctx.countries.code_for(view["country"]) or view["country"]
+        view["country"] = ctx.countries.code_for(view["country"]) or ""
     return {name: _field(name, view[name]) for name in MAPPED_FIELDS if ctx.has(name)}
 
 
@@ -401,9 +407,13 @@ def bc_to_outlook(
     existing = existing or {}
     view = {**outlook_view(existing), **bc_view(bc, ctx)} if existing else {**_BLANK_VIEW, **bc_view(bc, ctx)}
     if ctx.countries is not None and ctx.has("country"):
-        view["country"] = ctx.countries.name_for(view["country"])
+        typed = _outlook_country(existing)
+        if not view["country"] and typed and not ctx.countries.code_for(typed):
+            view["country"] = typed  # Outlook-only text BC cannot hold: keep it
+        else:
+            view["country"] = ctx.countries.name_for(view["country"])
     elif not ctx.has("country") and existing:
-        view["country"] = _text((existing.get("businessAddress") or {}).get("countryOrRegion"))
+        view["country"] = _outlook_country(existing)
     name = view["displayName"]
     given, surname = split_name(name)
 
@@ -518,54 +528,62 @@ def phone_has_letter(value: str) -> bool:
 def outlook_to_bc(
     contact: Mapping[str, Any],
     *,
-    for_update: bool = False,
+    current: Mapping[str, Any] | None = None,
     ctx: BcContext = DEFAULT_CONTEXT,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """The BC API body that stores an Outlook contact, or MappingError naming every field BC would
     refuse. Nothing is truncated: a value that does not fit skips the contact with a reason.
 
-    For creating (default): `type: "Person"` and only the non-blank fields. With `for_update` the
-    body is for PATCHing a linked BC contact: no `type` (it is already a Person), and blank fields
-    are sent as "" so a value the user cleared in Outlook is cleared in BC too.
+    Creating (no `current`): `type: "Person"` and the non-blank fields. Updating, `current` is the
+    linked BC contact: the PATCH body holds only the fields whose value differs from BC's (a value
+    the user cleared in Outlook is sent as "" to clear it in BC too), and only those are checked.
+    BC validates every property a PATCH names, changed or not, so an unchanged value BC no longer
+    accepts (a phone number imported with letters, a company name whose company contact was renamed
+    since) must not be sent, or it would block every later update of the contact.
 
     Decided from data, before BC sees it (never from BC's error text, which is localized): a country
     BC's Country/Region table does not know and a company name that is no Company contact in BC are
     left out, and `notes` says so; the contact is still stored. Fields the tenant lacks are not sent.
     """
     view = outlook_view(contact, DEFAULT_CONTEXT)
-    dropped: set[str] = set()
+    unknown: dict[str, str] = {}  # field -> what the user typed, which BC cannot hold
     if ctx.countries is not None and ctx.has("country") and view["country"]:
-        typed = _text((contact.get("businessAddress") or {}).get("countryOrRegion"))
-        code = ctx.countries.code_for(typed)
-        if code:
-            view["country"] = code
-        else:
-            dropped.add("country")
-            if notes is not None:
-                notes.append(
-                    f"country '{typed}' is not in Business Central's Country/Region table; left empty"
-                )
+        typed = _outlook_country(contact)
+        view["country"] = ctx.countries.code_for(typed) or ""
+        if not view["country"]:
+            unknown["country"] = typed
     if ctx.companies is not None and ctx.has("companyName") and view["companyName"]:
         known = ctx.companies.get(view["companyName"].casefold())
         if known is not None:
             view["companyName"] = known
-        else:
-            dropped.add("companyName")
+        elif current is None or view["companyName"] != bc_view(current, ctx).get("companyName"):
+            unknown["companyName"] = view["companyName"]
+    fields = [name for name in MAPPED_FIELDS if ctx.has(name)]
+    if current is not None:
+        now = bc_view(current, ctx)
+        fields = [name for name in fields if view[name] != now.get(name)]
+    for name, typed in unknown.items():
+        if name in fields:
+            fields.remove(name)
             if notes is not None:
                 notes.append(
-                    f"company '{view['companyName']}' is not a company contact in Business Central; left empty"
+                    f"country '{typed}' is not in Business Central's Country/Region table; left empty"
+                    if name == "country"
+                    else f"company '{typed}' is not a company contact in Business Central; left empty"
                 )
-    fields = [name for name in MAPPED_FIELDS if ctx.has(name) and name not in dropped]
     problems: list[str] = []
-    if not view["displayName"]:
+    if not view["displayName"] and (current is None or "displayName" in fields):
         problems.append("no name (displayName, givenName and surname are blank)")
-    if not view["email"]:
-        problems.append("no email address")
-    elif (why := bc_email_problem(view["email"])) is not None:
-        problems.append(f"email (Outlook {_OUTLOOK_SOURCE['email']}) {why}; Business Central would reject it")
+    if current is None or "email" in fields:
+        if not view["email"]:
+            problems.append("no email address")
+        elif (why := bc_email_problem(view["email"])) is not None:
+            problems.append(
+                f"email (Outlook {_OUTLOOK_SOURCE['email']}) {why}; Business Central would reject it"
+            )
     for name in _PHONE_FIELDS:
-        if phone_has_letter(view[name]):
+        if (current is None or name in fields) and phone_has_letter(view[name]):
             problems.append(
                 f"{name} (Outlook {_OUTLOOK_SOURCE[name]}) contains letters, "
                 "which Business Central does not allow in a phone number"
@@ -580,22 +598,10 @@ def outlook_to_bc(
     if problems:
         raise MappingError("; ".join(problems))
 
-    body: dict[str, Any] = {} if for_update else {"type": "Person"}
+    if current is not None:
+        return {name: view[name] for name in fields}
+    body: dict[str, Any] = {"type": "Person"}
     for name in fields:
-        if view[name] or for_update:
+        if view[name]:
             body[name] = view[name]
     return body
-
-
-def changed_fields(
-    body: Mapping[str, Any], bc: Mapping[str, Any], ctx: BcContext = DEFAULT_CONTEXT
-) -> dict[str, Any]:
-    """The part of a BC PATCH body whose values differ from what BC has.
-
-    BC validates every property a PATCH names, unchanged or not, so an unchanged value BC no longer
-    accepts (a company name whose company contact was renamed since) would block every later update
-    of the contact; sending only what changed also keeps BC's side effects (inherited company data,
-    search name) from firing for nothing.
-    """
-    current = bc_view(bc, ctx)
-    return {k: v for k, v in body.items() if k not in current or current[k] != v}

@@ -25,7 +25,6 @@ from shared.mapping import (
     bc_is_eligible,
     bc_to_outlook,
     bc_view,
-    changed_fields,
     fingerprint,
     normalize_email,
     outlook_email,
@@ -294,12 +293,10 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
         if settings.pull_edits_from_outlook and edited and not bc_changed and not in_sync:
             notes: list[str] = []
             try:
-                body = outlook_to_bc(o, for_update=True, ctx=ctx, notes=notes)
+                body = outlook_to_bc(o, current=bc, ctx=ctx, notes=notes)
             except MappingError as exc:
                 skip(f"Outlook edit not sent to BC: {exc}", bc_id, link.outlook_id, email)
                 continue
-            # Only what differs from BC: BC validates every property a PATCH names.
-            body = changed_fields(body, bc, ctx)
             if not body:
                 skip(f"Outlook edit not sent to BC: {'; '.join(notes)}", bc_id, link.outlook_id, email)
                 continue
