@@ -19,7 +19,15 @@ from typing import Any
 from shared.bc_client import BcClient, BcWrite
 from shared.graph_client import GraphClient
 from shared.http import BatchItem, ItemResult
-from shared.mapping import DEFAULT_CONTEXT, BcContext, bc_to_outlook, bc_view, fingerprint, outlook_view
+from shared.mapping import (
+    DEFAULT_CONTEXT,
+    BcContext,
+    bc_to_outlook,
+    bc_view,
+    fingerprint,
+    graph_patch,
+    outlook_view,
+)
 from shared.model import Link, ReportItem, RunReport
 from shared.planner import Action, Plan
 from shared.store import Store
@@ -191,7 +199,7 @@ class Executor:
                             "",
                             bc["id"],
                             a.outlook_id,
-                            bc_to_outlook(bc, a.outlook, self.ctx),
+                            graph_patch(bc_to_outlook(bc, a.outlook, self.ctx), a.outlook),
                             bc=bc,
                             outlook=a.outlook,
                             email=bc.get("email"),

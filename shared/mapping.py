@@ -605,3 +605,38 @@ def outlook_to_bc(
         if view[name]:
             body[name] = view[name]
     return body
+
+
+_ALWAYS_SENT = ("displayName", "singleValueExtendedProperties")
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value == ""
+
+
+def graph_patch(body: dict[str, Any], existing: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A Graph PATCH body (from `bc_to_outlook`) without the properties whose value the Outlook
+    contact already has, as for BC: only what changes is sent.
+
+    Kept always: `displayName` (Graph regenerates it from the name parts otherwise,
+    resources/contact.md) and the BC id tag (the contact the planner holds has it stripped). A
+    structured address is compared and sent whole (api/contact-update.md). Null, "" and [] are the
+    same emptiness; a property the existing contact does not show is treated as changed.
+    """
+    if existing is None:
+        return body
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in _ALWAYS_SENT or key not in existing:
+            out[key] = value
+            continue
+        old = existing.get(key)
+        if isinstance(value, dict) and isinstance(old, Mapping):
+            same = all(
+                (_empty(v) and _empty(old.get(k))) or v == old.get(k) for k, v in value.items()
+            ) and all(k in value or _empty(v) for k, v in old.items())
+        else:
+            same = (_empty(value) and _empty(old)) or value == old
+        if not same:
+            out[key] = value
+    return out

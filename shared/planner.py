@@ -26,6 +26,7 @@ from shared.mapping import (
     bc_to_outlook,
     bc_view,
     fingerprint,
+    graph_patch,
     normalize_email,
     outlook_email,
     outlook_is_eligible,
@@ -253,7 +254,9 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                         "linked",
                         bc_id,
                         stand_in,
-                        None if outlook_view(o, ctx) == bc_view(bc, ctx) else bc_to_outlook(bc, o, ctx),
+                        None
+                        if outlook_view(o, ctx) == bc_view(bc, ctx)
+                        else graph_patch(bc_to_outlook(bc, o, ctx), o),
                         bc=bc,
                         outlook=o,
                         email=email,
@@ -426,7 +429,7 @@ def _update_outlook(
         "outlookUpdated",
         bc["id"],
         link.outlook_id,
-        bc_to_outlook(bc, o, ctx),
+        graph_patch(bc_to_outlook(bc, o, ctx), o),
         bc=bc,
         outlook=o,
         email=bc.get("email"),
@@ -529,7 +532,7 @@ def _plan_tagged(
         return
     claimed_bc.add(tag)
     ctx = snap.ctx
-    body = None if outlook_view(o, ctx) == bc_view(bc, ctx) else bc_to_outlook(bc, o, ctx)
+    body = None if outlook_view(o, ctx) == bc_view(bc, ctx) else graph_patch(bc_to_outlook(bc, o, ctx), o)
     result.actions.append(
         Action(
             "link",
@@ -570,7 +573,7 @@ def _plan_email_match(
                 "linked",
                 bc_id,
                 oid,
-                bc_to_outlook(bc, o, snap.ctx),
+                graph_patch(bc_to_outlook(bc, o, snap.ctx), o),
                 bc=bc,
                 outlook=o,
                 email=bc.get("email"),
