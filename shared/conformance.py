@@ -35,7 +35,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError, TokenProvider
-from shared.bc_client import CONTACT_FIELDS, odata_string
+from shared.bc_client import CONTACT_FIELDS, REQUIRED_FIELDS, odata_string
 from shared.config import Config
 from shared.graph_client import IMMUTABLE_IDS, tag_of
 from shared.http import parse_retry_after
@@ -676,11 +676,19 @@ class Conformance:
             )
         present = {p.get("Name") for p in contact if _local(p.tag) == "Property"}
         missing = [f for f in REQUIRED_BC_FIELDS if f not in present]
-        if missing:
+        essential = [f for f in missing if f in REQUIRED_FIELDS]
+        if essential:
             raise StepFailed(
                 f"the contact entity lacks {', '.join(missing)}",
-                "this Business Central version lacks fields the sync reads and writes: update the environment "
-                "to a current version (Admin Center) before syncing",
+                f"the sync cannot run without {', '.join(essential)}: update the environment to a current "
+                "Business Central version (Admin Center) before syncing",
+            )
+        if missing:
+            # The engine reads $metadata too and leaves such fields out in both directions.
+            raise StepFailed(
+                f"the contact entity lacks {', '.join(missing)}",
+                f"the sync runs but leaves {', '.join(missing)} out in both directions (Outlook keeps its "
+                "own value); update the environment to a current version to sync them",
             )
         self._add(
             BC_METADATA, f"all {len(REQUIRED_BC_FIELDS)} contact fields the sync uses are present", True
