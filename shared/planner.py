@@ -185,7 +185,7 @@ def needs(snap: Snapshot, settings: UserSettings, contact_filter: ContactFilter)
     _records_for_linked(snap, settings, contact_filter, wanted)
     if not snap.outlook_complete:
         planned = plan(snap, settings, contact_filter)
-        wanted.whole_folder = any(a.kind in CREATES_IN_OUTLOOK for a in planned.actions)
+        wanted.whole_folder = any(action.kind in CREATES_IN_OUTLOOK for action in planned.actions)
     return wanted
 
 

@@ -42,6 +42,7 @@ from shared.mapping import (
     outlook_view,
 )
 from shared.model import (
+    Link,
     ReportItem,
     RunReport,
     RunStatus,
@@ -118,16 +119,17 @@ class BcReader:
                 return _narrow(cached, since)
             started = time.monotonic()
             if since is None:
-                contacts = {c["id"]: c for c in client.list_contacts(company_id)}
+                contacts = {contact["id"]: contact for contact in client.list_contacts(company_id)}
                 rows = list(contacts.values())
             else:
-                contacts = {c["id"]: c for c in client.list_contacts(company_id, modified_after=since)}
+                changed = client.list_contacts(company_id, modified_after=since)
+                contacts = {contact["id"]: contact for contact in changed}
                 rows = client.list_contacts(company_id, select=("id", "email", "type", "displayName"))
-            index = {c["id"]: normalize_email(c.get("email")) for c in rows}
+            index = {row["id"]: normalize_email(row.get("email")) for row in rows}
             companies = {
-                str(c["displayName"]).strip().casefold(): str(c["displayName"]).strip()
-                for c in rows
-                if c.get("type") == "Company" and str(c.get("displayName") or "").strip()
+                str(row["displayName"]).strip().casefold(): str(row["displayName"]).strip()
+                for row in rows
+                if row.get("type") == "Company" and str(row.get("displayName") or "").strip()
             }
             countries = CountryTable(loader=lambda: client.countries(company_id))
             read = CompanyRead(started, since, contacts, index, companies, countries)
@@ -152,9 +154,9 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
         return read
     since_dt = parse_iso(since)
     contacts = {
-        cid: c
-        for cid, c in read.contacts.items()
-        if c.get("lastModifiedDateTime") and parse_iso(c["lastModifiedDateTime"]) > since_dt
+        contact_id: contact
+        for contact_id, contact in read.contacts.items()
+        if contact.get("lastModifiedDateTime") and parse_iso(contact["lastModifiedDateTime"]) > since_dt
     }
     return CompanyRead(read.read_at, since, contacts, read.index, read.companies, read.countries)
 
@@ -665,7 +667,7 @@ def _read_partial(
     settings: UserSettings,
     folder_id: str,
     delta: DeltaPage,
-    links: dict[str, Any],
+    links: dict[str, Link],
     bc_changed: dict[str, dict[str, Any]],
     ctx: BcContext,
 ) -> DeltaPage:
@@ -679,14 +681,16 @@ def _read_partial(
     if not settings.pull_edits_from_outlook:
         by_outlook = {link.outlook_id: bc_id for bc_id, link in links.items()}
 
-        def ignored(c: dict[str, Any]) -> bool:
-            bc_id = by_outlook.get(c["id"])
+        def ignored(contact: dict[str, Any]) -> bool:
+            bc_id = by_outlook.get(contact["id"])
             if bc_id is None or not links[bc_id].outlook_hash:
                 return False
             bc = bc_changed.get(bc_id)  # also BC records re-read only for the overlap window
             return bc is None or fingerprint(bc_view(bc, ctx)) == links[bc_id].bc_hash
 
-        delta.changed = [c for c in delta.changed if not (is_partial(c) and ignored(c))]
+        delta.changed = [
+            contact for contact in delta.changed if not (is_partial(contact) and ignored(contact))
+        ]
     return graph.fill_partial(settings.user, folder_id, delta)
 
 
@@ -726,8 +730,9 @@ def _settled_delta_link(
         log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
     own = all(
-        outcome.written.get(c["id"]) == fingerprint(outlook_view(c, ctx)) for c in after.changed
-    ) and all(oid in outcome.deleted for oid in after.removed)
+        outcome.written.get(contact["id"]) == fingerprint(outlook_view(contact, ctx))
+        for contact in after.changed
+    ) and all(outlook_id in outcome.deleted for outlook_id in after.removed)
     return after.delta_link if own and after.delta_link else delta_link
 
 
@@ -798,11 +803,11 @@ def run_users(
     reader = BcReader(ttl=3600)
     _prewarm(services, reader, users, mode)
 
-    def one(s: UserSettings) -> RunReport:
+    def one(settings: UserSettings) -> RunReport:
         try:
-            return run_user(services, s, mode, dry_run=dry_run, reader=reader)
+            return run_user(services, settings, mode, dry_run=dry_run, reader=reader)
         except RunInProgress as exc:
-            return runs.skipped(s.user, mode, dry_run, str(exc))
+            return runs.skipped(settings.user, mode, dry_run, str(exc))
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(users) or 1))) as pool:
         return list(pool.map(one, users))
@@ -811,17 +816,17 @@ def run_users(
 def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mode: str) -> None:
     """Read each company once from the earliest watermark among its users."""
     by_company: dict[str, list[str | None]] = {}
-    for s in users:
-        company = s.company_id or services.config.bc_company_id
-        state = services.store.get_state(s.user)
+    for settings in users:
+        company = settings.company_id or services.config.bc_company_id
+        state = services.store.get_state(settings.user)
         since = None
         if mode == INCREMENTAL and state.bc_watermark and state.delta_link:
             since = iso(parse_iso(state.bc_watermark) - OVERLAP)
         by_company.setdefault(company, []).append(since)
     bc, _ = services.clients(RequestCounter())
-    for company, sinces in by_company.items():
-        known = [since for since in sinces if since is not None]
-        earliest = min(known) if len(known) == len(sinces) else None
+    for company, starts in by_company.items():
+        known = [start for start in starts if start is not None]
+        earliest = min(known) if len(known) == len(starts) else None  # None: someone reads everything
         try:
             reader.read(bc, company, earliest)
         except ApiError as exc:  # each user's run reports it
