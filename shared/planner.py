@@ -4,7 +4,12 @@ Nothing here calls an API or the store. `sync` gathers a `Snapshot`, asks `needs
 are still missing to decide (e.g. the Outlook contact behind a BC change, so its extra email
 addresses are preserved), fetches them, then calls `plan()`. The executor applies the plan; a dry
 run reports it and stops. Keeping the decision pure is what makes dry runs honest and lets the
-tests explore it directly.
+tests explore it directly (tests/test_planner.py, one row per case).
+
+`plan()` is a decision table: each contact goes to one small function per case, which returns an
+action, a skip with its reason, or nothing; `plan()`'s docstring lists the cases. A new rule is a new
+row there, not a new nesting level. The executor asks `after_bc_write()` what follows a BC write, so
+that decision lives here too.
 
 Rules (BEHAVIOUR §4): BC is the source of truth; a link ties one BC id to one Outlook id; every Outlook
 contact we write carries its BC id in an extended property ("tag"), so a lost link or a crash between
