@@ -304,10 +304,9 @@ def plan(
 
 def _linked_pair(planning: _Planning, bc_id: str, link: Link) -> Decision:
     snap = planning.snap
-    if bc_id not in snap.bc_index:
-        planning.claimed_bc.add(bc_id)
-        return _deleted_in_bc(planning, bc_id, link)
     planning.claimed_bc.add(bc_id)
+    if bc_id not in snap.bc_index:
+        return _deleted_in_bc(planning, bc_id, link)
     planning.claimed_outlook.add(link.outlook_id)
     bc = snap.bc.get(bc_id)
     if bc is None:
