@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contacts", type=int, default=300, help="BC person contacts to seed")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
     args = parser.parse_args(argv)
+    # The app's log records are for Application Insights; the demo prints the reports instead. Without a
+    # handler, Python's last-resort handler would print each warning (every skipped contact) to stderr.
+    logging.getLogger("shared").addHandler(logging.NullHandler())
 
     from sandbox.azurite import Azurite
     from sandbox.cloud import Cloud

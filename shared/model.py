@@ -8,6 +8,7 @@ raw dicts means nothing an API returns is lost on the way through.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,18 @@ def redact(text: str, user: str) -> str:
     for form in sorted({user, quote(user, safe="@"), quote(user, safe="")}, key=len, reverse=True):
         text = re.sub(re.escape(form), tag, text, flags=re.IGNORECASE)
     return text
+
+
+def log_fields(fields: dict[str, Any]) -> str:
+    """A structured log record's fields as compact JSON, for the end of the message (`event {...}`).
+
+    The Functions Python worker sends Application Insights only the formatted message: `extra` never
+    becomes customDimensions (Azure/azure-functions-python-worker#1327), and the host stores the message
+    verbatim in `traces.message`. So the fields travel in the message, and the workbook and alert
+    queries read them with `parse_json(substring(message, strlen("event ")))`. Only ids, hashes,
+    counts and reasons go in: never an address, a token or a secret.
+    """
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def normalize_user(value: Any) -> str:

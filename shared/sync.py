@@ -49,6 +49,7 @@ from shared.model import (
     UserSettings,
     UserState,
     iso,
+    log_fields,
     parse_iso,
     redact,
     user_hash,
@@ -271,55 +272,40 @@ MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
 def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | None = None) -> None:
     """One structured record per run for Application Insights, and warnings for skipped contacts.
 
-    Only ids, counts and reasons: no names, addresses, tokens or secrets. `throttled`: the requests
-    answered 429 per service (RequestCounter.throttled); the operations workbook charts them.
+    Each record is `event {compact JSON}` in the message itself (shared.model.log_fields): that is
+    what reaches `traces.message` whatever the worker's logging setup, and what the workbook and
+    alert queries parse. Only ids, counts and reasons: no names, addresses, tokens or secrets.
+    `throttled`: the requests answered 429 per service (RequestCounter.throttled); the operations
+    workbook charts them.
     """
     throttled = throttled or {}
     who = {"runId": report.runId, "userHash": user_hash(report.user)}
-    log.info(
-        "contact sync run",
-        extra={
-            "custom_dimensions": {
-                **who,
-                "mode": report.mode,
-                "dryRun": report.dryRun,
-                "status": report.status,
-                "durationSeconds": round(duration, 3),
-                **report.counts,
-                "bcRequests": report.requests.get("bc", 0),
-                "graphRequests": report.requests.get("graph", 0),
-                "bcThrottled": throttled.get("bc", 0),
-                "graphThrottled": throttled.get("graph", 0),
-            }
-        },
-    )
+    fields = {
+        **who,
+        "mode": report.mode,
+        "dryRun": report.dryRun,
+        "status": report.status,
+        "durationSeconds": round(duration, 3),
+        **report.counts,
+        "bcRequests": report.requests.get("bc", 0),
+        "graphRequests": report.requests.get("graph", 0),
+        "bcThrottled": throttled.get("bc", 0),
+        "graphThrottled": throttled.get("graph", 0),
+    }
+    log.info("contact sync run %s", log_fields(fields))
     skipped = [i for i in report.items if i.action == "skipped"]
     for item in skipped[:MAX_SKIP_WARNINGS]:
-        log.warning(
-            "contact skipped: %s",
-            item.reason,
-            extra={
-                "custom_dimensions": {
-                    **who,
-                    "bcId": item.bcId,
-                    "outlookId": item.outlookId,
-                    "reason": item.reason,
-                }
-            },
-        )
+        skip = {**who, "bcId": item.bcId, "outlookId": item.outlookId, "reason": item.reason}
+        log.warning("contact skipped %s", log_fields(skip))
     if len(skipped) > MAX_SKIP_WARNINGS:
         reasons = Counter(i.reason for i in skipped)
-        log.warning(
-            "%d more contacts skipped; the run report lists them all",
-            len(skipped) - MAX_SKIP_WARNINGS,
-            extra={
-                "custom_dimensions": {
-                    **who,
-                    "skipped": len(skipped),
-                    "reasons": dict(reasons.most_common(10)),
-                }
-            },
-        )
+        more = {
+            **who,
+            "notLogged": len(skipped) - MAX_SKIP_WARNINGS,
+            "skipped": len(skipped),
+            "reasons": dict(reasons.most_common(10)),
+        }
+        log.warning("more contacts skipped %s", log_fields(more))  # the run report lists them all
 
 
 def _failure_message(exc: Exception) -> str:
@@ -480,8 +466,12 @@ def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
     except ForeignDeltaLink as exc:
         run.mode = FULL
         report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
-        who = {"runId": report.runId, "userHash": user_hash(settings.user)}
-        log.warning("stored delta link refused: %s", exc, extra={"custom_dimensions": who})
+        refused = {
+            "runId": report.runId,
+            "userHash": user_hash(settings.user),
+            "error": redact(str(exc), settings.user),
+        }
+        log.warning("stored delta link refused %s", log_fields(refused))
         return folder_id, graph.delta(settings.user, folder_id, None)
     except DeltaExpired:
         run.mode = FULL
