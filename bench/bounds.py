@@ -7,7 +7,12 @@ The lower bound counts only what the APIs force on any correct sync (BEHAVIOUR �
   (whether this run or the next reads them, one run pays ceil(writes/200) pages for them).
 - BC pages hold up to 20,000 contacts; BC writes go 100 to a `$batch` call.
 - The fixed few: the initial sync looks the folder up and creates it (2); an incremental run knows
-  its folder from the stored state (0). Token requests go to Entra and are counted separately.
+  its folder from the stored state but must check it is still under Contacts (1): a folder the user
+  deleted sits in Deleted Items with the same id and still answers delta, so only the folder listing
+  shows it is gone (BEHAVIOUR §4.8). Token requests go to Entra and are counted separately.
+- BC reference data: the contact entity's fields from `$metadata`, once per process and API root
+  (versions differ: a field the tenant lacks fails the whole read), and the company's Country/Region
+  table once per run that maps a country (BC stores codes, Outlook free text) (BEHAVIOUR §4.6).
 
 The time bound is the concurrency bound of the issue: Graph items x latency / 4 per mailbox, where
 the items that cannot run side by side (chained delta pages, the folder calls) count one latency each,
@@ -48,10 +53,13 @@ class Need:
     delta_in: int = 0  # items the run's delta round must return (user changes, or everything in full)
     echo: int = 0  # our own Outlook writes, returned by the following delta round
     tag_reads: int = 0  # unknown Outlook contacts whose BC-id tag must be read
-    graph_fixed: int = 0  # folder lookup and creation on the first run
+    graph_fixed: int = 0  # folder lookup and creation on the first run, the folder check after it
     bc_read_rows: int | None = None  # contacts in the company, when this run must page through all of them
     bc_read_requests: int = 0  # BC reads that are single requests (the changed-since query)
     bc_writes: int = 0  # BC contacts created/updated
+    bc_reference_reads: int = (
+        0  # $metadata (first run of a process) and countriesRegions (a run mapping countries)
+    )
 
     @property
     def delta_pages(self) -> int:
@@ -71,7 +79,7 @@ class Need:
     @property
     def bc_requests(self) -> int:
         pages = 0 if self.bc_read_rows is None else max(1, math.ceil(self.bc_read_rows / BC_PAGE))
-        return pages + self.bc_read_requests + math.ceil(self.bc_writes / BC_BATCH)
+        return pages + self.bc_read_requests + self.bc_reference_reads + math.ceil(self.bc_writes / BC_BATCH)
 
     @property
     def graph_items(self) -> int:

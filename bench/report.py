@@ -229,9 +229,12 @@ def write_markdown(
         "## Bounds\n\n",
         "- Requests: ceil(Outlook writes / 20) `$batch` calls + ceil(unknown Outlook contacts / 20) batched tag "
         "reads + delta pages (max(1, ceil(changes / 200)) for the run's own round, plus ceil(own writes / 200) "
-        "for the echo of its writes) + a fixed few: 2 on a first run (folder lookup and creation), 0 after; "
+        "for the echo of its writes) + a fixed few: 2 on a first run (folder lookup and creation), 1 after "
+        "(the check that the folder is still under Contacts: a folder deleted in Outlook keeps its id and "
+        "still answers delta from Deleted Items); "
         "BC: max(1, ceil(contacts / 20,000)) pages per full listing, +1 for the changed-since query, "
-        "+ ceil(BC writes / 100) batches.\n",
+        "+ ceil(BC writes / 100) batches, + the reference reads: `$metadata` once per process (BC versions "
+        "differ in the contact fields they have) and `countriesRegions` once per run that maps a country.\n",
         "- Time: per mailbox, chained requests (delta pages, folder calls) one latency each, batch items "
         "4 at a time, within the mailbox budget; BC reads before, BC writes spread over 5 parallel batches. "
         "Several users: BC + the slowest mailbox (mailboxes are independent).\n\n",

@@ -22,6 +22,8 @@ def test_no_op_incremental_needs_one_delta_page_and_two_bc_requests():
     assert Need().graph_requests == 1
     assert Need(bc_read_rows=20_000, bc_read_requests=1).bc_requests == 2
     assert Need(bc_read_rows=20_001, bc_read_requests=1).bc_requests == 3
+    assert Need(bc_read_rows=1000, bc_reference_reads=2).bc_requests == 3  # $metadata, countriesRegions
+    assert Need(graph_fixed=1).graph_requests == 2  # the folder check, one delta page
 
 
 def test_the_mailbox_budget_binds_above_10000_items():
