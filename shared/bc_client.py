@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from shared.http import BatchItem, HttpClient, ItemResult
+from shared.http_client import BatchItem, HttpClient, ItemResult
 
 BATCH_MAX = 100
 PAGE_SIZE = 20000  # the documented maximum page size for BC online

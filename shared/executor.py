@@ -18,7 +18,7 @@ from typing import Any
 
 from shared.bc_client import BcClient, BcWrite
 from shared.graph_client import GraphClient
-from shared.http import BatchItem, ItemResult
+from shared.http_client import BatchItem, ItemResult
 from shared.mapping import (
     DEFAULT_CONTEXT,
     BcContext,

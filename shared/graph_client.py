@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from shared.http import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
+from shared.http_client import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
 from shared.mapping import BC_ID_PROPERTY_ID
 
 IMMUTABLE_IDS = 'IdType="ImmutableId"'

@@ -59,7 +59,7 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
 class ErrorAnswer(Exception):
     """The server's error answer to a request, raised from anywhere in a route and sent by `guarded`.
 
-    Not to be confused with `shared.http.ApiError`, which is this app's failure calling BC or Graph.
+    Not to be confused with `shared.http_client.ApiError`, which is this app's failure calling BC or Graph.
     """
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):

@@ -21,7 +21,7 @@ from shared.auth import BC_SCOPE, GRAPH_SCOPE, ManagedIdentityCredential, TokenP
 from shared.bc_client import BcClient
 from shared.config import Config
 from shared.graph_client import IMMUTABLE_IDS, GraphClient
-from shared.http import HttpClient, RequestCounter, WindowPacer
+from shared.http_client import HttpClient, RequestCounter, WindowPacer
 from shared.store import Store, pooled_transport
 from shared.sync import BcReader
 
