@@ -101,11 +101,6 @@ def forget_schemas() -> None:
         _schemas.clear()
 
 
-def odata_string(value: str) -> str:
-    """An OData string literal: quotes doubled, so user data can never end the literal early."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 @dataclass
 class BcWrite:
     """One contact write for `BcClient.write`: create (no id), update (id + etag) or delete."""

@@ -99,14 +99,6 @@ class GraphClient:
             "GET", self._url(self.user_path(user)), params={"$select": "id,mail,userPrincipalName"}
         ).body
 
-    def get_folder(self, user: str, folder_id: str) -> dict[str, Any] | None:
-        resp = self.http.request(
-            "GET",
-            self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}"),
-            allow_status=(404,),
-        )
-        return None if resp.status == 404 else resp.body
-
     def find_folder(self, user: str, name: str) -> dict[str, Any] | None:
         """The folder under Contacts with this name. Exchange compares folder names without regard to
         case ("business central" is the folder "Business Central"), so this does too."""

@@ -208,7 +208,6 @@ class WindowPacer:
         self._events: list[tuple[float, int]] = []
         self._used = 0
         self._lock = threading.Lock()
-        self.waited = 0.0
 
     def __call__(self, n: int) -> None:
         with self._lock:
@@ -221,7 +220,6 @@ class WindowPacer:
                     self._used += n
                     return
                 wait = self._events[0][0] + self.window - now
-                self.waited += wait
                 self._sleep(wait)
 
 
