@@ -156,7 +156,7 @@ class BcClient:
         return self._get_all(f"{self.root}/companies", None)
 
     def company(self, company_id: str) -> dict[str, Any]:
-        return self.http.request("GET", f"{self.root}/companies({company_id})").body
+        return self.http.request("GET", f"{self.root}/companies({company_id})").json_object()
 
     def list_contacts(
         self,

@@ -175,7 +175,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print("error: a user is required", file=sys.stderr)
         return 2
     try:
-        return args.func(args, out)
+        code: int = args.func(args, out)
+        return code
     except (ConfigError, ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -215,7 +215,7 @@ def _syntax_error(field: str, message: str) -> ValidationError:
 def _tokenize(field: str, expr: str) -> list[_Token]:
     tokens: list[_Token] = []
     i, n = 0, len(expr)
-    text_start, buf = 0, []
+    text_start, buf = 0, list[str]()
 
     def flush() -> None:
         if buf:

@@ -71,7 +71,8 @@ def tag_of(contact: dict[str, Any]) -> str | None:
     """The BC id an Outlook contact carries in its extended property, if it was expanded."""
     for prop in contact.get("singleValueExtendedProperties") or []:
         if str(prop.get("id", "")).lower() == BC_ID_PROPERTY_ID.lower():
-            return prop.get("value")
+            value: str | None = prop.get("value")
+            return value
     return None
 
 
@@ -97,7 +98,7 @@ class GraphClient:
     def get_user(self, user: str) -> dict[str, Any]:
         return self.http.request(
             "GET", self._url(self.user_path(user)), params={"$select": "id,mail,userPrincipalName"}
-        ).body
+        ).json_object()
 
     def find_folder(self, user: str, name: str) -> dict[str, Any] | None:
         """The folder under Contacts with this name. Exchange compares folder names without regard to
@@ -136,7 +137,7 @@ class GraphClient:
         try:
             return self.http.request(
                 "POST", self._url(f"{self.user_path(user)}/contactFolders"), json_body={"displayName": name}
-            ).body
+            ).json_object()
         except ApiError as exc:
             if exc.status != 409:
                 raise
@@ -151,7 +152,7 @@ class GraphClient:
             "PATCH",
             self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}"),
             json_body={"displayName": name},
-        ).body
+        ).json_object()
 
     # Reading contacts -------------------------------------------------------------------
     def delta(self, user: str, folder_id: str, delta_link: str | None) -> DeltaPage:
@@ -237,9 +238,10 @@ class GraphClient:
         return page
 
     def list_contacts(self, user: str, folder_id: str, *, with_tag: bool = True) -> list[dict[str, Any]]:
-        params = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
+        first_page = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
         if with_tag:
-            params["$expand"] = _EXPAND_TAG
+            first_page["$expand"] = _EXPAND_TAG
+        params: dict[str, str] | None = first_page  # the nextLinks carry the query themselves
         url: str | None = self._url(
             f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
         )
@@ -251,11 +253,13 @@ class GraphClient:
             params = None
         return out
 
-    def get_contacts(self, user: str, folder_id: str, ids: list[str]) -> tuple[dict[str, dict], set[str]]:
+    def get_contacts(
+        self, user: str, folder_id: str, ids: list[str]
+    ) -> tuple[dict[str, dict[str, Any]], set[str]]:
         """Full contacts (with their BC-id tag) by id; returns (found by id, ids no longer in the folder)."""
         query = f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}"
         items = [self.contact_op(user, folder_id, "GET", i, query=query) for i in ids]
-        found: dict[str, dict] = {}
+        found: dict[str, dict[str, Any]] = {}
         missing: set[str] = set()
         for cid, res in zip(ids, self._batch(items), strict=True):
             if res.ok and isinstance(res.body, dict):
