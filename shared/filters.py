@@ -271,14 +271,18 @@ def _parse_expression(field: str, expr: str) -> tuple[_Term, ...]:
             raise ValidationError(field, f"control character (U+{ord(ch):04X}) at position {pos + 1}")
     if not expr.strip(" "):
         return ()  # BC: an empty filter is no filter
-    tokens = _tokenize(field, expr)
-    alternatives: list[list[_Token]] = [[]]
+    return tuple(_parse_term(field, alt) for alt in _split(_tokenize(field, expr), _PIPE))
+
+
+def _split(tokens: list[_Token], kind: str) -> list[list[_Token]]:
+    """The runs of tokens between the tokens of `kind` (alternatives at '|', range ends at '..')."""
+    runs: list[list[_Token]] = [[]]
     for tok in tokens:
-        if tok.kind == _PIPE:
-            alternatives.append([])
+        if tok.kind == kind:
+            runs.append([])
         else:
-            alternatives[-1].append(tok)
-    return tuple(_parse_term(field, alt) for alt in alternatives)
+            runs[-1].append(tok)
+    return runs
 
 
 def _strip_outer_spaces(tokens: list[_Token]) -> list[_Token]:
@@ -316,12 +320,7 @@ def _parse_term(field: str, tokens: list[_Token]) -> _Term:
         tokens = _strip_outer_spaces([_Token(_TEXT, text, pos), *tokens[1:]])
     prefix = ("<>" if negate else "") + ("@" if ignore_case else "")
 
-    parts: list[list[_Token]] = [[]]
-    for tok in tokens:
-        if tok.kind == _DOTS:
-            parts.append([])
-        else:
-            parts[-1].append(tok)
+    parts = _split(tokens, _DOTS)
     if len(parts) > 2:
         raise _syntax_error(field, "a range has a single '..' (e.g. A..F); use '|' between ranges")
     if len(parts) == 2:

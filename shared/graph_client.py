@@ -118,17 +118,21 @@ class GraphClient:
     def list_folders(self, user: str) -> list[dict[str, Any]]:
         """The folders directly under the default Contacts folder. A folder the user deleted is in
         Deleted Items and no longer listed here, though it still answers GET by id."""
-        url: str | None = self._url(f"{self.user_path(user)}/contactFolders")
-        params: dict[str, str] | None = {
-            "$select": "id,displayName,parentFolderId",
-            "$top": str(LIST_PAGE_SIZE),
-        }
+        return self._get_all(
+            self._url(f"{self.user_path(user)}/contactFolders"),
+            {"$select": "id,displayName,parentFolderId", "$top": str(LIST_PAGE_SIZE)},
+        )
+
+    def _get_all(self, url: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Every item of a collection, following `@odata.nextLink` (which carries the query itself)."""
         out: list[dict[str, Any]] = []
-        while url:
-            resp = self.http.request("GET", url, params=params)
+        next_url: str | None = url
+        query: dict[str, str] | None = params
+        while next_url:
+            resp = self.http.request("GET", next_url, params=query)
             out.extend(resp.body.get("value", []))
-            url = resp.body.get("@odata.nextLink")
-            params = None
+            next_url = resp.body.get("@odata.nextLink")
+            query = None
         return out
 
     def create_folder(self, user: str, name: str) -> dict[str, Any]:
@@ -238,20 +242,12 @@ class GraphClient:
         return page
 
     def list_contacts(self, user: str, folder_id: str, *, with_tag: bool = True) -> list[dict[str, Any]]:
-        first_page = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
+        params = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
         if with_tag:
-            first_page["$expand"] = _EXPAND_TAG
-        params: dict[str, str] | None = first_page  # the nextLinks carry the query themselves
-        url: str | None = self._url(
-            f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
+            params["$expand"] = _EXPAND_TAG
+        return self._get_all(
+            self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"), params
         )
-        out: list[dict[str, Any]] = []
-        while url:
-            resp = self.http.request("GET", url, params=params)
-            out.extend(resp.body.get("value", []))
-            url = resp.body.get("@odata.nextLink")
-            params = None
-        return out
 
     def get_contacts(
         self, user: str, folder_id: str, ids: list[str]

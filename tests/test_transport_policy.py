@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from shared.http_client import AmbiguousWriteError, ApiError, Backoff, ForeignUrlError, HttpClient, RequestCounter
+from shared.http_client import (
+    AmbiguousWriteError,
+    ApiError,
+    Backoff,
+    ForeignUrlError,
+    HttpClient,
+    RequestCounter,
+)
 
 ALICE = "alice@contoso.example"
 
