@@ -176,11 +176,11 @@ class BcClient:
         out: list[dict[str, Any]] = []
         for start in range(0, len(ids), 40):
             chunk = ids[start : start + 40]
-            flt = " or ".join(f"id eq {cid}" for cid in chunk)
+            contact_filter = " or ".join(f"id eq {cid}" for cid in chunk)
             out.extend(
                 self._get_all(
                     f"{self.root}/{self._contacts_path(company_id)}",
-                    {"$filter": flt, "$select": ",".join(self.schema().contact_fields)},
+                    {"$filter": contact_filter, "$select": ",".join(self.schema().contact_fields)},
                 )
             )
         return out

@@ -141,13 +141,13 @@ class UserSettings:
         if "folderName" in data:
             kwargs["folder_name"] = normalize_folder_name(data["folderName"])
         if "filter" in data and data["filter"] is not None:
-            flt = data["filter"]
-            if not isinstance(flt, dict):
+            filter_document = data["filter"]
+            if not isinstance(filter_document, dict):
                 raise ValidationError(
                     "filter", "must be an object of field → Business Central filter expression"
                 )
-            parse_filter(flt)  # raises ValidationError naming the field
-            kwargs["filter"] = dict(flt)
+            parse_filter(filter_document)  # raises ValidationError naming the field
+            kwargs["filter"] = dict(filter_document)
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:

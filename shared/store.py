@@ -465,15 +465,15 @@ class Store:
                 select=_LINK_COLUMNS,
                 results_per_page=_PAGE,
             )
-            for e in rows:
-                bc_id = decode_key(e["RowKey"])
+            for entity in rows:
+                bc_id = decode_key(entity["RowKey"])
                 links[bc_id] = Link(
                     bc_id=bc_id,
-                    outlook_id=e.get("outlookId") or "",
-                    bc_hash=e.get("bcHash") or "",
-                    outlook_hash=e.get("outlookHash") or "",
-                    email=e.get("email") or "",
-                    etag=e.metadata.get("etag"),
+                    outlook_id=entity.get("outlookId") or "",
+                    bc_hash=entity.get("bcHash") or "",
+                    outlook_hash=entity.get("outlookHash") or "",
+                    email=entity.get("email") or "",
+                    etag=entity.metadata.get("etag"),
                 )
         return links
 
