@@ -97,7 +97,7 @@ def calibrate(conn: str, model: Model) -> dict[str, Any]:
     """Measure the latency model through the engine's own HTTP client: one Graph request, one
     `$batch` of 20, two such batches at once (they share the mailbox's 4 slots), BC one and ten at once."""
     from shared.auth import GRAPH_SCOPE
-    from shared.http import BatchItem, HttpClient, RequestCounter
+    from shared.http_client import BatchItem, HttpClient, RequestCounter
 
     upn = "calibration@contoso.example"
     out: dict[str, Any] = {}

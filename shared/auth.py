@@ -9,12 +9,16 @@ the function app's user-assigned managed identity as a federated credential: MSA
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import msal
 import requests
 
 from shared.config import Config
+
+if TYPE_CHECKING:
+    from azure.core.credentials import AccessToken
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 BC_SCOPE = "https://api.businesscentral.dynamics.com/.default"
@@ -70,7 +74,8 @@ class TokenProvider:
                     raise AuthError(
                         _FIC_AUDIENCE, result.get("error", "error"), result.get("error_description", "")
                     )
-                return result["access_token"]
+                token: str = result["access_token"]
+                return token
 
             credential = {"client_assertion": assertion}
         host = urlsplit(config.authority_host).hostname or ""
@@ -91,7 +96,8 @@ class TokenProvider:
             raise AuthError(
                 scope, result.get("error", "error"), result.get("error_description", "no description")
             )
-        return result["access_token"]
+        token: str = result["access_token"]
+        return token
 
     def invalidate(self) -> None:
         """Drop cached tokens, e.g. after a 401 on a token the cache still thought valid."""
@@ -127,7 +133,7 @@ class ManagedIdentityCredential:
         )
         self._client = msal.ManagedIdentityClient(identity, http_client=requests.Session())
 
-    def get_token(self, *scopes: str, **kwargs: object):
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
         from azure.core.credentials import AccessToken
 
         resource = scopes[0].removesuffix("/.default") if scopes else "https://storage.azure.com"

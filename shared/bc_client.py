@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from shared.http import BatchItem, HttpClient, ItemResult
+from shared.http_client import BatchItem, HttpClient, ItemResult
 
 BATCH_MAX = 100
 PAGE_SIZE = 20000  # the documented maximum page size for BC online
@@ -101,11 +101,6 @@ def forget_schemas() -> None:
         _schemas.clear()
 
 
-def odata_string(value: str) -> str:
-    """An OData string literal: quotes doubled, so user data can never end the literal early."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 @dataclass
 class BcWrite:
     """One contact write for `BcClient.write`: create (no id), update (id + etag) or delete."""
@@ -161,7 +156,7 @@ class BcClient:
         return self._get_all(f"{self.root}/companies", None)
 
     def company(self, company_id: str) -> dict[str, Any]:
-        return self.http.request("GET", f"{self.root}/companies({company_id})").body
+        return self.http.request("GET", f"{self.root}/companies({company_id})").json_object()
 
     def list_contacts(
         self,
@@ -181,11 +176,11 @@ class BcClient:
         out: list[dict[str, Any]] = []
         for start in range(0, len(ids), 40):
             chunk = ids[start : start + 40]
-            flt = " or ".join(f"id eq {cid}" for cid in chunk)
+            contact_filter = " or ".join(f"id eq {cid}" for cid in chunk)
             out.extend(
                 self._get_all(
                     f"{self.root}/{self._contacts_path(company_id)}",
-                    {"$filter": flt, "$select": ",".join(self.schema().contact_fields)},
+                    {"$filter": contact_filter, "$select": ",".join(self.schema().contact_fields)},
                 )
             )
         return out

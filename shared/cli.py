@@ -27,22 +27,21 @@ from shared.validate import validate_user
 
 def format_report(report: RunReport, *, max_items: int = 40) -> str:
     """A readable run report: header, counts, then the items worth a look."""
-    r = report
     lines = [
-        f"Run {r.runId}  user {r.user}  mode {r.mode}{'  (dry run)' if r.dryRun else ''}",
-        f"Status: {r.status}   started {r.startedAt}   finished {r.finishedAt or '-'}",
-        f"Requests: Business Central {r.requests.get('bc', 0)}, Graph {r.requests.get('graph', 0)}",
+        f"Run {report.runId}  user {report.user}  mode {report.mode}{'  (dry run)' if report.dryRun else ''}",
+        f"Status: {report.status}   started {report.startedAt}   finished {report.finishedAt or '-'}",
+        f"Requests: Business Central {report.requests.get('bc', 0)}, Graph {report.requests.get('graph', 0)}",
     ]
-    if r.message:
-        lines.append(f"Note: {r.message}")
+    if report.message:
+        lines.append(f"Note: {report.message}")
     width = max(len(a) for a in ACTIONS)
     lines.append("")
     lines.append("  ".join(f"{a:>{width}}" for a in ACTIONS[:5]))
-    lines.append("  ".join(f"{r.counts.get(a, 0):>{width}}" for a in ACTIONS[:5]))
+    lines.append("  ".join(f"{report.counts.get(a, 0):>{width}}" for a in ACTIONS[:5]))
     lines.append("  ".join(f"{a:>{width}}" for a in ACTIONS[5:]))
-    lines.append("  ".join(f"{r.counts.get(a, 0):>{width}}" for a in ACTIONS[5:]))
+    lines.append("  ".join(f"{report.counts.get(a, 0):>{width}}" for a in ACTIONS[5:]))
     order = {"failed": 0, "safetyStop": 0, "skipped": 2}
-    items = sorted(r.items, key=lambda i: order.get(i.action, 1))
+    items = sorted(report.items, key=lambda i: order.get(i.action, 1))
     if items:
         lines.append("")
         lines.append(f"{'action':<17} {'email':<34} reason")
@@ -100,15 +99,15 @@ def _cmd_users(args: argparse.Namespace, out: TextIO) -> int:
             indent=2,
         )
     elif args.action == "get":
-        s = store.get_settings(normalize_user(args.user))
-        if s is None:
+        settings = store.get_settings(normalize_user(args.user))
+        if settings is None:
             print("error: no such user", file=sys.stderr)
             return 2
-        json.dump(s.to_json(), out, indent=2)
+        json.dump(settings.to_json(), out, indent=2)
     elif args.action == "put":
         body: dict[str, Any] = json.load(open(args.file)) if args.file else {}  # noqa: SIM115
-        s = store.put_settings(UserSettings.from_json(body, user=args.user))
-        json.dump(s.to_json(), out, indent=2)
+        settings = store.put_settings(UserSettings.from_json(body, user=args.user))
+        json.dump(settings.to_json(), out, indent=2)
     elif args.action == "delete":
         if not store.delete_settings(normalize_user(args.user)):
             print("error: no such user", file=sys.stderr)
@@ -165,39 +164,39 @@ def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shared", description="BC Contact Sync operator CLI")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sync", help="run a sync for one user (or --all enabled users)")
-    who = s.add_mutually_exclusive_group(required=True)
+    parser = argparse.ArgumentParser(prog="python -m shared", description="BC Contact Sync operator CLI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sync = sub.add_parser("sync", help="run a sync for one user (or --all enabled users)")
+    who = sync.add_mutually_exclusive_group(required=True)
     who.add_argument("--user")
     who.add_argument("--all", action="store_true")
-    s.add_argument("--mode", choices=("incremental", "full"), default="incremental")
-    s.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
-    s.add_argument("--force", action="store_true", help="proceed past the mass-deletion guard")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_cmd_sync)
-    u = sub.add_parser("users", help="per-user settings")
-    u.add_argument("action", choices=("list", "get", "put", "delete"))
-    u.add_argument("user", nargs="?")
-    u.add_argument("--file", help="JSON settings document (for put)")
-    u.set_defaults(func=_cmd_users)
-    v = sub.add_parser("validate", help="check tokens, BC company, mailbox and permissions for a user")
-    v.add_argument("--user", required=True)
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(func=_cmd_validate)
-    c = sub.add_parser(
+    sync.add_argument("--mode", choices=("incremental", "full"), default="incremental")
+    sync.add_argument("--dry-run", action="store_true", help="plan and report, write nothing")
+    sync.add_argument("--force", action="store_true", help="proceed past the mass-deletion guard")
+    sync.add_argument("--json", action="store_true")
+    sync.set_defaults(func=_cmd_sync)
+    users = sub.add_parser("users", help="per-user settings")
+    users.add_argument("action", choices=("list", "get", "put", "delete"))
+    users.add_argument("user", nargs="?")
+    users.add_argument("--file", help="JSON settings document (for put)")
+    users.set_defaults(func=_cmd_users)
+    validate = sub.add_parser("validate", help="check tokens, BC company, mailbox and permissions for a user")
+    validate.add_argument("--user", required=True)
+    validate.add_argument("--json", action="store_true")
+    validate.set_defaults(func=_cmd_validate)
+    conformance = sub.add_parser(
         "conformance",
         help="check on the real tenant every Graph/BC behaviour the sync relies on (writes nothing to BC; "
         "creates and removes a scratch Outlook folder)",
     )
-    c.add_argument("--user", required=True, help="a mailbox the app may write to")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_cmd_conformance)
-    r = sub.add_parser("report", help="show a stored run report")
-    r.add_argument("run_id")
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(func=_cmd_report)
-    return p
+    conformance.add_argument("--user", required=True, help="a mailbox the app may write to")
+    conformance.add_argument("--json", action="store_true")
+    conformance.set_defaults(func=_cmd_conformance)
+    report = sub.add_parser("report", help="show a stored run report")
+    report.add_argument("run_id")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=_cmd_report)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -207,7 +206,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print("error: a user is required", file=sys.stderr)
         return 2
     try:
-        return args.func(args, out)
+        code: int = args.func(args, out)
+        return code
     except (ConfigError, ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

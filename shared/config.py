@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -100,92 +100,129 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        env = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            spec = next(s for s in SETTINGS if s.name == name)
-            raw = env.get(name)
-            value = raw.strip() if isinstance(raw, str) else None
-            if not value:
-                if spec.required:
-                    raise ConfigError(name, f"is missing ({spec.description})")
-                return spec.default
-            return value
-
-        tenant = get("SYNC_TENANT_ID")
-        if not (_GUID.match(tenant) or _DOMAIN.match(tenant)):
-            raise ConfigError("SYNC_TENANT_ID", "must be a tenant id (GUID) or a domain such as contoso.com")
-        client_id = get("SYNC_CLIENT_ID")
-        if not _GUID.match(client_id):
-            raise ConfigError("SYNC_CLIENT_ID", "must be the application (client) id, a GUID")
-        secret = get("SYNC_CLIENT_SECRET")
-        mi_client = get("SYNC_MANAGED_IDENTITY_CLIENT_ID")
-        if mi_client and not _GUID.match(mi_client):
-            raise ConfigError("SYNC_MANAGED_IDENTITY_CLIENT_ID", "must be a client id (GUID)")
-        if not secret and not mi_client:
-            raise ConfigError(
-                "SYNC_CLIENT_SECRET",
-                "is missing (set it, or SYNC_MANAGED_IDENTITY_CLIENT_ID for the secretless federated credential)",
-            )
-        if secret:
-            from shared.validate import unresolved_key_vault_reference  # validate imports auth -> config
-
-            problem = unresolved_key_vault_reference("SYNC_CLIENT_SECRET", secret)
-            if problem:
-                raise ConfigError("SYNC_CLIENT_SECRET", problem)
-        env_name = get("BC_ENVIRONMENT")
-        if not _ENV_NAME.match(env_name):
-            raise ConfigError("BC_ENVIRONMENT", "must be an environment name (letters, digits, - or _)")
-        company = get("BC_COMPANY_ID")
-        if not _GUID.match(company):
-            raise ConfigError(
-                "BC_COMPANY_ID", "must be a company id (GUID); list them with GET .../companies"
-            )
-        conn = get("AzureWebJobsStorage")
-        table_uri = get("AzureWebJobsStorage__tableServiceUri")
-        queue_uri = get("AzureWebJobsStorage__queueServiceUri")
-        if not conn and not table_uri:
-            raise ConfigError(
-                "AzureWebJobsStorage",
-                "is missing (or set AzureWebJobsStorage__tableServiceUri for managed identity)",
-            )
-        if conn and "=" not in conn:
-            raise ConfigError("AzureWebJobsStorage", "is not a storage connection string")
-        if table_uri:
-            table_uri = _https_url("AzureWebJobsStorage__tableServiceUri", table_uri)
-        if queue_uri:
-            queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
-        prefix = get("SYNC_TABLE_PREFIX")
-        if not _TABLE_PREFIX.match(prefix):
-            raise ConfigError(
-                "SYNC_TABLE_PREFIX", "must start with a letter and hold only letters and digits"
-            )
-        schedule = get("SYNC_SCHEDULE")
-        if not _NCRONTAB.match(schedule):
-            raise ConfigError(
-                "SYNC_SCHEDULE", "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *"
-            )
+        """The settings from `env` (default: the process environment), each checked in the order the
+        table lists them, so the first problem is the one named."""
+        read = _Reader(os.environ if env is None else env)
+        tenant = read.matching(
+            "SYNC_TENANT_ID",
+            lambda v: bool(_GUID.match(v) or _DOMAIN.match(v)),
+            "must be a tenant id (GUID) or a domain such as contoso.com",
+        )
+        client_id = read.matching(
+            "SYNC_CLIENT_ID", _GUID.match, "must be the application (client) id, a GUID"
+        )
+        secret, mi_client = _credential_settings(read)
+        env_name = read.matching(
+            "BC_ENVIRONMENT", _ENV_NAME.match, "must be an environment name (letters, digits, - or _)"
+        )
+        company = read.matching(
+            "BC_COMPANY_ID", _GUID.match, "must be a company id (GUID); list them with GET .../companies"
+        )
+        conn, table_uri, queue_uri = _storage_settings(read)
+        prefix = read.matching(
+            "SYNC_TABLE_PREFIX",
+            _TABLE_PREFIX.match,
+            "must start with a letter and hold only letters and digits",
+        )
+        schedule = read.matching(
+            "SYNC_SCHEDULE",
+            _NCRONTAB.match,
+            "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
+        )
         return cls(
             tenant_id=tenant,
             client_id=client_id,
             client_secret=secret,
             managed_identity_client_id=mi_client,
-            authority_host=_https_url("SYNC_AUTHORITY_HOST", get("SYNC_AUTHORITY_HOST")),
-            bc_base_url=_https_url("BC_API_BASE_URL", get("BC_API_BASE_URL")),
+            authority_host=_https_url("SYNC_AUTHORITY_HOST", read.value("SYNC_AUTHORITY_HOST")),
+            bc_base_url=_https_url("BC_API_BASE_URL", read.value("BC_API_BASE_URL")),
             bc_environment=env_name,
             bc_company_id=company.lower(),
-            graph_base_url=_https_url("GRAPH_BASE_URL", get("GRAPH_BASE_URL")),
+            graph_base_url=_https_url("GRAPH_BASE_URL", read.value("GRAPH_BASE_URL")),
             storage_connection_string=conn,
             table_service_uri=table_uri,
             queue_service_uri=queue_uri,
-            storage_client_id=get("AzureWebJobsStorage__clientId"),
+            storage_client_id=read.optional("AzureWebJobsStorage__clientId"),
             table_prefix=prefix,
             schedule=schedule,
             inline_budget_seconds=_number(
-                "SYNC_INLINE_BUDGET_SECONDS", get("SYNC_INLINE_BUDGET_SECONDS"), 1, 230
+                "SYNC_INLINE_BUDGET_SECONDS", read.value("SYNC_INLINE_BUDGET_SECONDS"), 1, 230
             ),
-            full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", get("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
+            full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", read.value("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
         )
+
+
+class _Reader:
+    """Reads settings by name from an environment, applying `SETTINGS`' defaults and requirements."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self._env = env
+
+    def optional(self, name: str) -> str | None:
+        """The trimmed value, the declared default when blank or unset, or ConfigError when required."""
+        spec = next(s for s in SETTINGS if s.name == name)
+        raw = self._env.get(name)
+        value = raw.strip() if isinstance(raw, str) else None
+        if not value:
+            if spec.required:
+                raise ConfigError(name, f"is missing ({spec.description})")
+            return spec.default
+        return value
+
+    def value(self, name: str) -> str:
+        """A setting that always has a value: required, or optional with a default."""
+        value = self.optional(name)
+        if value is None:  # only a setting declared with neither: a mistake in SETTINGS
+            raise ConfigError(name, "is missing")
+        return value
+
+    def matching(self, name: str, check: Callable[[str], object], problem: str) -> str:
+        """A setting that always has a value and must pass `check`; ConfigError naming `problem`."""
+        value = self.value(name)
+        if not check(value):
+            raise ConfigError(name, problem)
+        return value
+
+
+def _credential_settings(read: _Reader) -> tuple[str | None, str | None]:
+    """(client secret, managed identity client id): at least one, the secret not an unresolved Key
+    Vault reference."""
+    secret = read.optional("SYNC_CLIENT_SECRET")
+    mi_client = read.optional("SYNC_MANAGED_IDENTITY_CLIENT_ID")
+    if mi_client and not _GUID.match(mi_client):
+        raise ConfigError("SYNC_MANAGED_IDENTITY_CLIENT_ID", "must be a client id (GUID)")
+    if not secret and not mi_client:
+        raise ConfigError(
+            "SYNC_CLIENT_SECRET",
+            "is missing (set it, or SYNC_MANAGED_IDENTITY_CLIENT_ID for the secretless federated credential)",
+        )
+    if secret:
+        from shared.validate import unresolved_key_vault_reference  # validate imports auth -> config
+
+        problem = unresolved_key_vault_reference("SYNC_CLIENT_SECRET", secret)
+        if problem:
+            raise ConfigError("SYNC_CLIENT_SECRET", problem)
+    return secret, mi_client
+
+
+def _storage_settings(read: _Reader) -> tuple[str | None, str | None, str | None]:
+    """(connection string, table service URI, queue service URI): a connection string locally, the
+    service URIs for the managed identity in Azure."""
+    conn = read.optional("AzureWebJobsStorage")
+    table_uri = read.optional("AzureWebJobsStorage__tableServiceUri")
+    queue_uri = read.optional("AzureWebJobsStorage__queueServiceUri")
+    if not conn and not table_uri:
+        raise ConfigError(
+            "AzureWebJobsStorage",
+            "is missing (or set AzureWebJobsStorage__tableServiceUri for managed identity)",
+        )
+    if conn and "=" not in conn:
+        raise ConfigError("AzureWebJobsStorage", "is not a storage connection string")
+    if table_uri:
+        table_uri = _https_url("AzureWebJobsStorage__tableServiceUri", table_uri)
+    if queue_uri:
+        queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
+    return conn, table_uri, queue_uri
 
 
 def _number(name: str, value: str, low: float, high: float) -> float:

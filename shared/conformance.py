@@ -11,7 +11,7 @@ assume. It therefore exercises writes in Outlook (a scratch folder with two scra
 removes them again in a `finally`, also when a step fails, reporting a cleanup that did not work. It
 never writes to Business Central: every BC request is a GET, or a `$batch` of GETs.
 
-Requests go through a deliberately thin client (not `shared.http.HttpClient`): a conformance check
+Requests go through a deliberately thin client (not `shared.http_client.HttpClient`): a conformance check
 must see the raw answer (status, `Content-Type`, `Preference-Applied`) rather than a retry policy's
 interpretation of it. It still honours `Retry-After` on 429/503 for requests that are safe to repeat.
 Nothing it prints contains a token, a secret or the mailbox address.
@@ -35,10 +35,10 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError, TokenProvider
-from shared.bc_client import CONTACT_FIELDS, REQUIRED_FIELDS, odata_string
+from shared.bc_client import CONTACT_FIELDS, REQUIRED_FIELDS
 from shared.config import Config
-from shared.graph_client import IMMUTABLE_IDS, tag_of
-from shared.http import parse_retry_after
+from shared.graph_client import IMMUTABLE_IDS, odata_string, tag_of
+from shared.http_client import parse_retry_after
 from shared.mapping import BC_ID_PROPERTY_ID, MAPPED_FIELDS
 
 OK = "ok"
@@ -97,13 +97,13 @@ class StepFailed(Exception):
 @dataclass
 class Answer:
     status: int
-    headers: requests.structures.CaseInsensitiveDict
+    headers: requests.structures.CaseInsensitiveDict[str]
     text: str
     body: Any  # parsed JSON, or None
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("Content-Type", "").lower()
+        return str(self.headers.get("Content-Type", "")).lower()
 
     def error(self) -> str:
         """`status code: message` from an OData error body, else the status and content type."""
@@ -455,7 +455,9 @@ class Conformance:
         delta_link = ""
         first_round: str | None = None
         with self._step(DELTA, "the sync reads Outlook changes through folder delta: report the answer"):
-            pages, seen, url, params = 0, set(), delta_url, {"$select": "id,displayName"}
+            pages, url = 0, delta_url
+            seen: set[str] = set()
+            params: dict[str, str] | None = {"$select": "id,displayName"}
             while True:
                 page = self.graph.call("GET", url, headers=headers, params=params)
                 pages += 1
@@ -480,52 +482,33 @@ class Conformance:
             first_round = f"first round: {pages} page(s), both contacts"
         self._batch(first_round, delta_link, headers)
 
+    def _graph_batch(self, items: list[tuple[str, str, str]], safe: bool = False) -> Answer:
+        """A Graph `$batch` of (id, method, relative url) items, each asking for immutable ids."""
+        requests_ = [
+            {"id": item_id, "method": method, "url": url, "headers": {"Prefer": IMMUTABLE_IDS}}
+            for item_id, method, url in items
+        ]
+        return self.graph.call(
+            "POST", f"{self.config.graph_base_url}/$batch", body={"requests": requests_}, safe=safe
+        )
+
     def _batch(self, first_round: str | None, delta_link: str, headers: dict[str, str]) -> None:
         todo = "the sync writes Outlook contacts through $batch: report this tenant's answer"
         deleted = False
         with self._step(BATCH, todo):
             path = self._contacts_url().removeprefix(self.config.graph_base_url)
             a, b = self._contacts["a"], self._contacts["b"]
-            item_headers = {"Prefer": IMMUTABLE_IDS}
-            first = self.graph.call(
-                "POST",
-                f"{self.config.graph_base_url}/$batch",
-                body={
-                    "requests": [
-                        {
-                            "id": "1",
-                            "method": "GET",
-                            "url": f"{path}/{quote(a, safe='')}?$select=id",
-                            "headers": item_headers,
-                        },
-                        {
-                            "id": "2",
-                            "method": "DELETE",
-                            "url": f"{path}/{quote(b, safe='')}",
-                            "headers": item_headers,
-                        },
-                    ]
-                },
+            first = self._graph_batch(
+                [
+                    ("1", "GET", f"{path}/{quote(a, safe='')}?$select=id"),
+                    ("2", "DELETE", f"{path}/{quote(b, safe='')}"),
+                ]
             )
             statuses = self._batch_statuses(first)
             if statuses.get("2") == 204:
                 deleted = True
                 self.contact_ids.remove(b)
-            second = self.graph.call(
-                "POST",
-                f"{self.config.graph_base_url}/$batch",
-                body={
-                    "requests": [
-                        {
-                            "id": "1",
-                            "method": "GET",
-                            "url": f"{path}/{quote(b, safe='')}",
-                            "headers": item_headers,
-                        }
-                    ]
-                },
-                safe=True,
-            )
+            second = self._graph_batch([("1", "GET", f"{path}/{quote(b, safe='')}")], safe=True)
             statuses2 = self._batch_statuses(second)
             want = ({"1": 200, "2": 204}, {"1": 404})
             if (statuses, statuses2) != want:
@@ -736,7 +719,7 @@ class Conformance:
                 else "the sync checks Outlook country names against this list: give the app's permission "
                 "sets read access to Countries/Regions",
             )
-        codes = [c.get("code") for c in got.body.get("value", []) if isinstance(c, dict) and c.get("code")]
+        codes = [str(c["code"]) for c in got.body.get("value", []) if isinstance(c, dict) and c.get("code")]
         if not codes:
             raise StepFailed(
                 "no countries/regions with a code",

@@ -19,7 +19,7 @@ from typing import Any, Literal, assert_never
 from shared.bc_client import BcClient, BcWrite
 from shared.filters import ContactFilter
 from shared.graph_client import GraphClient
-from shared.http import BatchItem, ItemResult
+from shared.http_client import BatchItem, ItemResult
 from shared.mapping import DEFAULT_CONTEXT, BcContext, bc_view, fingerprint, outlook_view
 from shared.model import ActionKind, Link, ReportItem, RunReport, UserSettings, redact
 from shared.planner import Action, Plan, after_bc_write

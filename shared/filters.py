@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.model import ValidationError
+from shared.errors import ValidationError
 
 SUPPORTED_FIELDS = (
     "displayName",
@@ -208,14 +208,14 @@ class _Token:
     pos: int  # 0-based position in the expression, for error messages
 
 
-def _fail(field: str, message: str) -> ValidationError:
+def _syntax_error(field: str, message: str) -> ValidationError:
     return ValidationError(field, f"{message}. Supported: {SUPPORTED_SYNTAX}")
 
 
 def _tokenize(field: str, expr: str) -> list[_Token]:
     tokens: list[_Token] = []
     i, n = 0, len(expr)
-    text_start, buf = 0, []
+    text_start, buf = 0, list[str]()
 
     def flush() -> None:
         if buf:
@@ -230,7 +230,7 @@ def _tokenize(field: str, expr: str) -> list[_Token]:
             while True:
                 if i >= n:
                     msg = f"unbalanced quote at position {start + 1}; inside quotes write a quote as ''"
-                    raise _fail(field, msg)
+                    raise _syntax_error(field, msg)
                 if expr[i] == "'":
                     if i + 1 < n and expr[i + 1] == "'":
                         chars.append("'")
@@ -251,7 +251,7 @@ def _tokenize(field: str, expr: str) -> list[_Token]:
             flush()
             if expr.startswith("...", i):
                 msg = f"'...' at position {i + 1} is ambiguous: quote a value that starts or ends with '.'"
-                raise _fail(field, msg)
+                raise _syntax_error(field, msg)
             tokens.append(_Token(_DOTS, "..", i))
             i += 2
             continue
@@ -271,14 +271,18 @@ def _parse_expression(field: str, expr: str) -> tuple[_Term, ...]:
             raise ValidationError(field, f"control character (U+{ord(ch):04X}) at position {pos + 1}")
     if not expr.strip(" "):
         return ()  # BC: an empty filter is no filter
-    tokens = _tokenize(field, expr)
-    alternatives: list[list[_Token]] = [[]]
+    return tuple(_parse_term(field, alt) for alt in _split(_tokenize(field, expr), _PIPE))
+
+
+def _split(tokens: list[_Token], kind: str) -> list[list[_Token]]:
+    """The runs of tokens between the tokens of `kind` (alternatives at '|', range ends at '..')."""
+    runs: list[list[_Token]] = [[]]
     for tok in tokens:
-        if tok.kind == _PIPE:
-            alternatives.append([])
+        if tok.kind == kind:
+            runs.append([])
         else:
-            alternatives[-1].append(tok)
-    return tuple(_parse_term(field, alt) for alt in alternatives)
+            runs[-1].append(tok)
+    return runs
 
 
 def _strip_outer_spaces(tokens: list[_Token]) -> list[_Token]:
@@ -295,7 +299,9 @@ def _strip_outer_spaces(tokens: list[_Token]) -> list[_Token]:
 def _parse_term(field: str, tokens: list[_Token]) -> _Term:
     tokens = _strip_outer_spaces(tokens)
     if not tokens:
-        raise _fail(field, "empty alternative (as in 'a||b' or a trailing '|'); write '' for a blank value")
+        raise _syntax_error(
+            field, "empty alternative (as in 'a||b' or a trailing '|'); write '' for a blank value"
+        )
     negate = ignore_case = False
     if tokens[0].kind == _TEXT:
         head = tokens[0]
@@ -308,27 +314,24 @@ def _parse_term(field: str, tokens: list[_Token]) -> _Term:
         if text.startswith("@"):
             ignore_case, text, pos = True, text[1:], pos + 1
             if text.lstrip(" ").startswith("<>"):
-                raise _fail(field, "write '<>@value' (not '@<>value') for a case-insensitive 'not equal'")
+                raise _syntax_error(
+                    field, "write '<>@value' (not '@<>value') for a case-insensitive 'not equal'"
+                )
         tokens = _strip_outer_spaces([_Token(_TEXT, text, pos), *tokens[1:]])
     prefix = ("<>" if negate else "") + ("@" if ignore_case else "")
 
-    parts: list[list[_Token]] = [[]]
-    for tok in tokens:
-        if tok.kind == _DOTS:
-            parts.append([])
-        else:
-            parts[-1].append(tok)
+    parts = _split(tokens, _DOTS)
     if len(parts) > 2:
-        raise _fail(field, "a range has a single '..' (e.g. A..F); use '|' between ranges")
+        raise _syntax_error(field, "a range has a single '..' (e.g. A..F); use '|' between ranges")
     if len(parts) == 2:
         if negate:
-            raise _fail(field, "'<>' cannot be combined with a range; use ..a|b.. to exclude a..b")
+            raise _syntax_error(field, "'<>' cannot be combined with a range; use ..a|b.. to exclude a..b")
         low, high = (_parse_value(field, p) for p in parts)
         for bound in (low, high):
             if bound is not None and bound.has_wildcard:
-                raise _fail(field, "'*' cannot be used in a range")
+                raise _syntax_error(field, "'*' cannot be used in a range")
         if low is None and high is None:
-            raise _fail(field, "'..' needs a value on at least one side")
+            raise _syntax_error(field, "'..' needs a value on at least one side")
         return _Term(
             negate=False,
             ignore_case=ignore_case,
@@ -338,7 +341,7 @@ def _parse_term(field: str, tokens: list[_Token]) -> _Term:
         )
     value = _parse_value(field, parts[0])
     if value is None:
-        raise _fail(field, f"'{prefix}' needs a value; write {prefix}'' for a blank value")
+        raise _syntax_error(field, f"'{prefix}' needs a value; write {prefix}'' for a blank value")
     if ignore_case:
         value = _Value(tuple(s.casefold() for s in value.segments))
     return _Term(negate=negate, ignore_case=ignore_case, value=value)
@@ -356,11 +359,13 @@ def _parse_value(field: str, tokens: list[_Token]) -> _Value | None:
     if len(tokens) > 1:
         quote = next(t for t in tokens if t.kind == _QUOTED)
         msg = f"a quote at position {quote.pos + 1} is inside a value: quote the whole value, e.g. 'O''Brien'"
-        raise _fail(field, msg)
+        raise _syntax_error(field, msg)
     tok = tokens[0]
     if tok.kind == _QUOTED:
         if "?" in tok.text:
-            raise _fail(field, "'?' (single-character wildcard) is not supported, not even quoted; use '*'")
+            raise _syntax_error(
+                field, "'?' (single-character wildcard) is not supported, not even quoted; use '*'"
+            )
         return _Value(tuple(tok.text.split("*")))
     for offset, ch in enumerate(tok.text):
         if ch in _UNSUPPORTED:
@@ -370,7 +375,7 @@ def _parse_value(field: str, tokens: list[_Token]) -> _Value | None:
             msg = f"unsupported {what} at position {tok.pos + offset + 1}"
             if quotable:
                 msg += f"; to match the character itself, quote the value: {_quote(tok.text)}"
-            raise _fail(field, msg)
+            raise _syntax_error(field, msg)
     return _Value(tuple(tok.text.split("*")))
 
 

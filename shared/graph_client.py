@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from shared.http import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
+from shared.http_client import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
 from shared.mapping import BC_ID_PROPERTY_ID
 
 IMMUTABLE_IDS = 'IdType="ImmutableId"'
@@ -71,7 +71,8 @@ def tag_of(contact: dict[str, Any]) -> str | None:
     """The BC id an Outlook contact carries in its extended property, if it was expanded."""
     for prop in contact.get("singleValueExtendedProperties") or []:
         if str(prop.get("id", "")).lower() == BC_ID_PROPERTY_ID.lower():
-            return prop.get("value")
+            value: str | None = prop.get("value")
+            return value
     return None
 
 
@@ -79,6 +80,11 @@ def find_by_name(folders: list[dict[str, Any]], name: str) -> dict[str, Any] | N
     """The folder of that display name, compared as Exchange does: without regard to case."""
     wanted = name.casefold()
     return next((f for f in folders if str(f.get("displayName") or "").casefold() == wanted), None)
+
+
+def odata_string(value: str) -> str:
+    """An OData string literal: quotes doubled, so user data can never end the literal early."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 class GraphClient:
@@ -97,15 +103,7 @@ class GraphClient:
     def get_user(self, user: str) -> dict[str, Any]:
         return self.http.request(
             "GET", self._url(self.user_path(user)), params={"$select": "id,mail,userPrincipalName"}
-        ).body
-
-    def get_folder(self, user: str, folder_id: str) -> dict[str, Any] | None:
-        resp = self.http.request(
-            "GET",
-            self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}"),
-            allow_status=(404,),
-        )
-        return None if resp.status == 404 else resp.body
+        ).json_object()
 
     def find_folder(self, user: str, name: str) -> dict[str, Any] | None:
         """The folder under Contacts with this name. Exchange compares folder names without regard to
@@ -114,28 +112,31 @@ class GraphClient:
 
     def folders_named(self, user: str, name: str) -> list[dict[str, Any]]:
         """The folders under Contacts that `$filter=displayName eq` matches (Exchange: any case)."""
-        escaped = name.replace("'", "''")
         resp = self.http.request(
             "GET",
             self._url(f"{self.user_path(user)}/contactFolders"),
-            params={"$filter": f"displayName eq '{escaped}'"},
+            params={"$filter": f"displayName eq {odata_string(name)}"},
         )
         return list(resp.body.get("value", []))
 
     def list_folders(self, user: str) -> list[dict[str, Any]]:
         """The folders directly under the default Contacts folder. A folder the user deleted is in
         Deleted Items and no longer listed here, though it still answers GET by id."""
-        url: str | None = self._url(f"{self.user_path(user)}/contactFolders")
-        params: dict[str, str] | None = {
-            "$select": "id,displayName,parentFolderId",
-            "$top": str(LIST_PAGE_SIZE),
-        }
+        return self._get_all(
+            self._url(f"{self.user_path(user)}/contactFolders"),
+            {"$select": "id,displayName,parentFolderId", "$top": str(LIST_PAGE_SIZE)},
+        )
+
+    def _get_all(self, url: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """Every item of a collection, following `@odata.nextLink` (which carries the query itself)."""
         out: list[dict[str, Any]] = []
-        while url:
-            resp = self.http.request("GET", url, params=params)
+        next_url: str | None = url
+        query: dict[str, str] | None = params
+        while next_url:
+            resp = self.http.request("GET", next_url, params=query)
             out.extend(resp.body.get("value", []))
-            url = resp.body.get("@odata.nextLink")
-            params = None
+            next_url = resp.body.get("@odata.nextLink")
+            query = None
         return out
 
     def create_folder(self, user: str, name: str) -> dict[str, Any]:
@@ -144,7 +145,7 @@ class GraphClient:
         try:
             return self.http.request(
                 "POST", self._url(f"{self.user_path(user)}/contactFolders"), json_body={"displayName": name}
-            ).body
+            ).json_object()
         except ApiError as exc:
             if exc.status != 409:
                 raise
@@ -159,7 +160,7 @@ class GraphClient:
             "PATCH",
             self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}"),
             json_body={"displayName": name},
-        ).body
+        ).json_object()
 
     # Reading contacts -------------------------------------------------------------------
     def delta(self, user: str, folder_id: str, delta_link: str | None) -> DeltaPage:
@@ -248,22 +249,17 @@ class GraphClient:
         params = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
         if with_tag:
             params["$expand"] = _EXPAND_TAG
-        url: str | None = self._url(
-            f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
+        return self._get_all(
+            self._url(f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"), params
         )
-        out: list[dict[str, Any]] = []
-        while url:
-            resp = self.http.request("GET", url, params=params)
-            out.extend(resp.body.get("value", []))
-            url = resp.body.get("@odata.nextLink")
-            params = None
-        return out
 
-    def get_contacts(self, user: str, folder_id: str, ids: list[str]) -> tuple[dict[str, dict], set[str]]:
+    def get_contacts(
+        self, user: str, folder_id: str, ids: list[str]
+    ) -> tuple[dict[str, dict[str, Any]], set[str]]:
         """Full contacts (with their BC-id tag) by id; returns (found by id, ids no longer in the folder)."""
         query = f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}"
         items = [self.contact_op(user, folder_id, "GET", i, query=query) for i in ids]
-        found: dict[str, dict] = {}
+        found: dict[str, dict[str, Any]] = {}
         missing: set[str] = set()
         for cid, res in zip(ids, self._batch(items), strict=True):
             if res.ok and isinstance(res.body, dict):

@@ -52,17 +52,21 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
     )
 
 
-def error(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
+def error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> func.HttpResponse:
     return json_response(status, {"error": {"code": code, "message": message, **extra}}, headers)
 
 
 class ErrorAnswer(Exception):
     """The server's error answer to a request, raised from anywhere in a route and sent by `guarded`.
 
-    Not to be confused with `shared.http.ApiError`, which is this app's failure calling BC or Graph.
+    Not to be confused with `shared.http_client.ApiError`, which is this app's failure calling BC or Graph.
     """
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ):
         super().__init__(message)
         self.response = error(status, code, message, headers, **extra)
 

@@ -17,11 +17,20 @@ from typing import Any
 import azure.functions as func
 
 from shared import runs
-from shared.model import RunReport, RunStatus, UserSettings, ValidationError, normalize_user
+from shared.model import (
+    RunReport,
+    RunStatus,
+    UserSettings,
+    ValidationError,
+    log_fields,
+    normalize_user,
+    redact,
+    user_hash,
+)
 from shared.planner import FULL, INCREMENTAL
 from shared.services import get_services
 from shared.store import MalformedRowError, Store
-from shared.sync import RunInProgress, log_fields, redact, run_user, user_hash
+from shared.sync import RunInProgress, run_user
 
 log = logging.getLogger(__name__)
 

@@ -407,40 +407,11 @@ def bc_to_outlook(
     slot, where the next run would take it for BC's value (and a full sync would rewrite it).
     """
     existing = existing or {}
-    view = {**outlook_view(existing), **bc_view(bc, ctx)} if existing else {**_BLANK_VIEW, **bc_view(bc, ctx)}
-    if ctx.countries is not None and ctx.has("country"):
-        typed = _outlook_country(existing)
-        if not view["country"] and typed and not ctx.countries.code_for(typed):
-            view["country"] = typed  # Outlook-only text BC cannot hold: keep it
-        else:
-            view["country"] = ctx.countries.name_for(view["country"])
-    elif not ctx.has("country") and existing:
-        view["country"] = _outlook_country(existing)
+    view = _view_for_outlook(bc, existing, ctx)
     name = view["displayName"]
     given, surname = split_name(name)
-
-    email = view["email"]
-    emails: list[dict[str, Any]] = []
-    if email:
-        emails.append({"address": email, "name": name})
-        for entry in _list(existing.get("emailAddresses"))[1:]:
-            if not isinstance(entry, Mapping) or not _text(entry.get("address")):
-                continue
-            if normalize_email(entry.get("address")) == normalize_email(email):
-                continue  # BC's address is already first
-            kept = {"address": entry.get("address")}
-            if isinstance(entry.get("name"), str):
-                kept["name"] = entry["name"]
-            emails.append(kept)
-
-    phone = view["phoneNumber"]
-    phones: list[str] = []
-    if phone:
-        phones.append(phone)
-        for other in _list(existing.get("businessPhones"))[1:]:
-            if isinstance(other, str) and other.strip() and other.strip() != phone:
-                phones.append(other)
-
+    emails = _email_addresses(view["email"], name, existing)
+    phones = _business_phones(view["phoneNumber"], existing)
     body: dict[str, Any] = {
         "displayName": name or None,
         # The name parts are derived from BC's single name, so a middle name left from an adopted
@@ -466,6 +437,51 @@ def bc_to_outlook(
     if bc_id:
         body["singleValueExtendedProperties"] = [{"id": BC_ID_PROPERTY_ID, "value": bc_id}]
     return body
+
+
+def _view_for_outlook(bc: Mapping[str, Any], existing: Mapping[str, Any], ctx: BcContext) -> dict[str, str]:
+    """BC's values over the Outlook contact's (or blanks), the country as Outlook shows it: BC's
+    Country/Region name, or the Outlook text BC cannot hold, or Outlook's own when BC lacks the field."""
+    view = {**outlook_view(existing), **bc_view(bc, ctx)} if existing else {**_BLANK_VIEW, **bc_view(bc, ctx)}
+    if ctx.countries is not None and ctx.has("country"):
+        typed = _outlook_country(existing)
+        if not view["country"] and typed and not ctx.countries.code_for(typed):
+            view["country"] = typed  # Outlook-only text BC cannot hold: keep it
+        else:
+            view["country"] = ctx.countries.name_for(view["country"])
+    elif not ctx.has("country") and existing:
+        view["country"] = _outlook_country(existing)
+    return view
+
+
+def _email_addresses(email: str, name: str, existing: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """BC's address first, then the Outlook contact's other addresses; none when BC's is blank."""
+    emails: list[dict[str, Any]] = []
+    if not email:
+        return emails
+    emails.append({"address": email, "name": name})
+    for entry in _list(existing.get("emailAddresses"))[1:]:
+        if not isinstance(entry, Mapping) or not _text(entry.get("address")):
+            continue
+        if normalize_email(entry.get("address")) == normalize_email(email):
+            continue  # BC's address is already first
+        kept = {"address": entry.get("address")}
+        if isinstance(entry.get("name"), str):
+            kept["name"] = entry["name"]
+        emails.append(kept)
+    return emails
+
+
+def _business_phones(phone: str, existing: Mapping[str, Any]) -> list[str]:
+    """BC's phone first, then the Outlook contact's other business phones; none when BC's is blank."""
+    phones: list[str] = []
+    if not phone:
+        return phones
+    phones.append(phone)
+    for other in _list(existing.get("businessPhones"))[1:]:
+        if isinstance(other, str) and other.strip() and other.strip() != phone:
+            phones.append(other)
+    return phones
 
 
 _BLANK_VIEW = dict.fromkeys(MAPPED_FIELDS, "")
@@ -549,18 +565,7 @@ def outlook_to_bc(
     left out, and `notes` says so; the contact is still stored. Fields the tenant lacks are not sent.
     """
     view = outlook_view(contact, DEFAULT_CONTEXT)
-    unknown: dict[str, str] = {}  # field -> what the user typed, which BC cannot hold
-    if ctx.countries is not None and ctx.has("country") and view["country"]:
-        typed = _outlook_country(contact)
-        view["country"] = ctx.countries.code_for(typed) or ""
-        if not view["country"]:
-            unknown["country"] = typed
-    if ctx.companies is not None and ctx.has("companyName") and view["companyName"]:
-        known = ctx.companies.get(view["companyName"].casefold())
-        if known is not None:
-            view["companyName"] = known
-        elif current is None or view["companyName"] != bc_view(current, ctx).get("companyName"):
-            unknown["companyName"] = view["companyName"]
+    unknown = _values_bc_cannot_hold(view, contact, current, ctx)
     fields = [name for name in MAPPED_FIELDS if ctx.has(name)]
     if current is not None:
         now = bc_view(current, ctx)
@@ -574,10 +579,45 @@ def outlook_to_bc(
                     if name == "country"
                     else f"company '{typed}' is not a company contact in Business Central; left empty"
                 )
+    problems = _bc_problems(view, fields, creating=current is None)
+    if problems:
+        raise MappingError("; ".join(problems))
+
+    if current is not None:
+        return {name: view[name] for name in fields}
+    body: dict[str, Any] = {"type": "Person"}
+    for name in fields:
+        if view[name]:
+            body[name] = view[name]
+    return body
+
+
+def _values_bc_cannot_hold(
+    view: dict[str, str], contact: Mapping[str, Any], current: Mapping[str, Any] | None, ctx: BcContext
+) -> dict[str, str]:
+    """Field -> what the user typed, for a country and a company name BC does not know; `view` gets
+    BC's country code and BC's spelling of a known company name."""
+    unknown: dict[str, str] = {}
+    if ctx.countries is not None and ctx.has("country") and view["country"]:
+        typed = _outlook_country(contact)
+        view["country"] = ctx.countries.code_for(typed) or ""
+        if not view["country"]:
+            unknown["country"] = typed
+    if ctx.companies is not None and ctx.has("companyName") and view["companyName"]:
+        known = ctx.companies.get(view["companyName"].casefold())
+        if known is not None:
+            view["companyName"] = known
+        elif current is None or view["companyName"] != bc_view(current, ctx).get("companyName"):
+            unknown["companyName"] = view["companyName"]
+    return unknown
+
+
+def _bc_problems(view: dict[str, str], fields: list[str], *, creating: bool) -> list[str]:
+    """Every reason BC would refuse the `fields` to be sent (all of them when creating)."""
     problems: list[str] = []
-    if not view["displayName"] and (current is None or "displayName" in fields):
+    if not view["displayName"] and (creating or "displayName" in fields):
         problems.append("no name (displayName, givenName and surname are blank)")
-    if current is None or "email" in fields:
+    if creating or "email" in fields:
         if not view["email"]:
             problems.append("no email address")
         elif (why := bc_email_problem(view["email"])) is not None:
@@ -585,7 +625,7 @@ def outlook_to_bc(
                 f"email (Outlook {_OUTLOOK_SOURCE['email']}) {why}; Business Central would reject it"
             )
     for name in _PHONE_FIELDS:
-        if (current is None or name in fields) and phone_has_letter(view[name]):
+        if (creating or name in fields) and phone_has_letter(view[name]):
             problems.append(
                 f"{name} (Outlook {_OUTLOOK_SOURCE[name]}) contains letters, "
                 "which Business Central does not allow in a phone number"
@@ -597,16 +637,7 @@ def outlook_to_bc(
                 f"{name} (Outlook {_OUTLOOK_SOURCE[name]}) is {length} characters long; "
                 f"Business Central allows at most {limit}"
             )
-    if problems:
-        raise MappingError("; ".join(problems))
-
-    if current is not None:
-        return {name: view[name] for name in fields}
-    body: dict[str, Any] = {"type": "Person"}
-    for name in fields:
-        if view[name]:
-            body[name] = view[name]
-    return body
+    return problems
 
 
 _ALWAYS_SENT = ("displayName", "singleValueExtendedProperties")

@@ -14,8 +14,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
+
+from shared.errors import ValidationError as ValidationError  # re-exported: callers import it from here too
+from shared.filters import parse_filter
 
 DEFAULT_FOLDER = "Business Central"
 
@@ -27,15 +30,6 @@ _UPN_RE = re.compile(
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Characters Outlook does not allow in a folder name, plus control characters.
 _BAD_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
-
-
-class ValidationError(ValueError):
-    """Bad input from a user or a settings row. `field` names the offending setting."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def utcnow() -> datetime:
@@ -123,7 +117,7 @@ class UserSettings:
     pull_edits_from_outlook: bool = False
     remove_from_outlook: bool = True
 
-    _JSON_FIELDS = {
+    JSON_FIELDS: ClassVar[dict[str, str]] = {
         "user": "user",
         "enabled": "enabled",
         "companyId": "company_id",
@@ -140,13 +134,11 @@ class UserSettings:
 
         `user`, when given (e.g. from the URL), must agree with the body's `user` if that is present.
         """
-        from shared.filters import parse_filter  # late import: filters depends on nothing here
-
         if not isinstance(data, dict):
             raise ValidationError("body", "must be a JSON object")
-        unknown = sorted(set(data) - set(cls._JSON_FIELDS))
+        unknown = sorted(set(data) - set(cls.JSON_FIELDS))
         if unknown:
-            raise ValidationError(unknown[0], f"unknown setting (known: {', '.join(cls._JSON_FIELDS)})")
+            raise ValidationError(unknown[0], f"unknown setting (known: {', '.join(cls.JSON_FIELDS)})")
         body_user = data.get("user")
         if user is not None and body_user is not None and normalize_user(body_user) != normalize_user(user):
             raise ValidationError("user", "does not match the user in the URL")
@@ -156,23 +148,23 @@ class UserSettings:
             if name in data:
                 if not isinstance(data[name], bool):
                     raise ValidationError(name, "must be true or false")
-                kwargs[cls._JSON_FIELDS[name]] = data[name]
+                kwargs[cls.JSON_FIELDS[name]] = data[name]
         if "companyId" in data:
             kwargs["company_id"] = normalize_company_id(data["companyId"])
         if "folderName" in data:
             kwargs["folder_name"] = normalize_folder_name(data["folderName"])
         if "filter" in data and data["filter"] is not None:
-            flt = data["filter"]
-            if not isinstance(flt, dict):
+            filter_document = data["filter"]
+            if not isinstance(filter_document, dict):
                 raise ValidationError(
                     "filter", "must be an object of field → Business Central filter expression"
                 )
-            parse_filter(flt)  # raises ValidationError naming the field
-            kwargs["filter"] = dict(flt)
+            parse_filter(filter_document)  # raises ValidationError naming the field
+            kwargs["filter"] = dict(filter_document)
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:
-        return {j: getattr(self, a) for j, a in self._JSON_FIELDS.items()}
+        return {j: getattr(self, a) for j, a in self.JSON_FIELDS.items()}
 
 
 @dataclass

@@ -110,8 +110,7 @@ class Action:
     def __post_init__(self) -> None:
         # A kind spelled as its string value is accepted; an unknown one raises ValueError here, so it
         # never reaches the executor.
-        if not isinstance(self.kind, ActionKind):
-            self.kind = _kind_named(self.kind)
+        self.kind = _kind_named(self.kind)
 
     @property
     def report_as(self) -> str:
@@ -124,6 +123,8 @@ class Action:
 
 
 def _kind_named(value: object) -> ActionKind:
+    if isinstance(value, ActionKind):
+        return value
     for kind in ActionKind:
         if kind.value == value:
             return kind

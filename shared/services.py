@@ -19,9 +19,9 @@ from azure.data.tables import TableServiceClient
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, ManagedIdentityCredential, TokenProvider, token_provider
 from shared.bc_client import BcClient
-from shared.config import Config
+from shared.config import Config, ConfigError
 from shared.graph_client import IMMUTABLE_IDS, GraphClient
-from shared.http import HttpClient, RequestCounter, WindowPacer
+from shared.http_client import HttpClient, RequestCounter, WindowPacer
 from shared.store import Store, pooled_transport
 from shared.sync import BcReader
 
@@ -103,6 +103,8 @@ def store_from_config(config: Config) -> Store:
     """Table Storage by connection string (local, Azurite) or by managed identity (Azure, no keys)."""
     if config.storage_connection_string:
         return Store.from_connection_string(config.storage_connection_string, prefix=config.table_prefix)
+    if not config.table_service_uri:  # Config.from_env requires one of the two
+        raise ConfigError("AzureWebJobsStorage", "is missing (or set AzureWebJobsStorage__tableServiceUri)")
     service = TableServiceClient(
         endpoint=config.table_service_uri,
         credential=ManagedIdentityCredential(config.storage_client_id),

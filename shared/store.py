@@ -67,7 +67,7 @@ _SETTINGS_RK = "settings"
 _STATE_RK = "state"
 _LEASE_RK = "lease"
 _HEAD_RK = "head"
-_SETTINGS_COLUMNS = frozenset(UserSettings._JSON_FIELDS) - {"user"}
+_SETTINGS_COLUMNS = frozenset(UserSettings.JSON_FIELDS) - {"user"}
 _STATE_COLUMNS = {
     "bc_watermark": "bcWatermark",
     "delta_link": "deltaLink",
@@ -112,7 +112,7 @@ class MalformedRowError(StoreError):
     """A row that does not pass validation, typically hand-edited in Storage Explorer."""
 
 
-def _describe(err: AzureError) -> str:
+def _azure_error_text(err: AzureError) -> str:
     if isinstance(err, HttpResponseError) and err.status_code is not None:
         code = getattr(err, "error_code", None)
         code = getattr(code, "value", code)
@@ -139,14 +139,46 @@ def _is_missing_entity(err: HttpResponseError) -> bool:
 
 
 @contextmanager
-def _guard(table: str, operation: str) -> Iterator[None]:
+def _storage_errors(table: str, operation: str) -> Iterator[None]:
     """Turns any Azure SDK error escaping the block into a StoreError naming table and operation."""
     try:
         yield
     except StoreError:
         raise
     except AzureError as err:
-        raise StoreError(table, operation, _describe(err), _status(err)) from err
+        raise StoreError(table, operation, _azure_error_text(err), _status(err)) from err
+
+
+class _WriteLost(Exception):
+    """A conditional write lost its race: the row was created (409), changed (412) or deleted (404)
+    by another writer since it was read. The caller decides what losing means for it."""
+
+    def __init__(self, status: int | None, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _write_if_match(client: TableClient, entity: dict[str, Any], etag: str | None) -> str:
+    """The one conditional write of the store: insert when `etag` is None (the row must not exist),
+    otherwise replace If-Match `etag`. Returns the new etag; raises _WriteLost when another writer got
+    there first, so no caller ever overwrites what it did not read."""
+    try:
+        if etag is None:
+            meta = client.create_entity(entity)
+        else:
+            meta = client.update_entity(
+                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+            )
+    except ResourceExistsError as err:
+        raise _WriteLost(409, "another writer created it first") from err
+    except HttpResponseError as err:
+        if err.status_code == 412:
+            raise _WriteLost(412, "changed by another writer") from err
+        if _is_missing_entity(err):
+            raise _WriteLost(err.status_code, "deleted meanwhile") from err
+        raise
+    return str(meta["etag"])
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -344,12 +376,12 @@ class Store:
     def ensure_tables(self) -> None:
         """Creates the five tables when missing; safe to call on every start."""
         for name in self.table_names.values():
-            with _guard(name, "create table"):
+            with _storage_errors(name, "create table"):
                 self._service.create_table_if_not_exists(name)
 
     def _get_entity(self, kind: str, pk: str, rk: str, operation: str) -> Any | None:
         client, table = self._client(kind)
-        with _guard(table, operation):
+        with _storage_errors(table, operation):
             try:
                 return client.get_entity(pk, rk)
             except HttpResponseError as err:
@@ -375,7 +407,7 @@ class Store:
         again first (it may have been built without from_json), so nothing invalid is ever stored."""
         settings = UserSettings.from_json(settings.to_json())
         client, table = self._client("Settings")
-        with _guard(table, f"write settings of {settings.user}"):
+        with _storage_errors(table, f"write settings of {settings.user}"):
             client.upsert_entity(_settings_entity(settings), mode=UpdateMode.REPLACE)
         return settings
 
@@ -392,7 +424,7 @@ class Store:
         existed = self._get_entity("Settings", encode_key(user), _SETTINGS_RK, f"delete settings of {user}")
         for kind, rk, what in (("Settings", _SETTINGS_RK, "settings"), ("State", _STATE_RK, "state")):
             client, table = self._client(kind)
-            with _guard(table, f"delete {what} of {user}"):
+            with _storage_errors(table, f"delete {what} of {user}"):
                 client.delete_entity(encode_key(user), rk)
         self.delete_links(user, list(self._link_keys(user)))
         return existed is not None
@@ -411,7 +443,7 @@ class Store:
         client, table = self._client("Settings")
         valid: list[UserSettings] = []
         problems: list[tuple[str, str]] = []
-        with _guard(table, "list settings"):
+        with _storage_errors(table, "list settings"):
             for entity in client.list_entities(results_per_page=_PAGE):
                 try:
                     valid.append(_settings_from_entity(entity))
@@ -426,22 +458,22 @@ class Store:
         columns (about 0.5 s for 20,000 links on Azurite)."""
         client, table = self._client("Links")
         links: dict[str, Link] = {}
-        with _guard(table, f"read links of {user}"):
+        with _storage_errors(table, f"read links of {user}"):
             rows = client.query_entities(
                 "PartitionKey eq @pk",
                 parameters={"pk": encode_key(user)},
                 select=_LINK_COLUMNS,
                 results_per_page=_PAGE,
             )
-            for e in rows:
-                bc_id = decode_key(e["RowKey"])
+            for entity in rows:
+                bc_id = decode_key(entity["RowKey"])
                 links[bc_id] = Link(
                     bc_id=bc_id,
-                    outlook_id=e.get("outlookId") or "",
-                    bc_hash=e.get("bcHash") or "",
-                    outlook_hash=e.get("outlookHash") or "",
-                    email=e.get("email") or "",
-                    etag=e.metadata.get("etag"),
+                    outlook_id=entity.get("outlookId") or "",
+                    bc_hash=entity.get("bcHash") or "",
+                    outlook_hash=entity.get("outlookHash") or "",
+                    email=entity.get("email") or "",
+                    etag=entity.metadata.get("etag"),
                 )
         return links
 
@@ -473,7 +505,7 @@ class Store:
         ]
         client, table = self._client("Links")
         for batch in _chunks(ops, _TRANSACTION_MAX):
-            with _guard(table, f"write {len(batch)} links of {user}"):
+            with _storage_errors(table, f"write {len(batch)} links of {user}"):
                 client.submit_transaction(batch)
 
     def delete_links(self, user: str, bc_ids: Iterable[str]) -> None:
@@ -483,7 +515,7 @@ class Store:
         keys = list(dict.fromkeys(encode_key(b) for b in bc_ids))
         client, table = self._client("Links")
         for batch in _chunks(keys, _TRANSACTION_MAX):
-            with _guard(table, f"delete {len(batch)} links of {user}"):
+            with _storage_errors(table, f"delete {len(batch)} links of {user}"):
                 try:
                     client.submit_transaction([("delete", {"PartitionKey": pk, "RowKey": k}) for k in batch])
                 except TableTransactionError as err:
@@ -494,7 +526,7 @@ class Store:
 
     def _link_keys(self, user: str) -> Iterator[str]:
         client, table = self._client("Links")
-        with _guard(table, f"list links of {user}"):
+        with _storage_errors(table, f"list links of {user}"):
             for e in client.query_entities(
                 "PartitionKey eq @pk",
                 parameters={"pk": encode_key(user)},
@@ -527,25 +559,12 @@ class Store:
             _put_text(entity, col, getattr(state, attr))
         client, table = self._client("State")
         operation = f"save state of {state.user}"
-        with _guard(table, operation):
+        with _storage_errors(table, operation):
             try:
-                if state.etag is None:
-                    meta = client.create_entity(entity)
-                else:
-                    meta = client.update_entity(
-                        entity,
-                        mode=UpdateMode.REPLACE,
-                        etag=state.etag,
-                        match_condition=MatchConditions.IfNotModified,
-                    )
-            except ResourceExistsError as err:
-                raise ConcurrencyError(table, operation, "another writer created it first", 409) from err
-            except HttpResponseError as err:
-                if err.status_code == 412 or _is_missing_entity(err):
-                    detail = "changed by another writer" if err.status_code == 412 else "deleted meanwhile"
-                    raise ConcurrencyError(table, operation, detail, err.status_code) from err
-                raise
-        return replace(state, etag=meta["etag"])
+                etag = _write_if_match(client, entity, state.etag)
+            except _WriteLost as lost:
+                raise ConcurrencyError(table, operation, lost.detail, lost.status) from lost.__cause__
+        return replace(state, etag=etag)
 
     # --- run reports (BEHAVIOUR §7) ------------------------------------------------------------------
 
@@ -570,7 +589,7 @@ class Store:
         head = self._get_entity("Runs", pk, _HEAD_RK, operation)
         generation = int(head.get("generation", 0)) + 1 if head else 1
         index_rk = self._index_rk(report)
-        with _guard(table, operation):
+        with _storage_errors(table, operation):
             for n, row in enumerate(rows):
                 entity: dict[str, Any] = {"PartitionKey": pk, "RowKey": _chunk_rk(generation, n)}
                 entity.update({f"p{i:02d}": part for i, part in enumerate(row)})
@@ -611,7 +630,7 @@ class Store:
         # A concurrent re-save may flip the head between our read of it and of its chunks; the chunks
         # of the generation we saw are then gone, and re-reading sees the new one.
         for _attempt in range(3):
-            with _guard(table, operation):
+            with _storage_errors(table, operation):
                 rows = {
                     e["RowKey"]: e
                     for e in client.query_entities(
@@ -629,10 +648,11 @@ class Store:
                 raise MalformedRowError(
                     table, operation, "the report's head row lacks generation/chunks"
                 ) from None
-            if any(row is None for row in chunk_rows):
+            present = [row for row in chunk_rows if row is not None]
+            if len(present) != len(chunk_rows):
                 continue
             payload = b"".join(
-                row[f"p{i:02d}"] for row in chunk_rows for i in range(_PARTS_PER_ROW) if f"p{i:02d}" in row
+                row[f"p{i:02d}"] for row in present for i in range(_PARTS_PER_ROW) if f"p{i:02d}" in row
             )
             try:
                 return RunReport.from_json(json.loads(zlib.decompress(payload)))
@@ -652,7 +672,7 @@ class Store:
         query, parameters = "PartitionKey eq @pk", {"pk": _user_pk(user)}
         if status is not None:
             query, parameters = f"{query} and status eq @status", {**parameters, "status": str(status)}
-        with _guard(table, f"list reports of {user}"):
+        with _storage_errors(table, f"list reports of {user}"):
             rows = list(
                 islice(
                     client.query_entities(
@@ -707,30 +727,14 @@ class Store:
                 current = _lease_from(user, entity)
                 if current.holder != holder and current.expires_at > now:
                     return None
-            new = {
-                "PartitionKey": pk,
-                "RowKey": _LEASE_RK,
-                "holder": holder,
-                "expiresAt": now + timedelta(seconds=duration_s),
-            }
-            with _guard(table, operation):
+            expires = now + timedelta(seconds=duration_s)
+            new = {"PartitionKey": pk, "RowKey": _LEASE_RK, "holder": holder, "expiresAt": expires}
+            with _storage_errors(table, operation):
                 try:
-                    if entity is None:
-                        meta = client.create_entity(new)
-                    else:
-                        meta = client.update_entity(
-                            new,
-                            mode=UpdateMode.REPLACE,
-                            etag=entity.metadata["etag"],
-                            match_condition=MatchConditions.IfNotModified,
-                        )
-                except ResourceExistsError:
-                    continue
-                except HttpResponseError as err:
-                    if err.status_code == 412 or _is_missing_entity(err):
-                        continue
-                    raise
-            return Lease(user, holder, _as_utc(new["expiresAt"]), meta["etag"])
+                    etag = _write_if_match(client, new, None if entity is None else entity.metadata["etag"])
+                except _WriteLost:
+                    continue  # another racer wrote first: re-read and see its lease
+            return Lease(user, holder, _as_utc(expires), etag)
         return None
 
     def renew_lease(self, lease: Lease, duration_s: float) -> Lease:
@@ -745,27 +749,20 @@ class Store:
             "holder": lease.holder,
             "expiresAt": expires,
         }
-        with _guard(table, operation):
+        with _storage_errors(table, operation):
             try:
-                meta = client.update_entity(
-                    entity,
-                    mode=UpdateMode.REPLACE,
-                    etag=lease.etag,
-                    match_condition=MatchConditions.IfNotModified,
-                )
-            except HttpResponseError as err:
-                if err.status_code == 412 or _is_missing_entity(err):
-                    raise LeaseLost(
-                        table, operation, "the lease was taken over or released", err.status_code
-                    ) from err
-                raise
-        return Lease(lease.user, lease.holder, _as_utc(expires), meta["etag"])
+                etag = _write_if_match(client, entity, lease.etag)
+            except _WriteLost as lost:
+                raise LeaseLost(
+                    table, operation, "the lease was taken over or released", lost.status
+                ) from lost.__cause__
+        return Lease(lease.user, lease.holder, _as_utc(expires), etag)
 
     def release_lease(self, lease: Lease) -> None:
         """Deletes our lease If-Match its etag: a lease someone else took over is theirs and stays.
         No error when it is already gone or no longer ours."""
         client, table = self._client("Leases")
-        with _guard(table, f"release lease of {lease.user} for {lease.holder}"):
+        with _storage_errors(table, f"release lease of {lease.user} for {lease.holder}"):
             try:
                 client.delete_entity(
                     encode_key(lease.user),

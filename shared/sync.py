@@ -31,7 +31,7 @@ from shared.graph_client import (
     is_partial,
     tag_of,
 )
-from shared.http import ApiError, RequestCounter
+from shared.http_client import ApiError, RequestCounter
 from shared.mapping import (
     MAPPED_FIELDS,
     BcContext,

@@ -14,7 +14,7 @@ from typing import Any
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError
 from shared.bc_client import BcSchema, SchemaError
-from shared.http import ApiError, RequestCounter
+from shared.http_client import ApiError, RequestCounter
 from shared.model import UserSettings
 
 KEY_VAULT_REFERENCE_PREFIX = "@Microsoft.KeyVault("

@@ -1,11 +1,11 @@
-"""The one HTTP policy (shared/http.py) against the sandbox: what it retries, how long it waits, and
+"""The one HTTP policy (shared/http_client.py) against the sandbox: what it retries, how long it waits, and
 what it refuses to repeat. Waits are recorded through the injectable `sleep`, not slept."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared.http import AmbiguousWriteError, ApiError, BatchItem, RequestCounter
+from shared.http_client import AmbiguousWriteError, ApiError, BatchItem, RequestCounter
 
 ALICE = "alice@contoso.example"
 
@@ -98,7 +98,7 @@ def test_failed_batch_items_report_their_own_error(clients):
 
 
 def test_pacer_waits_for_the_window_instead_of_being_throttled():
-    from shared.http import WindowPacer
+    from shared.http_client import WindowPacer
 
     now = [0.0]
     waits: list[float] = []

@@ -98,8 +98,8 @@ def test_definitions_match_the_code():
         "user"
     ]
     assert set(d["RunReport"]["properties"]["counts"]["properties"]) == set(ACTIONS)
-    assert set(d["UserSettings"]["properties"]) == set(UserSettings._JSON_FIELDS)
-    assert set(d["UserSettingsInput"]["properties"]) == set(UserSettings._JSON_FIELDS)
+    assert set(d["UserSettings"]["properties"]) == set(UserSettings.JSON_FIELDS)
+    assert set(d["UserSettingsInput"]["properties"]) == set(UserSettings.JSON_FIELDS)
     from shared.filters import SUPPORTED_FIELDS
 
     assert set(d["UserSettings"]["properties"]["filter"]["properties"]) == set(SUPPORTED_FIELDS)

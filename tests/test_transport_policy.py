@@ -1,4 +1,4 @@
-"""The transport policy of shared/http.py, directly (issue 10, items 1, 9, 10): backoff without
+"""The transport policy of shared/http_client.py, directly (issue 10, items 1, 9, 10): backoff without
 Retry-After, what is never sent twice, and where a token may go. Waits go through the injectable
 `sleep` and a seeded random source; nothing here really waits."""
 
@@ -8,7 +8,14 @@ import random
 
 import pytest
 
-from shared.http import AmbiguousWriteError, ApiError, Backoff, ForeignUrlError, HttpClient, RequestCounter
+from shared.http_client import (
+    AmbiguousWriteError,
+    ApiError,
+    Backoff,
+    ForeignUrlError,
+    HttpClient,
+    RequestCounter,
+)
 
 ALICE = "alice@contoso.example"
 

@@ -14,8 +14,6 @@ from shared.model import WRITE_ACTIONS, RunReport, UserSettings
 from shared.services import Services
 from shared.sync import run_user
 
-WRITE_COUNTS = WRITE_ACTIONS
-
 
 class World:
     def __init__(self, cloud: Cloud, env: dict[str, str]):
@@ -85,4 +83,4 @@ def tag(contact: dict[str, Any]) -> str | None:
 
 
 def writes(report: RunReport) -> int:
-    return sum(report.counts[k] for k in WRITE_COUNTS)
+    return sum(report.counts[k] for k in WRITE_ACTIONS)

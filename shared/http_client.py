@@ -100,7 +100,7 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random)
 
     def ceiling(self, attempt: int) -> float:
-        return min(self.cap, self.base * 2 ** max(0, attempt - 1))
+        return min(self.cap, self.base * 2.0 ** max(0, attempt - 1))
 
     def delay(self, attempt: int, waited: float) -> float | None:
         """The wait before retry number `attempt`, or None when the budget is spent."""
@@ -115,6 +115,11 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: Any  # parsed JSON, or None
+
+    def json_object(self) -> dict[str, Any]:
+        """The body as the JSON object the API documents for this call (a typed view, not a check)."""
+        body: dict[str, Any] = self.body
+        return body
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -208,7 +213,6 @@ class WindowPacer:
         self._events: list[tuple[float, int]] = []
         self._used = 0
         self._lock = threading.Lock()
-        self.waited = 0.0
 
     def __call__(self, n: int) -> None:
         with self._lock:
@@ -221,7 +225,6 @@ class WindowPacer:
                     self._used += n
                     return
                 wait = self._events[0][0] + self.window - now
-                self.waited += wait
                 self._sleep(wait)
 
 
@@ -269,7 +272,10 @@ class HttpClient:
         self._session = session or requests.Session()
         self._pacer = pacer
         self.backoff = Backoff(backoff_base, backoff_cap, max_wait, rng or random.Random())
-        self._origin, self._base_path = _origin_of(base_url) if base_url else (None, "")
+        self._origin: str | None = None
+        self._base_path = ""
+        if base_url:
+            self._origin, self._base_path = _origin_of(base_url)
         self._base_url = base_url.rstrip("/") if base_url else None
 
     def _backoff(self, attempt: int, waited: float = 0.0) -> float:
@@ -304,77 +310,24 @@ class HttpClient:
         """
         method = method.upper()
         self.check_target(url)  # before any token is fetched or any byte is sent
-        repeatable = method in _IDEMPOTENT if idempotent is None else idempotent
-        waited = 0.0
-        refreshed = False
-        attempt = 0
+        call = _Call(method, url, method in _IDEMPOTENT if idempotent is None else idempotent)
         while True:
-            attempt += 1
+            call.attempt += 1
             if self._pacer is not None:
                 self._pacer(operations)  # every attempt counts against the service's budget
-            hdrs = {**self._headers, **(headers or {}), "Authorization": f"Bearer {self._token()}"}
-            if "Prefer" in self._headers and headers and "Prefer" in headers:
-                hdrs["Prefer"] = f"{self._headers['Prefer']}, {headers['Prefer']}"
-            if json_body is not None:
-                hdrs["Content-Type"] = "application/json"
             try:
                 resp = self._session.request(
                     method,
                     url,
                     params=params,
                     data=None if json_body is None else json.dumps(json_body),
-                    headers=hdrs,
+                    headers=self._headers_for(headers, json_body is not None),
                     timeout=self._timeout,
                 )
-            except requests.exceptions.ConnectionError as exc:
-                self.counter.add(self.service)
-                sent = not isinstance(
-                    exc, requests.exceptions.ConnectTimeout
-                ) and "NewConnectionError" not in repr(exc)
-                if not repeatable and sent:
-                    raise AmbiguousWriteError(
-                        self.service,
-                        method,
-                        url,
-                        None,
-                        "ConnectionLost",
-                        "the connection dropped after sending",
-                    ) from None
-                if attempt >= self._max_attempts:
-                    raise ApiError(
-                        self.service, method, url, None, "ConnectionError", str(exc)[:200]
-                    ) from None
-                delay = self._backoff(attempt, waited)
-                waited += delay
-                self._sleep(delay)
-                continue
-            except requests.exceptions.Timeout:
-                self.counter.add(self.service)
-                if not repeatable:
-                    raise AmbiguousWriteError(
-                        self.service, method, url, None, "Timeout", "no answer in time"
-                    ) from None
-                if attempt >= self._max_attempts:
-                    raise ApiError(self.service, method, url, None, "Timeout", "no answer in time") from None
-                delay = self._backoff(attempt, waited)
-                waited += delay
-                self._sleep(delay)
-                continue
             except requests.exceptions.RequestException as exc:
-                # The answer broke off while being read (ChunkedEncodingError, ContentDecodingError):
-                # the request was sent and answered, so a write may have been applied.
                 self.counter.add(self.service)
-                if not repeatable:
-                    raise AmbiguousWriteError(
-                        self.service, method, url, None, type(exc).__name__, "the answer broke off"
-                    ) from None
-                if attempt >= self._max_attempts:
-                    raise ApiError(
-                        self.service, method, url, None, type(exc).__name__, str(exc)[:200]
-                    ) from None
-                delay = self._backoff(attempt, waited)
-                waited += delay
-                self._sleep(delay)
+                self._raise_unless_repeatable(call, exc)
+                self._wait(call, self._backoff(call.attempt, call.waited))
                 continue
             status = resp.status_code
             self.counter.add(self.service, throttled=status == 429)
@@ -382,56 +335,98 @@ class HttpClient:
             if xml and 200 <= status < 300 and "xml" in _ctype(resp):
                 return HttpResponse(status, dict(resp.headers), text)
             if 200 <= status < 300 or status in allow_status:
-                if body is _NOT_JSON:
-                    if not repeatable and 200 <= status < 300:
-                        # A 2xx says the service applied the write; only its answer is unreadable
-                        # (a proxy's page, BC's multipart batch answer). Repeating would apply it twice.
-                        raise AmbiguousWriteError(
-                            self.service,
-                            method,
-                            url,
-                            status,
-                            "UnreadableAnswer",
-                            f"{_ctype(resp) or 'no content type'} body instead of JSON after the write "
-                            "was accepted",
-                        )
-                    # A read answered by an HTML page with a 2xx (a proxy or captive portal) is a
-                    # transient failure, and a read is safe to repeat.
-                    if attempt < self._max_attempts:
-                        delay = self._backoff(attempt, waited)
-                        waited += delay
-                        self._sleep(delay)
-                        continue
-                    raise ApiError(self.service, method, url, status, "NotJson", _ctype(resp))
-                return HttpResponse(status, dict(resp.headers), body)
-            if status == 401 and not refreshed and self._on_unauthorized:
-                refreshed = True
+                if body is not _NOT_JSON:
+                    return HttpResponse(status, dict(resp.headers), body)
+                self._raise_for_unreadable(call, resp)
+                self._wait(call, self._backoff(call.attempt, call.waited))
+                continue
+            if status == 401 and not call.refreshed and self._on_unauthorized:
+                call.refreshed = True
                 self._on_unauthorized()
                 continue
-            code, message = _error_of(None if body is _NOT_JSON else body, text)
-            retryable = status in RETRY_STATUSES or (status >= 500 and body is _NOT_JSON)
-            # 429 and 503 say the request was not processed. A 502 or 504 (JSON or not), or a
-            # gateway's error page, may come after the service applied a write: repeating it could
-            # duplicate.
-            if not repeatable and (status in (502, 504) or (retryable and status not in (429, 503))):
-                if body is _NOT_JSON and not code:
-                    message = f"{_ctype(resp)} body instead of JSON"
-                fallback = {502: "BadGateway", 504: "GatewayTimeout"}.get(status, "ServerError")
-                raise AmbiguousWriteError(self.service, method, url, status, code or fallback, message)
-            more = attempt < self._max_attempts or (status == 429 and attempt < self._max_throttled_attempts)
-            if retryable and more:
-                delay = parse_retry_after(resp.headers.get("Retry-After"))
-                if delay is None:
-                    delay = self.backoff.delay(attempt, waited)
-                if delay is None or waited + delay > self._max_wait:
-                    raise ApiError(self.service, method, url, status, code, f"still throttled: {message}")
-                waited += delay
-                log.info("%s %s → %s, retrying in %.1fs", self.service, method, status, delay)
-                self._sleep(delay)
-                continue
-            if body is _NOT_JSON and not code:
-                message = f"{_ctype(resp)} body instead of JSON"
-            raise ApiError(self.service, method, url, status, code or "Error", message)
+            delay = self._retry_delay(call, resp, body, text)
+            log.info("%s %s → %s, retrying in %.1fs", self.service, method, status, delay)
+            self._wait(call, delay)
+
+    def _headers_for(self, headers: dict[str, str] | None, has_body: bool) -> dict[str, str]:
+        """The client's headers, the call's, a fresh token; `Prefer` values of both are combined."""
+        merged = {**self._headers, **(headers or {}), "Authorization": f"Bearer {self._token()}"}
+        if "Prefer" in self._headers and headers and "Prefer" in headers:
+            merged["Prefer"] = f"{self._headers['Prefer']}, {headers['Prefer']}"
+        if has_body:
+            merged["Content-Type"] = "application/json"
+        return merged
+
+    def _wait(self, call: _Call, delay: float) -> None:
+        call.waited += delay
+        self._sleep(delay)
+
+    def _raise_unless_repeatable(self, call: _Call, exc: requests.exceptions.RequestException) -> None:
+        """A request that got no (whole) answer: raise unless it may be sent again.
+
+        A connection that failed before sending is safe to repeat; a connection lost after sending, a
+        read timeout or an answer that broke off while being read (ChunkedEncodingError,
+        ContentDecodingError) may follow an applied write, so a write is ambiguous."""
+        ambiguous: tuple[str, str] | None
+        if isinstance(exc, requests.exceptions.ConnectionError):  # ConnectTimeout included
+            sent = not isinstance(
+                exc, requests.exceptions.ConnectTimeout
+            ) and "NewConnectionError" not in repr(exc)
+            ambiguous = ("ConnectionLost", "the connection dropped after sending") if sent else None
+            final = ("ConnectionError", str(exc)[:200])
+        elif isinstance(exc, requests.exceptions.Timeout):
+            ambiguous = final = ("Timeout", "no answer in time")
+        else:
+            ambiguous = (type(exc).__name__, "the answer broke off")
+            final = (type(exc).__name__, str(exc)[:200])
+        if not call.repeatable and ambiguous is not None:
+            raise AmbiguousWriteError(self.service, call.method, call.url, None, *ambiguous) from None
+        if call.attempt >= self._max_attempts:
+            raise ApiError(self.service, call.method, call.url, None, *final) from None
+
+    def _raise_for_unreadable(self, call: _Call, resp: requests.Response) -> None:
+        """An accepted answer whose body is not JSON: raise unless it is a read to try again."""
+        status = resp.status_code
+        if not call.repeatable and 200 <= status < 300:
+            # A 2xx says the service applied the write; only its answer is unreadable (a proxy's
+            # page, BC's multipart batch answer). Repeating would apply it twice.
+            raise AmbiguousWriteError(
+                self.service,
+                call.method,
+                call.url,
+                status,
+                "UnreadableAnswer",
+                f"{_ctype(resp) or 'no content type'} body instead of JSON after the write was accepted",
+            )
+        # A read answered by an HTML page with a 2xx (a proxy or captive portal) is a transient
+        # failure, and a read is safe to repeat.
+        if call.attempt >= self._max_attempts:
+            raise ApiError(self.service, call.method, call.url, status, "NotJson", _ctype(resp))
+
+    def _retry_delay(self, call: _Call, resp: requests.Response, body: Any, text: str) -> float:
+        """How long to wait before sending a failed request again, or the error that ends it."""
+        status = resp.status_code
+        code, message = _error_of(None if body is _NOT_JSON else body, text)
+        if body is _NOT_JSON and not code:
+            message = f"{_ctype(resp)} body instead of JSON"
+        retryable = status in RETRY_STATUSES or (status >= 500 and body is _NOT_JSON)
+        # 429 and 503 say the request was not processed. A 502 or 504 (JSON or not), or a gateway's
+        # error page, may come after the service applied a write: repeating it could duplicate.
+        if not call.repeatable and (status in (502, 504) or (retryable and status not in (429, 503))):
+            fallback = {502: "BadGateway", 504: "GatewayTimeout"}.get(status, "ServerError")
+            raise AmbiguousWriteError(self.service, call.method, call.url, status, code or fallback, message)
+        more = call.attempt < self._max_attempts or (
+            status == 429 and call.attempt < self._max_throttled_attempts
+        )
+        if not (retryable and more):
+            raise ApiError(self.service, call.method, call.url, status, code or "Error", message)
+        delay = parse_retry_after(resp.headers.get("Retry-After"))
+        if delay is None:
+            delay = self.backoff.delay(call.attempt, call.waited)
+        if delay is None or call.waited + delay > self._max_wait:
+            original = _error_of(None if body is _NOT_JSON else body, text)[1]
+            raise ApiError(self.service, call.method, call.url, status, code, f"still throttled: {original}")
+        return delay
 
     def _parse(self, resp: requests.Response) -> tuple[Any, str]:
         if not resp.content:
@@ -495,50 +490,11 @@ class HttpClient:
                 for i in pending:
                     results[i] = ItemResult(exc.status, error=str(exc))
                 return
-            answered: dict[str, dict] = {}
-            for r in (resp.body or {}).get("responses", []):
-                answered[str(r.get("id"))] = r
-            retry: list[int] = []
-            delay = 0.0
-            for i in pending:
-                r = answered.get(str(i))
-                if r is None:
-                    # The envelope was accepted (2xx), so a write without its own answer may have
-                    # been applied: ambiguous, never sent again.
-                    results[i] = ItemResult(
-                        None,
-                        error="no answer for this operation in the batch response",
-                        ambiguous=items[i].method.upper() != "GET",
-                    )
-                    continue
-                status = int(r.get("status", 0))
-                rh = {str(k): str(v) for k, v in (r.get("headers") or {}).items()}
-                body = r.get("body")
-                method = items[i].method.upper()
-                if status in RETRY_STATUSES and not (status == 504 and method not in _IDEMPOTENT):
-                    retry.append(i)
-                    ra = parse_retry_after(
-                        next((v for k, v in rh.items() if k.lower() == "retry-after"), None)
-                    )
-                    delay = max(delay, ra if ra is not None else self._backoff(attempt, waited))
-                    results[i] = ItemResult(
-                        status, body, rh, error=_item_error(self.service, items[i], status, body)
-                    )
-                    continue
-                if 200 <= status < 300:
-                    results[i] = ItemResult(status, body, rh)
-                else:
-                    results[i] = ItemResult(
-                        status,
-                        body,
-                        rh,
-                        error=_item_error(self.service, items[i], status, body),
-                        ambiguous=status == 504,
-                    )
+            retry, delay = self._read_answers(items, pending, results, resp.body, attempt, waited)
             if (
                 retry
                 and attempt < self._max_throttled_attempts
-                and (attempt < self._max_attempts or all(results[i].status == 429 for i in retry))
+                and (attempt < self._max_attempts or all(_status_of(results[i]) == 429 for i in retry))
                 and waited + delay <= self._max_wait
             ):
                 waited += delay
@@ -546,6 +502,68 @@ class HttpClient:
                 pending = retry
                 continue
             return
+
+    def _read_answers(
+        self,
+        items: list[BatchItem],
+        pending: list[int],
+        results: list[ItemResult | None],
+        envelope: Any,
+        attempt: int,
+        waited: float,
+    ) -> tuple[list[int], float]:
+        """Each pending item's result from the `$batch` answer; returns (items to send again, how long
+        to wait first: the longest Retry-After among them, or the backoff)."""
+        answered: dict[str, dict[str, Any]] = {}
+        for answer in (envelope or {}).get("responses", []):
+            answered[str(answer.get("id"))] = answer
+        retry: list[int] = []
+        delay = 0.0
+        for i in pending:
+            answer = answered.get(str(i))
+            if answer is None:
+                # The envelope was accepted (2xx), so a write without its own answer may have
+                # been applied: ambiguous, never sent again.
+                results[i] = ItemResult(
+                    None,
+                    error="no answer for this operation in the batch response",
+                    ambiguous=items[i].method.upper() != "GET",
+                )
+                continue
+            status = int(answer.get("status", 0))
+            item_headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
+            body = answer.get("body")
+            method = items[i].method.upper()
+            if status in RETRY_STATUSES and not (status == 504 and method not in _IDEMPOTENT):
+                retry.append(i)
+                retry_after = parse_retry_after(
+                    next((v for k, v in item_headers.items() if k.lower() == "retry-after"), None)
+                )
+                delay = max(delay, retry_after if retry_after is not None else self._backoff(attempt, waited))
+                error = _item_error(self.service, items[i], status, body)
+                results[i] = ItemResult(status, body, item_headers, error=error)
+            elif 200 <= status < 300:
+                results[i] = ItemResult(status, body, item_headers)
+            else:
+                error = _item_error(self.service, items[i], status, body)
+                results[i] = ItemResult(status, body, item_headers, error=error, ambiguous=status == 504)
+        return retry, delay
+
+
+@dataclass
+class _Call:
+    """One request across its attempts: what it is, whether it may be repeated, how far it got."""
+
+    method: str
+    url: str
+    repeatable: bool
+    attempt: int = 0
+    waited: float = 0.0
+    refreshed: bool = False  # the token was refreshed once after a 401
+
+
+def _status_of(result: ItemResult | None) -> int | None:
+    return None if result is None else result.status
 
 
 class _NotJson:
