@@ -28,7 +28,7 @@ from tests.reliability.conftest import WireTap
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE = "alice@contoso.example"
-ODD_USER = "o'brien.#1!$&+=^~@contoso.example"  # a valid mailbox address full of URL syntax
+ODD_USER = "o'brien.#1!^~_-@contoso.example"  # a valid UPN (Entra's characters) full of URL and OData syntax
 ODD_FOLDER = "Kunder 'BC' & co #1 ?x=1 + 50%"
 ODD_FILTER = {"companyName": "'O''Neil & Sons'|<>'x'' or 1 eq 1'", "city": "@oslo|'#&='"}
 
