@@ -130,6 +130,9 @@ class LocalHost:
                 )
             )
         self.outputs: dict[str, list[str]] = {}  # queueName → messages written through output bindings
+        # Answers that carried one of the host's keys (BEHAVIOUR §7.6: no answer may). `serve()` fails
+        # the test that caused one, so every test over real HTTP also checks this.
+        self.key_leaks: list[str] = []
         self._lock = threading.Lock()
 
     @property
@@ -181,8 +184,19 @@ class LocalHost:
                 route_params={k: v or "" for k, v in match.groupdict().items()},
                 body=body,
             )
-            return self._invoke(route.folder, req)
+            answer = self._invoke(route.folder, req)
+            self._check_no_key(method, path, answer)
+            return answer
         return 404, {}, b""
+
+    def _check_no_key(self, method: str, path: str, answer: tuple[int, dict[str, str], bytes]) -> None:
+        """Remember an answer whose headers or body hold a host key, plain or percent-encoded."""
+        status, headers, body = answer
+        text = " ".join(f"{k}: {v}" for k, v in headers.items()) + " " + body.decode("utf-8", "replace")
+        for key in self.keys:
+            if key in text or quote(key, safe="") in text:
+                with self._lock:
+                    self.key_leaks.append(f"{method} {path} answered {status} with a function key")
 
     def _invoke(self, folder: FunctionFolder, req: func.HttpRequest) -> tuple[int, dict[str, str], bytes]:
         trigger = folder.trigger["name"]
@@ -220,6 +234,7 @@ class LocalHost:
             server.shutdown()
             server.server_close()
             thread.join()
+        assert not self.key_leaks, f"answers carried the function key: {self.key_leaks}"
 
 
 def kestrel_path(raw: str) -> str:
