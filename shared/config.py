@@ -54,6 +54,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SYNC_FULL_SYNC_HOURS", False, "24", "Hours between automatic full reconciles per user (0 = never)"
     ),
+    Setting(
+        "SYNC_POLL_TOKEN_KEY",
+        False,
+        None,
+        "Key of the poll tokens in 202 Location URLs, at least 32 characters (a Key Vault reference); "
+        "when not set the app creates one and keeps it in its Table Storage",
+    ),
 )
 
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
@@ -93,6 +100,7 @@ class Config:
     schedule: str
     inline_budget_seconds: float
     full_sync_hours: float
+    poll_token_key: str | None = field(default=None, repr=False)
 
     @property
     def authority(self) -> str:
@@ -129,6 +137,7 @@ class Config:
             _NCRONTAB.match,
             "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
         )
+        poll_key = _poll_token_key(read)
         return cls(
             tenant_id=tenant,
             client_id=client_id,
@@ -149,6 +158,7 @@ class Config:
                 "SYNC_INLINE_BUDGET_SECONDS", read.value("SYNC_INLINE_BUDGET_SECONDS"), 1, 230
             ),
             full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", read.value("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
+            poll_token_key=poll_key,
         )
 
 
@@ -182,6 +192,26 @@ class _Reader:
         if not check(value):
             raise ConfigError(name, problem)
         return value
+
+
+def _poll_token_key(read: _Reader) -> str | None:
+    """The configured poll-token key, or None: the app then keeps a random key in Table Storage."""
+    poll_key = read.optional("SYNC_POLL_TOKEN_KEY")
+    if not poll_key:
+        return None
+    from shared.poll_tokens import MIN_CONFIGURED_KEY_CHARS
+    from shared.validate import unresolved_key_vault_reference  # validate imports auth -> config
+
+    problem = unresolved_key_vault_reference("SYNC_POLL_TOKEN_KEY", poll_key)
+    if problem:
+        raise ConfigError("SYNC_POLL_TOKEN_KEY", problem)
+    if len(poll_key) < MIN_CONFIGURED_KEY_CHARS:
+        raise ConfigError(
+            "SYNC_POLL_TOKEN_KEY",
+            f"must be at least {MIN_CONFIGURED_KEY_CHARS} characters of random text "
+            "(or leave it unset: the app then keeps a random key in its Table Storage)",
+        )
+    return poll_key
 
 
 def _credential_settings(read: _Reader) -> tuple[str | None, str | None]:

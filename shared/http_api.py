@@ -25,6 +25,7 @@ from shared.config import ConfigError
 from shared.jobs import RUN_ID, Job
 from shared.model import RunReport, RunStatus, UserSettings, ValidationError, normalize_user
 from shared.planner import FULL, INCREMENTAL
+from shared.poll_tokens import TokenProblem
 from shared.services import Services, get_services
 from shared.store import MalformedRowError, Store, StoreError
 from shared.sync import RunInProgress, RunInterrupted, run_user
@@ -39,6 +40,9 @@ POLL_AFTER_SECONDS = 10
 # so the caller always hears back within budget + grace (Power Automate gives up after 120 s).
 INTERRUPT_GRACE_SECONDS = 20.0
 _SYNC_FIELDS = {"user", "mode", "dryRun", "force", "wait"}
+# The poll URL of a 202 (function_sync_poll, authLevel anonymous: the token is the authorization).
+POLL_ROUTE = "poll"
+POLL_TOKEN_PARAM = "token"
 
 
 # Responses -----------------------------------------------------------------------------------
@@ -138,21 +142,22 @@ def _settings_or_error(store: Store, user: str) -> UserSettings:
     return settings
 
 
-def _location(req: func.HttpRequest, run_id: str) -> str:
-    """The absolute URL of the run's report, on the host the caller used.
+def _location(req: func.HttpRequest, run_id: str, token: str) -> str:
+    """The absolute poll URL of the run, on the host the caller used: `/api/poll/{runId}?token=`.
 
-    A function key given as `?code=` is carried over (as Durable Functions' status URLs do): Power
-    Automate's HTTP action polls the Location as it is, so without the key every poll would get 401.
+    It carries a poll token (shared/poll_tokens.py), never the caller's function key: Power Automate
+    keeps the `Location` in the flow's run history, and a key there would open the whole API to anyone
+    who can read that history. The token opens this run's status and report only, until it expires.
     """
     base = req.url.split("?", 1)[0].split("#", 1)[0]
     root = base.split("/api/", 1)[0] if "/api/" in base else base.rstrip("/")
-    url = f"{root}/api/sync/runs/{run_id}"
-    code = req.params.get("code")
-    return f"{url}?{urlencode({'code': code})}" if code else url
+    return f"{root}/api/{POLL_ROUTE}/{run_id}?{urlencode({POLL_TOKEN_PARAM: token})}"
 
 
-def _accepted(req: func.HttpRequest, report: RunReport) -> func.HttpResponse:
-    headers = {"Location": _location(req, report.runId), "Retry-After": str(POLL_AFTER_SECONDS)}
+def _accepted(req: func.HttpRequest, report: RunReport, token: str | None = None) -> func.HttpResponse:
+    """202 with the poll URL; a poll passes its own token on, so the `Location` stays the same URL."""
+    token = token or get_services().poll_tokens().issue(report.runId)
+    headers = {"Location": _location(req, report.runId, token), "Retry-After": str(POLL_AFTER_SECONDS)}
     return json_response(202, report.to_json(), headers)
 
 
@@ -285,17 +290,54 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str], context: Any = None) 
     return json_response(200, final.to_json())
 
 
-def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
-    if not RUN_ID.match(run_id or ""):
-        raise ErrorAnswer(400, "InvalidInput", "runId must be a run id as returned by POST /api/sync")
+def _run_answer(req: func.HttpRequest, run_id: str, token: str | None = None) -> func.HttpResponse:
     store = get_services().store
     report = store.get_report(run_id)
     if report is None:
         raise ErrorAnswer(404, "RunNotFound", f"no run {run_id}")
     report = runs.as_seen(store, report)  # a run that died shows as failed; storing that is a writer's job
     if report.status in runs.IN_PROGRESS:
-        return _accepted(req, report)
+        return _accepted(req, report, token)
     return json_response(200, report.to_json())
+
+
+def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
+    if not RUN_ID.match(run_id or ""):
+        raise ErrorAnswer(400, "InvalidInput", "runId must be a run id as returned by POST /api/sync")
+    return _run_answer(req, run_id)
+
+
+_TOKEN_ANSWERS = {
+    TokenProblem.MISSING: (
+        "PollTokenMissing",
+        "this poll URL needs the token= the 202 answer's Location gave",
+    ),
+    TokenProblem.INVALID: ("PollTokenInvalid", "the token does not open this run"),
+    TokenProblem.EXPIRED: ("PollTokenExpired", "the token has expired"),
+}
+
+
+@guarded
+def handle_poll(req: func.HttpRequest) -> func.HttpResponse:
+    """Route of function_sync_poll: GET poll/{runId}?token=, the `Location` of a 202 (BEHAVIOUR §7.6).
+
+    The host lets anyone in (authLevel anonymous) because the URL holds no function key; the poll token
+    is checked before anything is read, so without a valid one for this very run the answer is 401
+    whatever the run id, and it tells nothing about which runs exist.
+    """
+    if req.method != "GET":
+        raise _not_allowed("GET", "GET the Location of a 202 answer")
+    run_id = req.route_params.get("runId") or ""
+    token = req.params.get(POLL_TOKEN_PARAM)
+    problem = (
+        get_services().poll_tokens().check(run_id, token) if RUN_ID.match(run_id) else TokenProblem.INVALID
+    )
+    if problem is not None:
+        code, why = _TOKEN_ANSWERS[problem]
+        raise ErrorAnswer(
+            401, code, f"{why}; read the run with a function key at GET /api/sync/runs/{{runId}} instead"
+        )
+    return _run_answer(req, run_id, token)
 
 
 @guarded

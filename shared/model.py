@@ -22,10 +22,18 @@ from shared.filters import parse_filter
 
 DEFAULT_FOLDER = "Business Central"
 
-# A mailbox address (UPN) or an Entra object id. Deliberately strict: the value ends up in Graph URLs
-# and Table keys, so anything outside this shape is refused before it reaches either.
-_UPN_RE = re.compile(
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+# A mailbox address (UPN) or an Entra object id, as strict as Entra itself: the user name allows only
+# A-Z a-z 0-9 ' . - _ ! # ^ ~, at most 64 characters, not ending (nor, here, starting) with a period;
+# the domain at most 48 characters; the whole at most 113 ("Password policies and account restrictions
+# in Microsoft Entra ID", UserPrincipalName requirements). Anything else ('/', '?', '%', '&', '=', '+',
+# '{', '}', '|', '$', non-ASCII, ...) is not a UPN Entra can hold, so it is refused before it reaches a
+# Graph URL or a Table key rather than made harmless by escaping further down.
+UPN_MAX = 113
+UPN_USER_MAX = 64
+UPN_DOMAIN_MAX = 48
+_UPN_USER_RE = re.compile(r"^[A-Za-z0-9'._!#^~-]+$")
+_UPN_DOMAIN_RE = re.compile(
+    r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 _GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # Characters Outlook does not allow in a folder name, plus control characters.
@@ -73,15 +81,41 @@ def log_fields(fields: dict[str, Any]) -> str:
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _upn_problem(v: str) -> str | None:
+    """Why `v` is not a user principal name Entra accepts, or None when it is one."""
+    if v.count("@") != 1:
+        return "must be a mailbox address (UPN) such as alice@contoso.com, with exactly one '@', or an object id (GUID)"
+    name, domain = v.split("@")
+    if len(v) > UPN_MAX:
+        return f"must be at most {UPN_MAX} characters (Entra's limit for a user principal name)"
+    if not name or len(name) > UPN_USER_MAX:
+        return f"the part before '@' must be 1-{UPN_USER_MAX} characters"
+    if not _UPN_USER_RE.match(name):
+        return "the part before '@' may hold only letters A-Z, digits and ' . - _ ! # ^ ~"
+    if name.startswith(".") or name.endswith("."):
+        return "the part before '@' must not start or end with a period"
+    if not domain or len(domain) > UPN_DOMAIN_MAX:
+        return f"the domain after '@' must be 1-{UPN_DOMAIN_MAX} characters"
+    if not _UPN_DOMAIN_RE.match(domain):
+        return "the domain after '@' must be a domain name such as contoso.com (letters, digits, '-', '.')"
+    return None
+
+
 def normalize_user(value: Any) -> str:
-    """The canonical key of a user: a lower-cased UPN or GUID. Raises ValidationError otherwise."""
+    """The canonical key of a user: a lower-cased UPN or GUID. Raises ValidationError otherwise.
+
+    The rules are Entra's own for a user principal name (see `_upn_problem`), so every mailbox a
+    tenant can have is accepted and nothing else reaches a URL path, a Graph request or a Table key.
+    The message says which rule the value breaks but never repeats the value.
+    """
     if not isinstance(value, str) or not value.strip():
         raise ValidationError("user", "a mailbox address (UPN) or Entra object id is required")
     v = value.strip()
-    if len(v) > 254 or not (_UPN_RE.match(v) or _GUID_RE.match(v)):
-        raise ValidationError(
-            "user", "must be a mailbox address such as alice@contoso.com or an object id (GUID)"
-        )
+    if _GUID_RE.match(v):
+        return v.lower()
+    problem = _upn_problem(v)
+    if problem:
+        raise ValidationError("user", problem)
     return v.lower()
 
 

@@ -22,6 +22,7 @@ from shared.bc_client import BcClient
 from shared.config import Config, ConfigError
 from shared.graph_client import IMMUTABLE_IDS, GraphClient
 from shared.http_client import HttpClient, RequestCounter, WindowPacer
+from shared.poll_tokens import STORED_KEY_NAME, PollTokens, key_from_setting, new_key
 from shared.store import Store, pooled_transport
 from shared.sync import BcReader
 
@@ -57,6 +58,20 @@ class Services:
     bc_reader: BcReader = field(default_factory=BcReader)  # shared by the runs of one schedule tick
     sleep: Callable[[float], None] = time.sleep
     backoff_base: float = 0.5  # seconds; the first retry waits up to this when no Retry-After is sent
+    _poll_tokens: PollTokens | None = field(default=None, repr=False)
+
+    def poll_tokens(self) -> PollTokens:
+        """The poll-token signer (shared/poll_tokens.py): the configured key, else the one the app keeps
+        in Table Storage, read once per process (every instance reads the same row)."""
+        if self._poll_tokens is None:
+            configured = self.config.poll_token_key
+            key = (
+                key_from_setting(configured)
+                if configured
+                else self.store.app_secret(STORED_KEY_NAME, new_key)
+            )
+            self._poll_tokens = PollTokens(key)
+        return self._poll_tokens
 
     @classmethod
     def from_config(cls, config: Config) -> Services:

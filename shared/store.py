@@ -25,6 +25,8 @@ partition, at most 100 entities, each entity once, at most 4 MiB per transaction
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -66,6 +68,7 @@ _KEY_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 _SETTINGS_RK = "settings"
 _STATE_RK = "state"
 _LEASE_RK = "lease"
+_APP_PK = "app"  # the app's own rows in State: never a user key (no '@', not a GUID)
 _HEAD_RK = "head"
 _SETTINGS_COLUMNS = frozenset(UserSettings.JSON_FIELDS) - {"user"}
 _STATE_COLUMNS = {
@@ -565,6 +568,38 @@ class Store:
             except _WriteLost as lost:
                 raise ConcurrencyError(table, operation, lost.detail, lost.status) from lost.__cause__
         return replace(state, etag=etag)
+
+    # --- the app's own secrets (BEHAVIOUR §7.6: the poll-token key) ----------------------------------
+
+    def app_secret(self, name: str, create: Callable[[], bytes]) -> bytes:
+        """The secret `name` the app keeps for itself, created with `create()` on first use.
+
+        Kept in the State table under the partition `app`, which no user can have (a user key holds an
+        '@' or is a GUID). Created with an insert, so when two instances start at once one insert wins
+        and the other reads the winner's value: every instance ends up with the same secret.
+        """
+        client, table = self._client("State")
+        operation = f"read app secret {name}"
+        entity = self._get_entity("State", _APP_PK, name, operation)
+        if entity is None:
+            value = create()
+            with _storage_errors(table, f"create app secret {name}"):
+                try:
+                    client.create_entity(
+                        {"PartitionKey": _APP_PK, "RowKey": name, "value": base64.b64encode(value).decode()}
+                    )
+                    return value
+                except ResourceExistsError:
+                    pass
+            entity = self._get_entity("State", _APP_PK, name, operation)
+        try:
+            if entity is None:  # deleted between the lost insert and this read
+                raise KeyError(name)
+            return base64.b64decode(entity["value"], validate=True)
+        except (TypeError, KeyError, ValueError, binascii.Error):
+            raise MalformedRowError(
+                table, operation, "the stored value is not base64; delete the row to get a new one"
+            ) from None
 
     # --- run reports (BEHAVIOUR §7) ------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, unquote
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import azure.functions as func
@@ -97,7 +97,8 @@ def route_regex(template: str) -> re.Pattern[str]:
             pattern += f"(?:{slash}(?P<{m.group(2)}>[^/]+))?"
         else:
             pattern += f"{slash}(?P<{m.group(2)}>[^/]+)"
-    return re.compile(f"^{pattern}/?$", re.IGNORECASE)
+    # DOTALL: a catch-all takes any decoded character, a line break (%0A) included, as ASP.NET's does.
+    return re.compile(f"^{pattern}/?$", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass
@@ -129,6 +130,9 @@ class LocalHost:
                 )
             )
         self.outputs: dict[str, list[str]] = {}  # queueName → messages written through output bindings
+        # Answers that carried one of the host's keys (BEHAVIOUR §7.6: no answer may). `serve()` fails
+        # the test that caused one, so every test over real HTTP also checks this.
+        self.key_leaks: list[str] = []
         self._lock = threading.Lock()
 
     @property
@@ -149,7 +153,8 @@ class LocalHost:
 
     def handle(self, environ: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         method = environ["REQUEST_METHOD"].upper()
-        path = environ.get("PATH_INFO", "")
+        raw = environ.get("RAW_PATH_INFO")
+        path = kestrel_path(raw) if raw is not None else environ.get("PATH_INFO", "")
         if not path.startswith(self.prefix + "/") and path != self.prefix:
             return 404, {}, b""
         relative = path[len(self.prefix) :].lstrip("/")
@@ -179,8 +184,19 @@ class LocalHost:
                 route_params={k: v or "" for k, v in match.groupdict().items()},
                 body=body,
             )
-            return self._invoke(route.folder, req)
+            answer = self._invoke(route.folder, req)
+            self._check_no_key(method, path, answer)
+            return answer
         return 404, {}, b""
+
+    def _check_no_key(self, method: str, path: str, answer: tuple[int, dict[str, str], bytes]) -> None:
+        """Remember an answer whose headers or body hold a host key, plain or percent-encoded."""
+        status, headers, body = answer
+        text = " ".join(f"{k}: {v}" for k, v in headers.items()) + " " + body.decode("utf-8", "replace")
+        for key in self.keys:
+            if key in text or quote(key, safe="") in text:
+                with self._lock:
+                    self.key_leaks.append(f"{method} {path} answered {status} with a function key")
 
     def _invoke(self, folder: FunctionFolder, req: func.HttpRequest) -> tuple[int, dict[str, str], bytes]:
         trigger = folder.trigger["name"]
@@ -218,11 +234,22 @@ class LocalHost:
             server.shutdown()
             server.server_close()
             thread.join()
+        assert not self.key_leaks, f"answers carried the function key: {self.key_leaks}"
+
+
+def kestrel_path(raw: str) -> str:
+    """The request path as Kestrel (the Functions host's server) hands it to routing: every valid escape
+    decoded except `%2F`, which would change where the path's segments end, so `users/a%2Fb` stays one
+    segment `a%2Fb` ("Kestrel is supposed to decode all valid escape sequences except %2F because of the
+    ambiguity it creates", dotnet/aspnetcore#30655, https://github.com/dotnet/aspnetcore/issues/30655).
+    wsgiref decodes `%2F` too, which would split a user id into two segments that no real host sees."""
+    return "%2F".join(unquote(part) for part in re.split("%2[Ff]", raw))
 
 
 def _request_url(environ: dict[str, Any]) -> str:
     host = environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
-    url = f"{environ.get('wsgi.url_scheme', 'http')}://{host}{quote(environ.get('PATH_INFO', ''))}"
+    path = environ.get("RAW_PATH_INFO") or quote(environ.get("PATH_INFO", ""))
+    url = f"{environ.get('wsgi.url_scheme', 'http')}://{host}{path}"
     return f"{url}?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else url
 
 
@@ -231,6 +258,11 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ["RAW_PATH_INFO"] = self.path.split("?", 1)[0]  # as sent, for `kestrel_path`
+        return environ
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 

@@ -253,9 +253,9 @@ def test_a_run_beyond_the_budget_answers_202_and_the_worker_finishes_it(world, q
     world.cloud.graph.faults.latency = 0.0
     assert status == 202, body
     run_id = body["runId"]
-    assert headers["Location"] == (
-        f"https://contoso-sync.azurewebsites.net/api/sync/runs/{run_id}?code=the-function-key"
-    )
+    # The poll URL holds a poll token for this run, never the caller's function key (BEHAVIOUR §7.6).
+    assert headers["Location"].startswith(f"https://contoso-sync.azurewebsites.net/api/poll/{run_id}?token=")
+    assert "the-function-key" not in headers["Location"] and "code=" not in headers["Location"]
     assert int(headers["Retry-After"]) > 0
     assert body["status"] == "queued"
     folder = world.cloud.graph.find_folder(ALICE, "Business Central")
@@ -286,7 +286,7 @@ def test_wait_false_always_queues(world, queue):
     jobs = Collector()
     status, body, headers = _post("sync", {"user": ALICE, "wait": False}, jobs)
     assert status == 202 and body["status"] == "queued"
-    assert headers["Location"].endswith(f"/api/sync/runs/{body['runId']}")
+    assert f"/api/poll/{body['runId']}?token=" in headers["Location"]
     assert world.outlook(ALICE) == []
     queue.send(jobs.messages())
     queue.drain(function_sync_worker.main)
@@ -372,17 +372,20 @@ def test_function_json_matches_main(folder):
             assert b["queueName"] == QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
     returns = [b for b in folder.bindings if b["name"] == "$return"]
     if folder.trigger["type"] == "httpTrigger":
-        assert folder.trigger["authLevel"] == "function"
+        # Only the poll URL is anonymous at the host: its token is the authorization (BEHAVIOUR §7.6).
+        expected = "anonymous" if folder.name == "function_sync_poll" else "function"
+        assert folder.trigger["authLevel"] == expected
         assert [r["type"] for r in returns] == ["http"]
         assert _annotation_ok(returns[0], hints["return"], is_return=True)
     else:
         assert returns == [] and hints.get("return") is type(None)
 
 
-def test_the_functions_are_the_four_expected_with_their_triggers():
+def test_the_functions_are_the_five_expected_with_their_triggers():
     triggers = {f.name: f.trigger for f in function_folders()}
     assert {k: t["type"] for k, t in triggers.items()} == {
         "function_sync_http": "httpTrigger",
+        "function_sync_poll": "httpTrigger",
         "function_sync_timer": "timerTrigger",
         "function_sync_worker": "queueTrigger",
         "function_users_http": "httpTrigger",
@@ -391,6 +394,8 @@ def test_the_functions_are_the_four_expected_with_their_triggers():
     assert triggers["function_sync_timer"].get("runOnStartup", False) is False
     assert triggers["function_sync_http"]["route"] == "sync/{*rest}"
     assert triggers["function_users_http"]["route"] == "users/{*rest}"
+    assert triggers["function_sync_poll"]["route"] == "poll/{runId}"
+    assert triggers["function_sync_poll"]["methods"] == ["get"]
     assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
     assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
     host = host_json()

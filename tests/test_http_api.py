@@ -87,8 +87,8 @@ def test_async_pattern_poll_the_location_as_power_automate_does(client, world):
     resp = client("POST", "sync", {"user": ALICE, "wait": False})
     assert resp.status_code == 202 and resp.json()["status"] == "queued"
     location, retry_after = resp.headers["Location"], int(resp.headers["Retry-After"])
-    assert location.startswith(f"{client.base}/api/sync/runs/{resp.json()['runId']}") and retry_after >= 1
-    # The HTTP action polls the Location exactly as given: the key given as ?code= travels with it.
+    assert location.startswith(f"{client.base}/api/poll/{resp.json()['runId']}?token=") and retry_after >= 1
+    # The HTTP action polls the Location exactly as given, without the key: the poll token opens it.
     poll = requests.get(location, timeout=30)
     assert poll.status_code == 202 and poll.headers["Location"] == location
     client.run_queued_jobs()

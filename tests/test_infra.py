@@ -38,6 +38,10 @@ LOCAL_ONLY_SETTINGS = {
     # disabled, so in Azure the app uses the identity-based AzureWebJobsStorage__* settings instead; the
     # connection string is for Azurite and local runs only.
     "AzureWebJobsStorage",
+    # An optional override of the poll-token key (BEHAVIOUR §7.6). Unset, the app creates a random key
+    # once and keeps it in its own Table Storage, readable only by the app's identity and the storage
+    # data roles, so the deployment needs no secret to create, store or rotate for it.
+    "SYNC_POLL_TOKEN_KEY",
 }
 
 # Settings the deployment sets that the code does not read: the Functions host reads them.

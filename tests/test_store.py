@@ -24,8 +24,9 @@ from shared.store import (
 
 ALICE = "alice@contoso.com"
 BOB = "bob@contoso.com"
-# Valid as a UPN (see shared.model) yet full of characters Table Storage refuses in keys.
-ODD_USER = "o'neil/sales#1?x%2fy@contoso.com"
+# Valid as a UPN (see shared.model) yet holding '#', which Table Storage refuses in keys ('/', '?', '\\'
+# and '%', which Entra refuses in a UPN, are covered by the link ids of the key round-trip test).
+ODD_USER = "o'neil#sales#1@contoso.com"
 COMPANY = "6f1c0a2e-1b2c-4d3e-8f90-a1b2c3d4e5f6"
 
 
