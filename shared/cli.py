@@ -44,13 +44,20 @@ def format_report(report: RunReport, *, max_items: int = 40) -> str:
     items = sorted(report.items, key=lambda i: order.get(i.action, 1))
     if items:
         lines.append("")
-        lines.append(f"{'action':<17} {'email':<34} reason")
+        lines.append(f"{'action':<17} {'contact':<24} {'email':<34} reason")
         for item in items[:max_items]:
-            email = (item.email or item.bcId or item.outlookId or "")[:34]
-            lines.append(f"{item.action:<17} {email:<34} {item.reason or ''}")
+            name = _cell(item.name or ("(no name)" if item.email else "(no name or email)"), 24)
+            lines.append(
+                f"{item.action:<17} {name:<24} {_cell(item.email or '', 34):<34} {item.reason or ''}"
+            )
         if len(items) > max_items:
             lines.append(f"… and {len(items) - max_items} more items (use --json for all)")
     return "\n".join(lines)
+
+
+def _cell(text: str, width: int) -> str:
+    """`text` cut to a table column, with an ellipsis when it did not fit."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _services() -> Services:

@@ -289,6 +289,9 @@ class ReportItem:
     outlookId: str | None = None
     email: str | None = None
     reason: str | None = None
+    # The contact's display name, so a person reading the report recognises it (ids mean nothing to
+    # them); filled in at the end of the run from the records it read (sync._name_items).
+    name: str | None = None
 
 
 class RunStatus(StrEnum):

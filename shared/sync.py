@@ -371,19 +371,33 @@ def _run(
     then advance the watermarks and finish the report."""
     run = _start(services, settings, report, counter)
     sides = _read_both_sides(run, reader)
-    result = _plan(run, sides, force=force)
-    if result.safety_stop:
-        runs.stop_for_safety(report, result.safety_stop)
-        report.items.append(_safety_item(result.safety_stop))
-        return
-    if report.dryRun:
-        _report_dry_run(report, result)
-        return
-    if sides.folder_id is None:
-        raise RuntimeError("no Outlook folder to sync into")
-    outcome = _apply(run, sides, sides.folder_id, result, heartbeat, checkpoint)
-    checkpoint("before_watermark")
-    _finish(run, sides, sides.folder_id, outcome)
+    try:
+        result = _plan(run, sides, force=force)
+        if result.safety_stop:
+            runs.stop_for_safety(report, result.safety_stop)
+            report.items.append(_safety_item(result.safety_stop))
+            return
+        if report.dryRun:
+            _report_dry_run(report, result)
+            return
+        if sides.folder_id is None:
+            raise RuntimeError("no Outlook folder to sync into")
+        outcome = _apply(run, sides, sides.folder_id, result, heartbeat, checkpoint)
+        checkpoint("before_watermark")
+        _finish(run, sides, sides.folder_id, outcome)
+    finally:
+        _name_items(report, sides.snapshot)
+
+
+def _name_items(report: RunReport, snapshot: Snapshot) -> None:
+    """Give each report item the contact's display name from the records this run read, so the
+    report names contacts the way a person knows them (a contact BC deleted keeps only its email)."""
+    for item in report.items:
+        if item.name:
+            continue
+        record = snapshot.bc.get(item.bcId or "") or snapshot.outlook.get(item.outlookId or "") or {}
+        name = str(record.get("displayName") or "").strip()
+        item.name = name or None
 
 
 def _start(

@@ -58,3 +58,18 @@ def test_clear_errors(world, capsys, monkeypatch):
     code, _ = run("users", "list")
     err = capsys.readouterr().err
     assert code == 2 and "BC_COMPANY_ID" in err
+
+
+def test_report_tables_name_contacts_by_name_and_email_never_by_id(world):
+    """A person reads the report: each row names the contact as they know it, not by an internal id."""
+    world.user(ALICE)
+    kept = world.person("Named Person")
+    nameless = world.cloud.bc.seed_contact(world.company, type="Person", displayName="No Email Person")
+    code, out = run("sync", "--user", ALICE, "--mode", "full")
+    report = world.services.store.list_reports(ALICE)[0]
+    ids = {i for item in report.items for i in (item.bcId, item.outlookId) if i}
+    assert code == 0 and ids and not any(i in out for i in ids)
+    rows = {line.split()[0]: line for line in out.splitlines()[-2:]}
+    assert "Named Person" in rows["outlookCreated"] and kept["email"] in rows["outlookCreated"]
+    assert "No Email Person" in rows["skipped"] and "no email address" in rows["skipped"]
+    assert nameless["id"] not in out
