@@ -54,6 +54,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "SYNC_FULL_SYNC_HOURS", False, "24", "Hours between automatic full reconciles per user (0 = never)"
     ),
+    Setting(
+        "SYNC_API_AUDIENCE",
+        False,
+        None,
+        "Audience of the access tokens people sign in with: the app's client id (what v2.0 tokens carry; "
+        "the default) or its Application ID URI",
+    ),
 )
 
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
@@ -93,6 +100,7 @@ class Config:
     schedule: str
     inline_budget_seconds: float
     full_sync_hours: float
+    api_audience: str = ""
 
     @property
     def authority(self) -> str:
@@ -185,7 +193,21 @@ class Config:
                 "SYNC_INLINE_BUDGET_SECONDS", get("SYNC_INLINE_BUDGET_SECONDS"), 1, 230
             ),
             full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", get("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
+            api_audience=_audience(get("SYNC_API_AUDIENCE"), client_id.lower()),
         )
+
+
+def _audience(value: str | None, client_id: str) -> str:
+    """The token audience: a client id (GUID) or an Application ID URI (api://…, https://…)."""
+    if not value:
+        return client_id
+    if _GUID.match(value):
+        return value.lower()
+    if re.match(r"^(api|https)://[^\s]+$", value):
+        return value
+    raise ConfigError(
+        "SYNC_API_AUDIENCE", "must be the app's client id (GUID) or its Application ID URI (api://…)"
+    )
 
 
 def _number(name: str, value: str, low: float, high: float) -> float:
