@@ -360,16 +360,24 @@ def test_function_json_matches_main(folder):
             assert b["queueName"] == api.QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
     returns = [b for b in folder.bindings if b["name"] == "$return"]
     if folder.trigger["type"] == "httpTrigger":
-        assert folder.trigger["authLevel"] == "function"
+        # BEHAVIOUR §7.1: the host checks the function key, except on the page (static files, no data)
+        # and on the people's door, whose code refuses every request without a valid Entra ID token.
+        expected = "anonymous" if folder.name in ANONYMOUS_BY_DESIGN else "function"
+        assert folder.trigger["authLevel"] == expected
         assert [r["type"] for r in returns] == ["http"]
         assert _annotation_ok(returns[0], hints["return"], is_return=True)
     else:
         assert returns == [] and hints.get("return") is type(None)
 
 
-def test_the_functions_are_the_four_expected_with_their_triggers():
+ANONYMOUS_BY_DESIGN = ("function_selfservice", "function_signed_in_http")
+
+
+def test_the_functions_are_the_six_expected_with_their_triggers():
     triggers = {f.name: f.trigger for f in function_folders()}
     assert {k: t["type"] for k, t in triggers.items()} == {
+        "function_selfservice": "httpTrigger",
+        "function_signed_in_http": "httpTrigger",
         "function_sync_http": "httpTrigger",
         "function_sync_timer": "timerTrigger",
         "function_sync_worker": "queueTrigger",
@@ -381,6 +389,9 @@ def test_the_functions_are_the_four_expected_with_their_triggers():
     assert triggers["function_users_http"]["route"] == "users/{*rest}"
     assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
     assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
+    assert triggers["function_signed_in_http"]["route"] == "signed-in/{*rest}"
+    assert triggers["function_selfservice"]["route"] == "selfservice/{*path}"
+    assert triggers["function_selfservice"]["methods"] == ["get"]
     host = host_json()
     assert host["version"] == "2.0" and host["extensions"]["http"]["routePrefix"] == "api"
     assert host["extensions"]["queues"]["messageEncoding"] == "base64"
