@@ -37,6 +37,18 @@ if [ "$(cat .venv-infra/.stamp 2>/dev/null)" != "$CHECKOV_PIN" ]; then
   echo "$CHECKOV_PIN" > .venv-infra/.stamp
 fi
 
+# The browser test (tests/test_page_browser.py) drives the OS's Chromium, never a downloaded build.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing Chromium (apt-get) for the browser test"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "bootstrap: /usr/bin/chromium is missing and cannot be installed here (needs root and apt-get);" \
+      "the browser test will be skipped. Install it with: sudo apt-get install chromium" >&2
+  fi
+fi
+
 want=$(stamp package.json package-lock.json)
 if [ ! -x node_modules/.bin/azurite ] || [ "$(cat node_modules/.stamp 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing Azurite (npm ci)"

@@ -36,7 +36,7 @@ const TEXT = {
     queued: "Queued…", running: "Running…", finished: "Finished",
     summary: "{status}: {mode}{dry}, started {started}.", dryNote: " (dry run: nothing was written)",
     noRuns: "No runs yet.", needSettings: "Save your settings first.", error: "Something went wrong: {message}",
-    filterLabel: "Filter on {field}",
+    filterLabel: "Filter on {field}", modes: { incremental: "sync", full: "full sync" },
     fields: { displayName: "Name", companyName: "Company name", companyNumber: "Company no.", number: "Contact no.",
       searchName: "Search name", jobTitle: "Job title", city: "City", state: "County/state", postalCode: "Postal code", country: "Country/region" },
     checks: { graphToken: "Sign-in to Microsoft Graph", bcToken: "Sign-in to Business Central", mailbox: "Mailbox",
@@ -68,7 +68,7 @@ const TEXT = {
     queued: "I kø…", running: "Kjører…", finished: "Ferdig",
     summary: "{status}: {mode}{dry}, startet {started}.", dryNote: " (prøvekjøring: ingenting ble skrevet)",
     noRuns: "Ingen kjøringer ennå.", needSettings: "Lagre innstillingene først.", error: "Noe gikk galt: {message}",
-    filterLabel: "Filter på {field}",
+    filterLabel: "Filter på {field}", modes: { incremental: "synkronisering", full: "full synkronisering" },
     fields: { displayName: "Navn", companyName: "Firmanavn", companyNumber: "Firmanr.", number: "Kontaktnr.",
       searchName: "Søkenavn", jobTitle: "Stilling", city: "Poststed", state: "Fylke/delstat", postalCode: "Postnummer", country: "Land/område" },
     checks: { graphToken: "Pålogging til Microsoft Graph", bcToken: "Pålogging til Business Central", mailbox: "Postboks",
@@ -195,7 +195,8 @@ function clearErrors() {
   for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
 }
 
-function showFieldError(field, message) {
+function showFieldError(name, message) {
+  const field = name.startsWith("filter.") ? name.slice("filter.".length) : name;  // the API names filter.city
   const target = $(`err-${field}`) ? field : "form";
   $(`err-${target}`).textContent = message;
   const input = target === "form" ? null : ($(`filter-${field}`) || $(field));
@@ -274,7 +275,7 @@ async function runSync(event) {
 function showReport(r) {
   $("report").hidden = false;
   $("report-summary").textContent = t("summary", {
-    status: r.status, mode: r.mode, dry: r.dryRun ? t("dryNote") : "", started: new Date(r.startedAt).toLocaleString(state.lang),
+    status: r.status, mode: t(`modes.${r.mode}`), dry: r.dryRun ? t("dryNote") : "", started: new Date(r.startedAt).toLocaleString(state.lang),
   }) + (r.message ? ` ${r.message}` : "");
   const counts = $("counts");
   counts.textContent = "";
@@ -324,7 +325,7 @@ async function loadHistory() {
   }
   for (const run of runs) {
     const tr = document.createElement("tr");
-    const cells = [new Date(run.startedAt).toLocaleString(state.lang), run.mode + (run.dryRun ? ` (${t("dryRun")})` : ""),
+    const cells = [new Date(run.startedAt).toLocaleString(state.lang), t(`modes.${run.mode}`) + (run.dryRun ? ` (${t("dryRun")})` : ""),
       run.status, writesOf(run), secondsOf(run).toFixed(1)];
     for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.append(td); }
     body.append(tr);
