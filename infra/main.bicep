@@ -30,6 +30,13 @@ param maximumInstanceCount int = 40
 @description('Purge protection of the Key Vault (recommended; cannot be turned off once on).')
 param keyVaultPurgeProtection bool = true
 
+@description('default: create (or update) the vault. recover: bring back the soft-deleted vault of the same name, with its secret, after `azd down` or `az group delete` (docs/DEPLOY.md, "Deploy again after removing").')
+@allowed([
+  'default'
+  'recover'
+])
+param keyVaultCreateMode string = 'default'
+
 @description('Tags added to every resource.')
 param tags object = {}
 
@@ -40,10 +47,9 @@ param tags object = {}
 @description('SYNC_TENANT_ID: tenant of the app registration (GUID or primary domain). Default: this subscription\'s tenant.')
 param syncTenantId string = tenant().tenantId
 
-@description('SYNC_CLIENT_ID: application (client) id of the app registration.')
-@minLength(36)
+@description('SYNC_CLIENT_ID: application (client) id of an existing app registration. Leave empty when deployAppRegistration creates it; otherwise required (the function app module checks its length).')
 @maxLength(36)
-param syncClientId string
+param syncClientId string = ''
 
 @description('Secretless mode: no client secret and no Key Vault; the managed identity must be added as a federated credential of the app registration (docs/DEPLOY.md).')
 param useFederatedCredential bool = false
@@ -54,6 +60,38 @@ param syncClientSecret string = ''
 
 @description('SYNC_AUTHORITY_HOST: Entra authority host (another value only for sovereign clouds).')
 param syncAuthorityHost string = 'https://login.microsoftonline.com'
+
+// ---------------------------------------------------------------------------------------------------
+// The app registration as code (Microsoft Graph Bicep extension; modules/appregistration.bicep)
+// ---------------------------------------------------------------------------------------------------
+
+@description('Create the app registration, its service principal and (secretless mode) the federated credential of the managed identity with the Microsoft Graph Bicep extension. Needs Application Administrator or Cloud Application Administrator (or Application Developer) for the deployer.')
+param deployAppRegistration bool = false
+
+@description('Also grant the application permissions (app role assignments = admin consent): BC API.ReadWrite.All and Graph User.Read.All, plus Graph Contacts.ReadWrite when contactsPermission is entraConsent. Needs Privileged Role Administrator (or Global Administrator) for the deployer. Only with deployAppRegistration.')
+param grantAppPermissions bool = false
+
+@description('exchangeRbac (recommended): Contacts.ReadWrite comes from Exchange Online RBAC for Applications, scoped to the salespeople, so the app registration must NOT hold the tenant-wide Graph permission. entraConsent: the Graph permission is requested (and granted with grantAppPermissions) and limited by an application access policy (docs/DEPLOY.md step 3).')
+@allowed([
+  'exchangeRbac'
+  'entraConsent'
+])
+param contactsPermission string = 'exchangeRbac'
+
+@description('Redirect URI of the self-service admin page (single-page app), the URL the page is served from. Empty: none.')
+param adminPageRedirectUri string = ''
+
+// ---------------------------------------------------------------------------------------------------
+// Operations (modules/operations.bicep)
+// ---------------------------------------------------------------------------------------------------
+
+@description('E-mail address that receives the alerts (failed runs, poison queue, users not synced). Empty: the alerts fire without a receiver (add one to the action group later).')
+param alertEmail string = ''
+
+@description('Hours an enabled user may go without a successful sync before the alert fires.')
+@minValue(1)
+@maxValue(47)
+param staleUserHours int = 24
 
 // ---------------------------------------------------------------------------------------------------
 // Business Central, Graph and the sync itself
@@ -110,7 +148,11 @@ var syncTableSuffixes = [
   'Leases'
 ]
 var clientSecretName = 'sync-client-secret'
+// Stable per environment, so that redeploys update the same vault. After `azd down` the name is held by
+// the soft-deleted vault for its retention period: the azd preprovision hook recovers it, and the plain
+// `az` path passes keyVaultCreateMode=recover (docs/DEPLOY.md).
 var keyVaultName = 'kv-${resourceToken}'
+var appUniqueName = 'bc-contact-sync-${resourceToken}'
 
 // ---------------------------------------------------------------------------------------------------
 // Resources
@@ -159,8 +201,24 @@ module keyVault './modules/keyvault.bicep' = if (!useFederatedCredential) {
     secretName: clientSecretName
     secretValue: syncClientSecret
     enablePurgeProtection: keyVaultPurgeProtection
+    createMode: keyVaultCreateMode
   }
 }
+
+module appRegistration './modules/appregistration.bicep' = if (deployAppRegistration) {
+  name: 'appregistration'
+  params: {
+    uniqueName: appUniqueName
+    displayName: 'BC Contact Sync (${environmentName})'
+    managedIdentityPrincipalId: useFederatedCredential ? identity.outputs.principalId : ''
+    adminPageRedirectUri: adminPageRedirectUri
+    grantPermissions: grantAppPermissions
+    grantContactsReadWrite: contactsPermission == 'entraConsent'
+  }
+}
+
+// ARM evaluates only the branch the condition picks, so the output of the skipped module is never read.
+var clientId = deployAppRegistration ? appRegistration.outputs.appId : syncClientId
 
 module rbac './modules/rbac.bicep' = {
   name: 'rbac'
@@ -196,7 +254,7 @@ module functionApp './modules/functionapp.bicep' = {
     keyVaultName: useFederatedCredential ? '' : keyVaultName
     clientSecretName: useFederatedCredential ? '' : clientSecretName
     syncTenantId: syncTenantId
-    syncClientId: syncClientId
+    syncClientId: clientId
     syncAuthorityHost: syncAuthorityHost
     bcApiBaseUrl: bcApiBaseUrl
     bcEnvironment: bcEnvironment
@@ -213,14 +271,30 @@ module functionApp './modules/functionapp.bicep' = {
   ]
 }
 
+module operations './modules/operations.bicep' = {
+  name: 'operations'
+  params: {
+    location: location
+    tags: allTags
+    resourceToken: resourceToken
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    alertEmail: alertEmail
+    staleUserHours: staleUserHours
+    poisonQueueName: '${workerQueueName}-poison'
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Outputs (azd stores them as environment values)
 // ---------------------------------------------------------------------------------------------------
 
 output AZURE_LOCATION string = location
 output FUNCTION_APP_NAME string = functionApp.outputs.name
+output FUNCTION_APP_ID string = functionApp.outputs.id
+output SYNC_CLIENT_ID string = clientId
 output FUNCTION_APP_HOST_NAME string = functionApp.outputs.defaultHostName
 output MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output MANAGED_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
 output KEY_VAULT_NAME string = useFederatedCredential ? '' : keyVaultName
 output STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output WORKBOOK_ID string = operations.outputs.workbookId

@@ -12,9 +12,11 @@ and tells the truth about the parts the sync depends on, including the inconveni
 * Concurrency: PATCH/DELETE need ``If-Match`` (400 ``BadRequest_InvalidToken`` without it), a stale
   ETag gives 412 ``Request_EntityChanged``.
 * Server-driven paging with ``Prefer: odata.maxpagesize`` and key-based ``$skiptoken`` nextLinks.
-* ``$batch`` (JSON format, at most 100 operations, ``Isolation: snapshot`` = all or nothing).
-* Operational limits per principal: 5 requests processed at once, 95 queued, then 429; 6,000
-  requests per 5-minute sliding window, then 429 with Retry-After.
+* ``$batch`` (JSON format, at most 100 operations, ``Isolation: snapshot`` = all or nothing),
+  answered as ``multipart/mixed`` unless the request says ``Accept: application/json``.
+* Operational limits per principal: 5 requests processed at once, 95 queued (for up to 8 minutes,
+  then 503), then 429; 6,000 requests per 5-minute sliding window, then 429. BC's 429 carries no
+  ``Retry-After`` (the docs only ask for "a cool off period"); ``throttle_sends_retry_after`` adds one.
 
 Error codes follow the documented table (api-reference/v1.0/dynamics_error_codes.md) and every
 message ends with BC's ``  CorrelationId:  <guid>.`` suffix.
@@ -267,6 +269,10 @@ class BusinessCentralService(Service):
         self._rowversion = 0
         self._etag_base = int(uuid.uuid4().int % 10**18) + 10**19
         self.limits = PrincipalLimits(max_concurrent, max_queue, queue_timeout, rate_limit, rate_window)
+        # Whether BC's own 429s (rate window, full queue) carry Retry-After. Microsoft documents none
+        # ("Working with API limits": retry "while providing a cool off period", with regular,
+        # incremental, exponential or random intervals), so by default they do not.
+        self.throttle_sends_retry_after: bool = False
 
         p = r"/v2\.0/(?P<tenant>[^/]+)/(?P<env>[^/]+)/api/v2\.0"
         self.route("GET", rf"{p}/companies", self._list_companies, "companies.list")
@@ -442,6 +448,8 @@ class BusinessCentralService(Service):
         if not principal:
             return super().dispatch(req)
         refusal = self.limits.admit(principal)
+        if refusal is not None and refusal.status == 429 and not self.throttle_sends_retry_after:
+            refusal.headers.pop("Retry-After", None)
         if refusal is not None:
             kind = self.kind_for(req)
             self.counters.record_http(req.method, kind)
@@ -586,7 +594,7 @@ class BusinessCentralService(Service):
         snapshot = req.headers.get("Isolation", "").strip().lower() == "snapshot"
         base_path = req.path[: -len("$batch")]
         if not snapshot:
-            return Response(200, {"responses": [self._run_operation(req, op, base_path) for op in ops]})
+            return _batch_answer(req, [self._run_operation(req, op, base_path) for op in ops])
         # One session and one transaction (use-odata-batch.md): all changes are reverted when any
         # operation fails, while the answers of the successful ones are still returned.
         with self.lock:
@@ -600,7 +608,7 @@ class BusinessCentralService(Service):
             finally:
                 if restore:
                     self.companies = saved
-        return Response(200, {"responses": responses})
+        return _batch_answer(req, responses)
 
     def _run_operation(self, envelope: Request, op: dict[str, Any], base_path: str) -> dict[str, Any]:
         target = urlsplit(str(op["url"]))
@@ -1075,6 +1083,46 @@ class BusinessCentralService(Service):
             return run()
         except BcError as exc:
             return self._fail(exc)
+
+
+def _wants_json(accept: str | None) -> bool:
+    """Whether an Accept header asks for JSON explicitly (``*/*`` or none does not)."""
+    for item in (accept or "").split(","):
+        media = item.split(";", 1)[0].strip().lower()
+        if media == "application/json":
+            return True
+    return False
+
+
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found"}
+
+
+def _batch_answer(req: Request, responses: list[dict[str, Any]]) -> Response:
+    """A `$batch` answer in the format the request accepts.
+
+    BC answers a JSON `$batch` with JSON only when the request says ``Accept: application/json``;
+    otherwise (no Accept, or ``*/*`` as `requests` sends) the answer is ``multipart/mixed``, one
+    ``application/http`` part per operation (Kauffmann, "Batch calls with Business Central APIs (1)").
+    """
+    if _wants_json(req.headers.get("Accept")):
+        return Response(200, {"responses": responses})
+    boundary = f"batchresponse_{uuid.uuid4()}"
+    parts = []
+    for r in responses:
+        status = int(r["status"])
+        head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
+        head += [f"{k}: {v}" for k, v in (r.get("headers") or {}).items()]
+        body = r.get("body")
+        text = "" if body is None else body if isinstance(body, str) else json.dumps(body)
+        parts.append(
+            f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            + "\r\n".join(head)
+            + "\r\n\r\n"
+            + text
+            + "\r\n"
+        )
+    payload = "".join(parts) + f"--{boundary}--\r\n"
+    return Response(200, payload.encode("utf-8"), content_type=f"multipart/mixed; boundary={boundary}")
 
 
 # Operational limits ----------------------------------------------------------------------------

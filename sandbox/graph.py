@@ -206,6 +206,9 @@ class _Contact:
     change_key: str
     created: str
     modified: str
+    # Property name → the mailbox seq of its last change, so a delta round can answer an updated item
+    # with only what changed since the round's sync point (delta-query-overview.md).
+    changed_at: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -219,6 +222,7 @@ class _DeltaState:
     keys: tuple[str, ...] = ()  # page token: the round's items (shared between the round's pages)
     offset: int = 0
     incremental: bool = False
+    since: int = 0  # incremental round: the sync point it reports changes after
 
 
 @dataclass
@@ -226,6 +230,8 @@ class _Mailbox:
     upn: str
     user_id: str
     root_id: str  # the default Contacts folder; `/contactFolders` lists its children
+    # The mail folder a deleted folder goes to (well-known name `deleteditems`); not a contact folder.
+    deleted_items_id: str = ""
     folders: dict[str, _Folder] = field(default_factory=dict)
     contacts: dict[str, _Contact] = field(default_factory=dict)  # by immutable id, creation order
     rest_index: dict[str, str] = field(default_factory=dict)  # REST id → immutable id
@@ -488,6 +494,11 @@ class GraphService(Service):
         self.delta_page_size = delta_page_size
         self.delta_max_page_size = delta_max_page_size  # [observed] Q&A 2025: contacts delta caps at 200
         self.delta_token_cache = delta_token_cache
+        self.delta_partial_updates = True
+        """Delta answers an item updated since the last round with its id and only the properties that
+        changed ("Updated instances are represented by their id with at least the properties that have
+        been updated", delta-query-overview.md). False: updated items come whole, which the docs also
+        allow ("additional properties may be included"); a tenant that does so is the kinder case."""
         self.mailbox_counters: dict[str, Counters] = _CounterMap()
         self._users: dict[str, _User] = {}
         self._upn_index: dict[str, str] = {}
@@ -508,6 +519,7 @@ class GraphService(Service):
             ("GET", folder, self._get_folder, "folders.get"),
             ("PATCH", folder, self._update_folder, "folders.update"),
             ("DELETE", folder, self._delete_folder, "folders.delete"),
+            ("POST", folder + r"/(?i:permanentDelete)", self._permanent_delete_folder, "folders.delete"),
             ("GET", folder + delta, self._delta, "contacts.delta"),
             ("GET", folder + r"/(?i:contacts)", self._list_contacts, "contacts.list"),
             ("POST", folder + r"/(?i:contacts)", self._create_contact, "contacts.create"),
@@ -546,7 +558,7 @@ class GraphService(Service):
             uid = (user_id or str(uuid.uuid4())).lower()
             seed = uuid.UUID(uid).bytes if _is_guid(uid) else secrets.token_bytes(16)
             root = _new_id("AQMkA", seed)
-            mailbox = _Mailbox(upn=upn, user_id=uid, root_id=root)
+            mailbox = _Mailbox(upn=upn, user_id=uid, root_id=root, deleted_items_id=_new_id("AQMkA", seed))
             mailbox.folders[root] = _Folder(root, "Contacts", _new_id("AQMkA", seed))
             name = display_name or upn.split("@")[0].replace(".", " ").title()
             self._users[uid] = _User(uid, upn, name, mailbox)
@@ -606,9 +618,27 @@ class GraphService(Service):
             return self._folder_json(self._rename_folder(mailbox, folder, {"displayName": display_name}))
 
     def user_delete_folder(self, upn: str, folder_id: str) -> None:
+        """A person deleting the folder in Outlook: it moves to Deleted Items with its contacts (same
+        ids, still readable, gone from `/contactFolders`); deleting it there removes it for good."""
         with self.lock:
             mailbox = self._require_mailbox(upn)
             self._remove_folder(mailbox, self._user_folder(mailbox, folder_id))
+
+    def user_empty_deleted_items(self, upn: str) -> None:
+        """Empty Deleted Items: the folders in it and their contacts are gone for good."""
+        with self.lock:
+            mailbox = self._require_mailbox(upn)
+            for folder in [f for f in mailbox.folders.values() if f.parent_id == mailbox.deleted_items_id]:
+                self._purge_folder(mailbox, folder)
+
+    def deleted_items_id(self, upn: str) -> str:
+        return self._require_mailbox(upn).deleted_items_id
+
+    def folder(self, upn: str, folder_id: str) -> dict | None:
+        """Any contact folder of the mailbox by id, wherever it is (also in Deleted Items)."""
+        with self.lock:
+            found = self._require_mailbox(upn).folders.get(folder_id)
+            return self._folder_json(found) if found else None
 
     def user_create_contact(self, upn: str, folder_id: str | None, data: dict) -> dict:
         """A person creating a contact in Outlook; visible to delta like any other change."""
@@ -882,6 +912,21 @@ class GraphService(Service):
         return folder
 
     def _remove_folder(self, mailbox: _Mailbox, folder: _Folder) -> None:
+        """DELETE (and deleting in Outlook) moves the folder to Deleted Items; only `permanentDelete`,
+        or deleting it again from Deleted Items, removes it (contactfolder-permanentdelete.md; [observed]
+        msgraph-sdk-powershell#2743: deleted contact folders live on with another parentFolderId)."""
+        if folder.id == mailbox.root_id:
+            raise GraphError(
+                403, "ErrorDeleteDistinguishedFolder", "Distinguished folders cannot be deleted."
+            )
+        if folder.parent_id == mailbox.deleted_items_id:
+            self._purge_folder(mailbox, folder)
+            return
+        # The folder, its contacts and their ids stay as they are; only its parent changes. A folder
+        # of the same name already in Deleted Items is not a clash there (Exchange renames on move).
+        folder.parent_id = mailbox.deleted_items_id
+
+    def _purge_folder(self, mailbox: _Mailbox, folder: _Folder) -> None:
         if folder.id == mailbox.root_id:
             raise GraphError(
                 403, "ErrorDeleteDistinguishedFolder", "Distinguished folders cannot be deleted."
@@ -939,6 +984,11 @@ class GraphService(Service):
         self._remove_folder(mailbox, self._folder(mailbox, folder))
         return Response(204)
 
+    def _permanent_delete_folder(self, req: Request, ctx: _Ctx, user: str, folder: str) -> Response:
+        mailbox = self._mailbox(user, ctx)
+        self._purge_folder(mailbox, self._folder(mailbox, folder))
+        return Response(204)
+
     # ------------------------------------------------------------------ contacts: storage
     def _log(self, mailbox: _Mailbox, folder_id: str, contact: _Contact, present: bool) -> None:
         mailbox.seq += 1
@@ -968,9 +1018,14 @@ class GraphService(Service):
         return contact
 
     def _modify_contact(self, mailbox: _Mailbox, contact: _Contact, write: _ContactWrite) -> None:
+        before = self._contact_json(contact, immutable=True)
         self._apply(contact, write, creating=False)
         contact.change_key, contact.modified = _change_key(), _now()  # outlookitem.md: new on every change
         self._log(mailbox, contact.folder_id, contact, present=True)
+        after = self._contact_json(contact, immutable=True)
+        for name in RENDER_ORDER:
+            if before.get(name) != after.get(name):
+                contact.changed_at[name] = mailbox.seq
 
     def _remove_contact(self, mailbox: _Mailbox, contact: _Contact) -> None:
         del mailbox.contacts[contact.key]
@@ -1157,6 +1212,7 @@ class GraphService(Service):
                     self._changes(mailbox, fid, state.seq),
                     0,
                     True,
+                    state.seq,
                 )
         else:
             keys = tuple(k for k, c in mailbox.contacts.items() if c.folder_id == fid)
@@ -1182,6 +1238,7 @@ class GraphService(Service):
                 state.keys,
                 state.offset + size,
                 state.incremental,
+                state.since,
             )
             body["@odata.nextLink"] = f"{base_link}?$skiptoken={self._store_token(mailbox, nxt)}"
         else:
@@ -1214,9 +1271,19 @@ class GraphService(Service):
     ) -> dict | None:
         contact = mailbox.contacts.get(key)
         if contact is not None and contact.folder_id == fid:
+            select = state.select
+            if (
+                state.incremental
+                and self.delta_partial_updates
+                and self._was_present(mailbox, fid, key, state)
+            ):
+                # Updated, not created: its id plus what changed since the sync point, and no more
+                # (contact-delta.md: "The id property is always returned").
+                changed = {p for p, seq in contact.changed_at.items() if seq > state.since}
+                select = tuple(p for p in (state.select or RENDER_ORDER) if p in changed)
             return {
                 "@odata.type": "#microsoft.graph.contact",
-                **self._contact_json(contact, ctx.immutable, state.select),
+                **self._contact_json(contact, ctx.immutable, select),
             }
         if not state.incremental:
             return None  # deleted while the first round was being paged: the next round reports it
@@ -1226,6 +1293,12 @@ class GraphService(Service):
             "id": key if ctx.immutable else rest_id,
             "@removed": {"reason": "deleted"},
         }
+
+    def _was_present(self, mailbox: _Mailbox, fid: str, key: str, state: _DeltaState) -> bool:
+        """Was the item in the folder at the round's sync point (so this round reports an update)?"""
+        history = mailbox.history.get((fid, key), [])
+        at = bisect.bisect_right(history, state.since, key=lambda e: e[0])
+        return at > 0 and history[at - 1][1]
 
     def _store_token(self, mailbox: _Mailbox, state: _DeltaState) -> str:
         # delta-query-overview.md: Outlook keeps tokens in a bounded cache and evicts the oldest.

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -90,10 +90,11 @@ class ConnectionReset(Exception):
 class Fault:
     """One injected failure. `remaining` counts down per matching request; None = forever."""
 
-    kind: str  # "status" | "reset" | "html" | "latency"
+    kind: str  # "status" | "reset" | "html" | "latency" | "unreadable" | "relink"
     status: int = 503
     retry_after: float | None = None
     delay: float = 0.0
+    link_base: str | None = None  # "relink": the foreign base that replaces the service's own
     method: str | None = None
     path_regex: str | None = None
     remaining: int | None = 1
@@ -105,6 +106,9 @@ class Fault:
         if self.in_batch is not None and req.in_batch != self.in_batch:
             return False
         return not (self.path_regex and not re.search(self.path_regex, req.path))
+
+
+_AFTER_FAULTS = ("unreadable", "relink")
 
 
 class Faults:
@@ -135,6 +139,17 @@ class Faults:
 
     def slow(self, delay: float, count: int = 1, **match: Any) -> Fault:
         return self.add(Fault("latency", delay=delay, remaining=count, **match))
+
+    def unreadable(self, count: int = 1, status: int = 200, **match: Any) -> Fault:
+        """The request is *applied*, then its 2xx answer arrives as a page the client cannot read
+        (a proxy's or captive portal's HTML with the service's success status): the "applied, answer
+        unreadable" outcome. Only a 2xx answer is replaced; an error answer passes unchanged."""
+        return self.add(Fault("unreadable", status=status, remaining=count, **match))
+
+    def foreign_links(self, link_base: str, count: int = 1, **match: Any) -> Fault:
+        """The answer's `@odata.nextLink` / `@odata.deltaLink` point at `link_base` (another scheme,
+        host or port) instead of this service: what a hostile or misrouted answer would carry."""
+        return self.add(Fault("relink", link_base=link_base.rstrip("/"), remaining=count, **match))
 
     def clear(self) -> None:
         with self._lock:
@@ -284,7 +299,10 @@ class Service:
             if kind != "$batch":
                 self.counters.record_item(req.method, kind)
         fault = self.faults.take(req)
-        if fault is not None:
+        after_fault = None
+        if fault is not None and fault.kind in _AFTER_FAULTS:
+            after_fault = fault  # shapes the answer of a request that is handled normally
+        elif fault is not None:
             resp = self._apply_fault(fault, req)
             if resp is not None:
                 return resp
@@ -301,11 +319,27 @@ class Service:
         if refused is not None:
             return refused
         try:
-            return route.handler(
+            resp = route.handler(
                 req, **{k: unquote(v) for k, v in match.groupdict().items() if v is not None}
             )
         finally:
             self.after(req, route)
+        return resp if after_fault is None else self._shape_answer(after_fault, resp)
+
+    def _shape_answer(self, fault: Fault, resp: Response) -> Response:
+        if fault.kind == "unreadable":
+            if not 200 <= resp.status < 300:
+                return resp
+            body = "<!DOCTYPE html><html><head><title>OK</title></head><body>Request accepted.</body></html>"
+            return Response(fault.status, body, content_type="text/html; charset=utf-8")
+        if isinstance(resp.body, dict) and fault.link_base:
+            body = dict(resp.body)
+            for key in ("@odata.nextLink", "@odata.deltaLink"):
+                link = body.get(key)
+                if isinstance(link, str) and link.startswith(self.base_url):
+                    body[key] = fault.link_base + link[len(self.base_url) :]
+            return replace(resp, body=body)
+        return resp
 
     def _apply_fault(self, fault: Fault, req: Request) -> Response | None:
         if fault.kind == "latency":

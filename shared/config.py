@@ -135,12 +135,12 @@ class Config:
                 "SYNC_CLIENT_SECRET",
                 "is missing (set it, or SYNC_MANAGED_IDENTITY_CLIENT_ID for the secretless federated credential)",
             )
-        if secret and secret.startswith("@Microsoft.KeyVault("):
-            raise ConfigError(
-                "SYNC_CLIENT_SECRET",
-                "is an unresolved Key Vault reference: grant the app's identity 'Key Vault Secrets User' "
-                "and check the reference",
-            )
+        if secret:
+            from shared.validate import unresolved_key_vault_reference  # validate imports auth -> config
+
+            problem = unresolved_key_vault_reference("SYNC_CLIENT_SECRET", secret)
+            if problem:
+                raise ConfigError("SYNC_CLIENT_SECRET", problem)
         env_name = get("BC_ENVIRONMENT")
         if not _ENV_NAME.match(env_name):
             raise ConfigError("BC_ENVIRONMENT", "must be an environment name (letters, digits, - or _)")

@@ -20,7 +20,7 @@ from shared.bc_client import BcClient, BcWrite
 from shared.graph_client import GraphClient
 from shared.http import BatchItem, ItemResult
 from shared.mapping import bc_to_outlook, bc_view, fingerprint, outlook_view
-from shared.model import Link, ReportItem, RunReport
+from shared.model import Link, ReportItem, RunReport, redact
 from shared.planner import Action, Plan
 from shared.store import Store
 
@@ -83,7 +83,7 @@ class Executor:
     def _fail(self, action: Action, res: ItemResult | None, reason: str) -> None:
         self.outcome.failures += 1
         self.report.add("failed", action.bc_id, action.outlook_id, action.email, reason)
-        log.warning("contact sync item failed: %s (%s)", action.kind, reason)
+        log.warning("contact sync item failed: %s (%s)", action.kind, redact(reason, self.user))
         if action.bc is not None and action.kind in (
             "create_outlook",
             "recreate_outlook",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from shared.http import ApiError, BatchItem, HttpClient, ItemResult
+from shared.http import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
 from shared.mapping import BC_ID_PROPERTY_ID
 
 IMMUTABLE_IDS = 'IdType="ImmutableId"'
@@ -42,6 +42,11 @@ class DeltaExpired(Exception):
     """The stored delta link can no longer be used (410 Gone or syncStateNotFound): resync."""
 
 
+class ForeignDeltaLink(DeltaExpired):
+    """The stored delta link points outside the configured Graph base: refused unsent, so the run
+    starts a fresh delta round (a full sync) instead of handing a token to another host."""
+
+
 class FolderGone(Exception):
     """The sync folder no longer exists (deleted by the user)."""
 
@@ -51,6 +56,15 @@ class DeltaPage:
     changed: list[dict[str, Any]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     delta_link: str = ""
+    # BC-id tags of contacts that were read whole by id (`fill_partial`), so no one asks again.
+    tags: dict[str, str | None] = field(default_factory=dict)
+
+
+def is_partial(item: dict[str, Any]) -> bool:
+    """A delta item that lacks a property we select: Graph answers an updated item with its id and "at
+    least the properties that have been updated" (delta-query-overview), so what is missing is
+    unknown, not empty. Only a contact holding every selected property may be taken as whole."""
+    return any(name not in item for name in CONTACT_SELECT)
 
 
 def tag_of(contact: dict[str, Any]) -> str | None:
@@ -59,6 +73,12 @@ def tag_of(contact: dict[str, Any]) -> str | None:
         if str(prop.get("id", "")).lower() == BC_ID_PROPERTY_ID.lower():
             return prop.get("value")
     return None
+
+
+def find_by_name(folders: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The folder of that display name, compared as Exchange does: without regard to case."""
+    wanted = name.casefold()
+    return next((f for f in folders if str(f.get("displayName") or "").casefold() == wanted), None)
 
 
 class GraphClient:
@@ -88,19 +108,51 @@ class GraphClient:
         return None if resp.status == 404 else resp.body
 
     def find_folder(self, user: str, name: str) -> dict[str, Any] | None:
+        """The folder under Contacts with this name. Exchange compares folder names without regard to
+        case ("business central" is the folder "Business Central"), so this does too."""
+        return find_by_name(self.folders_named(user, name), name)
+
+    def folders_named(self, user: str, name: str) -> list[dict[str, Any]]:
+        """The folders under Contacts that `$filter=displayName eq` matches (Exchange: any case)."""
         escaped = name.replace("'", "''")
         resp = self.http.request(
             "GET",
             self._url(f"{self.user_path(user)}/contactFolders"),
             params={"$filter": f"displayName eq '{escaped}'"},
         )
-        matches = [f for f in resp.body.get("value", []) if f.get("displayName") == name]
-        return matches[0] if matches else None
+        return list(resp.body.get("value", []))
+
+    def list_folders(self, user: str) -> list[dict[str, Any]]:
+        """The folders directly under the default Contacts folder. A folder the user deleted is in
+        Deleted Items and no longer listed here, though it still answers GET by id."""
+        url: str | None = self._url(f"{self.user_path(user)}/contactFolders")
+        params: dict[str, str] | None = {
+            "$select": "id,displayName,parentFolderId",
+            "$top": str(LIST_PAGE_SIZE),
+        }
+        out: list[dict[str, Any]] = []
+        while url:
+            resp = self.http.request("GET", url, params=params)
+            out.extend(resp.body.get("value", []))
+            url = resp.body.get("@odata.nextLink")
+            params = None
+        return out
 
     def create_folder(self, user: str, name: str) -> dict[str, Any]:
-        return self.http.request(
-            "POST", self._url(f"{self.user_path(user)}/contactFolders"), json_body={"displayName": name}
-        ).body
+        """Create the folder under Contacts; if Exchange says it exists (409 ErrorFolderExists, e.g.
+        created meanwhile by Outlook or by a run of ours), use the existing one instead."""
+        try:
+            return self.http.request(
+                "POST", self._url(f"{self.user_path(user)}/contactFolders"), json_body={"displayName": name}
+            ).body
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            # By name, then by reading them all, in case a tenant's `eq` ever compared case-sensitively.
+            found = self.find_folder(user, name) or find_by_name(self.list_folders(user), name)
+            if found is None:
+                raise
+            return found
 
     def rename_folder(self, user: str, folder_id: str, name: str) -> dict[str, Any]:
         return self.http.request(
@@ -113,6 +165,10 @@ class GraphClient:
     def delta(self, user: str, folder_id: str, delta_link: str | None) -> DeltaPage:
         """One full delta round: from the stored link (or the start) to the next deltaLink."""
         if delta_link:
+            try:
+                self.http.check_target(delta_link)
+            except ForeignUrlError as exc:
+                raise ForeignDeltaLink(str(exc)) from None
             url, params = delta_link, None
         else:
             url = self._url(
@@ -154,10 +210,39 @@ class GraphClient:
                 url = next_link
                 continue
             out.delta_link = resp.body.get("@odata.deltaLink", "")
+            if out.delta_link:
+                # Stored, then called with a token on the next run: refuse a foreign one now, before
+                # it reaches Table Storage (a nextLink is refused by the request that would follow it).
+                self.http.check_target(out.delta_link)
             break
         out.changed = list(seen.values())
         out.removed = list(removed)
         return out
+
+    def fill_partial(self, user: str, folder_id: str, page: DeltaPage) -> DeltaPage:
+        """Replace partial delta items by the whole contacts, read by id in `$batch` (≤ 20 a call).
+
+        Only items that lack a selected property are read, so a round of whole items (first rounds,
+        created contacts, tenants that send updates whole) costs nothing more. A contact gone by now
+        counts as removed. The BC-id tags come along and are kept in `page.tags`.
+        """
+        ids = [c["id"] for c in page.changed if is_partial(c)]
+        if not ids:
+            return page
+        found, missing = self.get_contacts(user, folder_id, ids)
+        changed = []
+        for contact in page.changed:
+            cid = contact["id"]
+            if cid in missing:
+                continue
+            if cid in found:
+                contact = found[cid]
+                page.tags[cid] = tag_of(contact)
+                contact.pop("singleValueExtendedProperties", None)
+            changed.append(contact)
+        page.changed = changed
+        page.removed = [*page.removed, *(i for i in ids if i in missing and i not in page.removed)]
+        return page
 
     def list_contacts(self, user: str, folder_id: str, *, with_tag: bool = True) -> list[dict[str, Any]]:
         params = {"$select": ",".join(CONTACT_SELECT), "$top": str(LIST_PAGE_SIZE)}
@@ -175,13 +260,18 @@ class GraphClient:
         return out
 
     def get_contacts(self, user: str, folder_id: str, ids: list[str]) -> tuple[dict[str, dict], set[str]]:
-        """Full contacts (with their BC-id tag) by id; returns (found by id, ids that no longer exist)."""
+        """Full contacts (with their BC-id tag) by id; returns (found by id, ids no longer in the folder)."""
         query = f"?$select={','.join(CONTACT_SELECT)}&$expand={_EXPAND_TAG}"
         items = [self.contact_op(user, folder_id, "GET", i, query=query) for i in ids]
         found: dict[str, dict] = {}
         missing: set[str] = set()
         for cid, res in zip(ids, self._batch(items), strict=True):
             if res.ok and isinstance(res.body, dict):
+                if res.body.get("parentFolderId") not in (None, folder_id):
+                    # Ids are mailbox-wide, so a contact GET through our folder's path also answers
+                    # for one elsewhere, e.g. in a deleted folder now in Deleted Items: not ours.
+                    missing.add(cid)
+                    continue
                 found[cid] = res.body
             elif res.status == 404:
                 missing.add(cid)

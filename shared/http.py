@@ -1,10 +1,21 @@
 """One HTTP policy for both APIs: timeouts, retries, Retry-After, backoff, JSON checks, counting.
 
 Retries follow what Microsoft documents for Graph and Business Central: honour `Retry-After` on 429
-(and on 503 when sent), back off exponentially with jitter when it is absent, retry 503/504 and
-dropped connections. A POST whose fate is unknown (connection lost after sending, or 504) is *not*
-repeated blindly: it raises `AmbiguousWriteError`, because repeating a create can duplicate a
-contact; the sync resolves it on the next run through the BC-id tag or the email match instead.
+(and on 503 when sent), back off exponentially with full jitter when it is absent (Business Central's
+429 carries none: "adopt a retry logic while providing a cool off period"), within a total budget of
+BC's 5-minute rate window; retry 503/504 and dropped connections.
+
+A non-idempotent request (a POST, a `$batch` with writes) is sent again only when the answer says
+it was *not* processed (429, 503, 401 before the token refresh) or it never left (no connection).
+Any other outcome whose fate is unknown raises `AmbiguousWriteError` instead of repeating: the
+connection lost after sending, a read timeout, a 502/504 or a gateway's error page, and any 2xx
+whose body cannot be read (HTML, or BC's multipart/mixed `$batch` answer): a 2xx means the service
+applied the write, so repeating a create would duplicate the contact. The sync resolves ambiguous
+writes on the next run through the BC-id tag or the email match instead.
+
+Every request carries `Accept: application/json` (without it BC answers `$batch` as multipart/mixed)
+and goes only to the configured origin: a `@odata.nextLink`/`deltaLink` pointing anywhere else is
+refused before a token is fetched (`ForeignUrlError`).
 
 The same rules apply to each operation inside a JSON `$batch` (Graph and BC share the format):
 throttled items come back with their own status and `Retry-After` inside a 200 envelope.
@@ -49,6 +60,54 @@ class ApiError(RuntimeError):
 
 class AmbiguousWriteError(ApiError):
     """A write may or may not have happened (the answer was lost). Never repeat it blindly."""
+
+
+class ForeignUrlError(ApiError):
+    """A URL (a nextLink, a deltaLink, a stored link) outside the configured base: never called.
+
+    The message names only the origins, not the path (a Graph path holds the mailbox address).
+    """
+
+    def __init__(self, service: str, url: str, allowed: str):
+        parts = urlsplit(url)
+        got = f"{parts.scheme}://{parts.netloc}" if parts.scheme or parts.netloc else "a relative URL"
+        RuntimeError.__init__(
+            self,
+            f"{service}: refused to follow a link to {got}: it is not the configured {service} "
+            f"address {allowed}; nothing was sent there (no token left this app)",
+        )
+        self.service = service
+        self.method = "GET"
+        self.status = None
+        self.code = "ForeignHost"
+        self.detail = str(self)
+        self.origin = got
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter for answers without `Retry-After`, within a time budget.
+
+    Attempt n waits a uniform random time in [0, min(cap, base * 2**(n-1))] ("full jitter" spreads
+    the retries of many clients instead of synchronising them). `budget` bounds the total wait of one
+    request: 300 s is Business Central's sliding rate window (6,000 requests per 5 minutes), so a
+    throttled request keeps trying for as long as the window needs to drain and no longer.
+    """
+
+    base: float = 0.5
+    cap: float = 60.0
+    budget: float = 300.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def ceiling(self, attempt: int) -> float:
+        return min(self.cap, self.base * 2 ** max(0, attempt - 1))
+
+    def delay(self, attempt: int, waited: float) -> float | None:
+        """The wait before retry number `attempt`, or None when the budget is spent."""
+        remaining = self.budget - waited
+        if remaining <= 0:
+            return None
+        return min(remaining, self.rng.uniform(0, self.ceiling(attempt)))
 
 
 @dataclass
@@ -181,11 +240,18 @@ class HttpClient:
         backoff_base: float = 0.5,
         backoff_cap: float = 60.0,
         max_wait: float = 300.0,
+        max_throttled_attempts: int = 40,
         sleep: Callable[[float], None] = time.sleep,
         default_headers: dict[str, str] | None = None,
         session: requests.Session | None = None,
         pacer: Callable[[int], None] | None = None,
+        base_url: str | None = None,
+        rng: random.Random | None = None,
     ):
+        """`base_url`: the configured API base; requests anywhere else are refused (ForeignUrlError).
+        `max_attempts` bounds retries of errors; 429s are bounded by the `max_wait` budget (and
+        `max_throttled_attempts`), since a throttled request was not processed and waiting is the cure.
+        """
         self.service = service
         self._token = token
         self.counter = counter or RequestCounter()
@@ -195,15 +261,28 @@ class HttpClient:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._max_wait = max_wait
+        self._max_throttled_attempts = max_throttled_attempts
         self._sleep = sleep
-        self._headers = dict(default_headers or {})
+        # BC answers a `$batch` as multipart/mixed unless the request asks for JSON; both APIs
+        # answer JSON anyway, so every request says so.
+        self._headers = {"Accept": "application/json", **(default_headers or {})}
         self._session = session or requests.Session()
         self._pacer = pacer
-        self._rng = random.Random()
+        self.backoff = Backoff(backoff_base, backoff_cap, max_wait, rng or random.Random())
+        self._origin, self._base_path = _origin_of(base_url) if base_url else (None, "")
+        self._base_url = base_url.rstrip("/") if base_url else None
 
-    def _backoff(self, attempt: int) -> float:
-        # "Full jitter": spreads retries of many clients instead of synchronising them.
-        return self._rng.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
+    def _backoff(self, attempt: int, waited: float = 0.0) -> float:
+        delay = self.backoff.delay(attempt, waited)
+        return 0.0 if delay is None else delay
+
+    def check_target(self, url: str) -> None:
+        """Refuse a URL outside the configured base (scheme, host, port and base path)."""
+        if self._origin is None:
+            return
+        origin, path = _origin_of(url)
+        if origin != self._origin or not (path + "/").startswith(self._base_path + "/"):
+            raise ForeignUrlError(self.service, url, self._base_url or "")
 
     def request(
         self,
@@ -222,6 +301,7 @@ class HttpClient:
         `idempotent` overrides what the method says, e.g. for a `$batch` POST that only reads.
         """
         method = method.upper()
+        self.check_target(url)  # before any token is fetched or any byte is sent
         repeatable = method in _IDEMPOTENT if idempotent is None else idempotent
         waited = 0.0
         refreshed = False
@@ -262,7 +342,7 @@ class HttpClient:
                     raise ApiError(
                         self.service, method, url, None, "ConnectionError", str(exc)[:200]
                     ) from None
-                delay = self._backoff(attempt)
+                delay = self._backoff(attempt, waited)
                 waited += delay
                 self._sleep(delay)
                 continue
@@ -274,16 +354,49 @@ class HttpClient:
                     ) from None
                 if attempt >= self._max_attempts:
                     raise ApiError(self.service, method, url, None, "Timeout", "no answer in time") from None
-                self._sleep(self._backoff(attempt))
+                delay = self._backoff(attempt, waited)
+                waited += delay
+                self._sleep(delay)
+                continue
+            except requests.exceptions.RequestException as exc:
+                # The answer broke off while being read (ChunkedEncodingError, ContentDecodingError):
+                # the request was sent and answered, so a write may have been applied.
+                self.counter.add(self.service)
+                if not repeatable:
+                    raise AmbiguousWriteError(
+                        self.service, method, url, None, type(exc).__name__, "the answer broke off"
+                    ) from None
+                if attempt >= self._max_attempts:
+                    raise ApiError(
+                        self.service, method, url, None, type(exc).__name__, str(exc)[:200]
+                    ) from None
+                delay = self._backoff(attempt, waited)
+                waited += delay
+                self._sleep(delay)
                 continue
             status = resp.status_code
             self.counter.add(self.service, throttled=status == 429)
             body, text = self._parse(resp)
             if 200 <= status < 300 or status in allow_status:
                 if body is _NOT_JSON:
-                    # An HTML page with a 2xx (a proxy or captive portal) is a transient failure.
+                    if not repeatable and 200 <= status < 300:
+                        # A 2xx says the service applied the write; only its answer is unreadable
+                        # (a proxy's page, BC's multipart batch answer). Repeating would apply it twice.
+                        raise AmbiguousWriteError(
+                            self.service,
+                            method,
+                            url,
+                            status,
+                            "UnreadableAnswer",
+                            f"{_ctype(resp) or 'no content type'} body instead of JSON after the write "
+                            "was accepted",
+                        )
+                    # A read answered by an HTML page with a 2xx (a proxy or captive portal) is a
+                    # transient failure, and a read is safe to repeat.
                     if attempt < self._max_attempts:
-                        self._sleep(self._backoff(attempt))
+                        delay = self._backoff(attempt, waited)
+                        waited += delay
+                        self._sleep(delay)
                         continue
                     raise ApiError(self.service, method, url, status, "NotJson", _ctype(resp))
                 return HttpResponse(status, dict(resp.headers), body)
@@ -293,18 +406,20 @@ class HttpClient:
                 continue
             code, message = _error_of(None if body is _NOT_JSON else body, text)
             retryable = status in RETRY_STATUSES or (status >= 500 and body is _NOT_JSON)
-            # 429 and 503 say the request was not processed. A 504, or a gateway's error page (502,
-            # 500 as HTML), may come after the service applied a write: repeating it could duplicate.
-            if retryable and not repeatable and status not in (429, 503):
+            # 429 and 503 say the request was not processed. A 502 or 504 (JSON or not), or a
+            # gateway's error page, may come after the service applied a write: repeating it could
+            # duplicate.
+            if not repeatable and (status in (502, 504) or (retryable and status not in (429, 503))):
                 if body is _NOT_JSON and not code:
                     message = f"{_ctype(resp)} body instead of JSON"
                 fallback = {502: "BadGateway", 504: "GatewayTimeout"}.get(status, "ServerError")
                 raise AmbiguousWriteError(self.service, method, url, status, code or fallback, message)
-            if retryable and attempt < self._max_attempts:
+            more = attempt < self._max_attempts or (status == 429 and attempt < self._max_throttled_attempts)
+            if retryable and more:
                 delay = parse_retry_after(resp.headers.get("Retry-After"))
                 if delay is None:
-                    delay = self._backoff(attempt)
-                if waited + delay > self._max_wait:
+                    delay = self.backoff.delay(attempt, waited)
+                if delay is None or waited + delay > self._max_wait:
                     raise ApiError(self.service, method, url, status, code, f"still throttled: {message}")
                 waited += delay
                 log.info("%s %s → %s, retrying in %.1fs", self.service, method, status, delay)
@@ -384,7 +499,13 @@ class HttpClient:
             for i in pending:
                 r = answered.get(str(i))
                 if r is None:
-                    results[i] = ItemResult(None, error="no answer for this operation in the batch response")
+                    # The envelope was accepted (2xx), so a write without its own answer may have
+                    # been applied: ambiguous, never sent again.
+                    results[i] = ItemResult(
+                        None,
+                        error="no answer for this operation in the batch response",
+                        ambiguous=items[i].method.upper() != "GET",
+                    )
                     continue
                 status = int(r.get("status", 0))
                 rh = {str(k): str(v) for k, v in (r.get("headers") or {}).items()}
@@ -395,7 +516,7 @@ class HttpClient:
                     ra = parse_retry_after(
                         next((v for k, v in rh.items() if k.lower() == "retry-after"), None)
                     )
-                    delay = max(delay, ra if ra is not None else self._backoff(attempt))
+                    delay = max(delay, ra if ra is not None else self._backoff(attempt, waited))
                     results[i] = ItemResult(
                         status, body, rh, error=_item_error(self.service, items[i], status, body)
                     )
@@ -410,7 +531,12 @@ class HttpClient:
                         error=_item_error(self.service, items[i], status, body),
                         ambiguous=status == 504,
                     )
-            if retry and attempt < self._max_attempts and waited + delay <= self._max_wait:
+            if (
+                retry
+                and attempt < self._max_throttled_attempts
+                and (attempt < self._max_attempts or all(results[i].status == 429 for i in retry))
+                and waited + delay <= self._max_wait
+            ):
                 waited += delay
                 self._sleep(delay)
                 pending = retry
@@ -424,6 +550,17 @@ class _NotJson:
 
 
 _NOT_JSON: Any = _NotJson()
+
+
+def _origin_of(url: str) -> tuple[str, str]:
+    """(scheme://host:port with the default port made explicit, path without trailing slash)."""
+    parts = urlsplit(url)
+    scheme = (parts.scheme or "").lower()
+    try:
+        port = parts.port or {"https": 443, "http": 80}.get(scheme)
+    except ValueError:
+        port = None
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.rstrip("/")
 
 
 def _ctype(resp: requests.Response) -> str:

@@ -40,7 +40,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError
 from azure.data.tables import TableClient, TableServiceClient, TableTransactionError, UpdateMode
 
-from shared.model import Link, RunReport, UserSettings, UserState, ValidationError, parse_iso, utcnow
+from shared.model import Link, RunReport, UserSettings, UserState, ValidationError, parse_iso, redact, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class Store:
         the timer from syncing everybody else (use list_settings_checked to show the problem)."""
         valid, problems = self.list_settings_checked()
         for user, message in problems:
-            log.warning("Skipping malformed settings row of %s: %s", user, message)
+            log.warning("Skipping a malformed settings row: %s", redact(message, user))
         return valid
 
     def list_settings_checked(self) -> tuple[list[UserSettings], list[tuple[str, str]]]:

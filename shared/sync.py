@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,10 +23,29 @@ from shared.bc_client import BcClient
 from shared.config import Config
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
-from shared.graph_client import IMMUTABLE_IDS, DeltaExpired, DeltaPage, FolderGone, GraphClient, tag_of
+from shared.graph_client import (
+    IMMUTABLE_IDS,
+    DeltaExpired,
+    DeltaPage,
+    FolderGone,
+    ForeignDeltaLink,
+    GraphClient,
+    is_partial,
+    tag_of,
+)
 from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
-from shared.mapping import bc_is_eligible, fingerprint, normalize_email, outlook_view
-from shared.model import ReportItem, RunReport, UserSettings, UserState, iso, parse_iso, utcnow
+from shared.mapping import bc_is_eligible, bc_view, fingerprint, normalize_email, outlook_view
+from shared.model import (
+    ReportItem,
+    RunReport,
+    UserSettings,
+    UserState,
+    iso,
+    parse_iso,
+    redact,
+    user_hash,
+    utcnow,
+)
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
 from shared.store import Store, pooled_transport
 
@@ -37,6 +56,10 @@ LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
 # for the validation endpoint and the Outlook clients of the same app.
 GRAPH_MAILBOX_BUDGET = 9_500
 GRAPH_WINDOW_SECONDS = 600.0
+# Read timeouts (seconds): BC's queue limit is 8 minutes and its request limit 10 minutes
+# (operational-limits-online, dynamics-current-limits), so 630 s = 10 min + 30 s of margin; Graph 120 s.
+BC_READ_TIMEOUT = 630.0
+GRAPH_READ_TIMEOUT = 120.0
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
 MODES = (INCREMENTAL, FULL)
 
@@ -121,6 +144,19 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
     return CompanyRead(read.read_at, since, contacts, read.index)
 
 
+# The Azure SDK's HTTP logging policy writes every request URL at INFO, and a Table Storage URL holds
+# the partition key, which is the mailbox address. At WARNING only `userHash` identifies a user.
+SDK_LOGGERS = ("azure", "azure.core.pipeline.policies.http_logging_policy")
+
+
+def quiet_sdk_loggers() -> None:
+    """Keep the Azure SDK's loggers at WARNING or above, whatever the root logger's level."""
+    for name in SDK_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 @dataclass
 class Services:
     """Everything a run needs, built once per process and shared by its runs."""
@@ -134,6 +170,9 @@ class Services:
 
     @classmethod
     def from_config(cls, config: Config) -> Services:
+        """The app's services; every entry point (functions, CLI) builds them here, so this is also
+        where the SDK loggers are kept quiet."""
+        quiet_sdk_loggers()
         return cls(config=config, store=store_from_config(config), tokens=token_provider(config))
 
     def _http(self, service: str, scope: str, counter: RequestCounter, **extra: Any) -> HttpClient:
@@ -148,13 +187,22 @@ class Services:
         )
 
     def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
-        bc_http = self._http("bc", BC_SCOPE, counter)
+        # Each client talks only to its configured base: a nextLink or deltaLink elsewhere is
+        # refused before a token is fetched. BC queues a principal's requests beyond 5 at once for
+        # up to 8 minutes (then 503) and aborts a request after 10 minutes (504): its read timeout
+        # outlasts both, so BC's own answer arrives instead of our timeout turning a queued write
+        # into an ambiguous one. Graph does not queue; 120 s is ample for a batch of 20.
+        bc_http = self._http(
+            "bc", BC_SCOPE, counter, base_url=self.config.bc_base_url, timeout=(10.0, BC_READ_TIMEOUT)
+        )
         graph_http = self._http(
             "graph",
             GRAPH_SCOPE,
             counter,
             default_headers={"Prefer": IMMUTABLE_IDS},
             pacer=WindowPacer(GRAPH_MAILBOX_BUDGET, GRAPH_WINDOW_SECONDS, sleep=self.sleep),
+            base_url=self.config.graph_base_url,
+            timeout=(10.0, GRAPH_READ_TIMEOUT),
         )
         bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
         graph = GraphClient(graph_http, self.config.graph_base_url)
@@ -260,7 +308,7 @@ def run_user(
     except Exception as exc:  # one failing user must never stop the others
         report.status = "failed"
         report.message = _describe(exc)
-        log.warning("contact sync run failed: %s", report.message)
+        log.warning("contact sync run failed: %s", redact(report.message, settings.user))
     finally:
         for service in ("bc", "graph"):
             report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
@@ -271,23 +319,20 @@ def run_user(
             if lease is not None:
                 store.release_lease(lease)
         if report.status != "interrupted":  # an interrupted run logs once, when its continuation ends
-            log_run(report, time.monotonic() - started)
+            log_run(report, time.monotonic() - started, counter.throttled)
     return report
 
 
 MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
 
 
-def user_hash(user: str) -> str:
-    """How logs name a user: Application Insights gets no mailbox addresses."""
-    return hashlib.sha256(user.encode()).hexdigest()[:16]
-
-
-def log_run(report: RunReport, duration: float) -> None:
+def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | None = None) -> None:
     """One structured record per run for Application Insights, and warnings for skipped contacts.
 
-    Only ids, counts and reasons: no names, addresses, tokens or secrets.
+    Only ids, counts and reasons: no names, addresses, tokens or secrets. `throttled`: the requests
+    answered 429 per service (RequestCounter.throttled); the operations workbook charts them.
     """
+    throttled = throttled or {}
     who = {"runId": report.runId, "userHash": user_hash(report.user)}
     log.info(
         "contact sync run",
@@ -301,6 +346,8 @@ def log_run(report: RunReport, duration: float) -> None:
                 **report.counts,
                 "bcRequests": report.requests.get("bc", 0),
                 "graphRequests": report.requests.get("graph", 0),
+                "bcThrottled": throttled.get("bc", 0),
+                "graphThrottled": throttled.get("graph", 0),
             }
         },
     )
@@ -386,11 +433,31 @@ def _run(
     dry = report.dryRun
 
     # Outlook folder --------------------------------------------------------------------------
+    previous_folder = state.folder_id
     folder_id = _ensure_folder(graph, settings, state, report, dry)
+    if previous_folder and folder_id != previous_folder:
+        # The user deleted the folder (it sits in Deleted Items, still readable, but is no longer
+        # under Contacts): never write there; fill a folder under Contacts from scratch.
+        mode = FULL
+        report.message = (
+            "the Outlook folder had been deleted (moved to Deleted Items): a new folder was created under "
+            "Contacts and fully synced"
+            if folder_id
+            else "the Outlook folder had been deleted (moved to Deleted Items): a dry run creates no new one"
+        )
     delta = DeltaPage()
     if folder_id:
         try:
             delta = graph.delta(settings.user, folder_id, state.delta_link if mode == INCREMENTAL else None)
+        except ForeignDeltaLink as exc:
+            mode = FULL
+            report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
+            log.warning(
+                "stored delta link refused: %s",
+                exc,
+                extra={"custom_dimensions": {"runId": report.runId, "userHash": user_hash(settings.user)}},
+            )
+            delta = graph.delta(settings.user, folder_id, None)
         except DeltaExpired:
             mode = FULL
             report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
@@ -409,6 +476,8 @@ def _run(
         since = iso(parse_iso(state.bc_watermark) - OVERLAP)
     read = reader.read(bc, company_id, since)
     links = store.get_links(settings.user)
+    if folder_id:
+        delta = _read_partial(graph, settings, folder_id, delta, links, read.contacts)
     snap = Snapshot(
         mode=mode,
         bc=dict(read.contacts),
@@ -416,6 +485,7 @@ def _run(
         outlook={c["id"]: c for c in delta.changed},
         outlook_removed=set(delta.removed),
         links=links,
+        tags=dict(delta.tags),
         outlook_complete=mode == FULL,
     )
     _complete(snap, settings, flt, bc, graph, company_id, folder_id)
@@ -505,6 +575,35 @@ def _run(
 _CREATES = ("create_outlook", "recreate_outlook")
 
 
+def _read_partial(
+    graph: GraphClient,
+    settings: UserSettings,
+    folder_id: str,
+    delta: DeltaPage,
+    links: dict[str, Any],
+    bc_changed: dict[str, dict[str, Any]],
+) -> DeltaPage:
+    """Read whole the updated contacts that delta gave as their id and changed properties only.
+
+    Never taken as the whole contact (that would blank BC fields and lose Outlook-only values such as
+    a second email). One exception needs no read: a synced contact edited in Outlook while its BC
+    record is unchanged (its view still hashes as the link says) and Outlook edits are not pulled: the
+    plan ignores such an edit, so the item is left out unread.
+    """
+    if not settings.pull_edits_from_outlook:
+        by_outlook = {link.outlook_id: bc_id for bc_id, link in links.items()}
+
+        def ignored(c: dict[str, Any]) -> bool:
+            bc_id = by_outlook.get(c["id"])
+            if bc_id is None or not links[bc_id].outlook_hash:
+                return False
+            bc = bc_changed.get(bc_id)  # also BC records re-read only for the overlap window
+            return bc is None or fingerprint(bc_view(bc)) == links[bc_id].bc_hash
+
+        delta.changed = [c for c in delta.changed if not (is_partial(c) and ignored(c))]
+    return graph.fill_partial(settings.user, folder_id, delta)
+
+
 def _complete(
     snap: Snapshot,
     settings: UserSettings,
@@ -549,9 +648,10 @@ def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outc
     if not outcome.written and not outcome.deleted:
         return delta_link
     try:
-        after = graph.delta(user, folder_id, delta_link)
+        # Our own updates come back partial (id + what we changed): read those whole to compare.
+        after = graph.fill_partial(user, folder_id, graph.delta(user, folder_id, delta_link))
     except (DeltaExpired, FolderGone, ApiError) as exc:
-        log.info("could not settle the delta link (%s); keeping the start link", exc)
+        log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
     own = all(outcome.written.get(c["id"]) == fingerprint(outlook_view(c)) for c in after.changed) and all(
         oid in outcome.deleted for oid in after.removed
@@ -566,8 +666,19 @@ def _safety_item(message: str) -> ReportItem:
 def _ensure_folder(
     graph: GraphClient, settings: UserSettings, state: UserState, report: RunReport, dry: bool
 ) -> str | None:
-    """The id of the user's sync folder, renaming or creating it as the settings say (BEHAVIOUR §5)."""
+    """The id of the user's sync folder, renaming or creating it as the settings say (BEHAVIOUR §5).
+
+    The folder must be directly under Contacts. A listing of those folders each run tells whether ours
+    still is: a folder the user deleted moves to Deleted Items, keeps its id and still answers GET and
+    delta, so only its absence from the listing shows it is gone. Names are matched without
+    regard to case, as Exchange does, so an existing "business central" is used, never duplicated.
+    """
     name = settings.folder_name
+    if state.folder_id and not _under_contacts(
+        graph, settings.user, state.folder_id, state.folder_name or name
+    ):
+        log.info("the sync folder is no longer under Contacts (deleted in Outlook); using a new one")
+        state.folder_id = None
     if state.folder_id:
         if state.folder_name != name and not dry:
             try:
@@ -588,6 +699,14 @@ def _ensure_folder(
     if dry:
         return None
     return graph.create_folder(settings.user, name)["id"]
+
+
+def _under_contacts(graph: GraphClient, user: str, folder_id: str, name: str) -> bool:
+    """Is our folder still directly under Contacts? One request when it still has its name (the
+    listing by name); a second, of all folders under Contacts, when the user renamed it or deleted it."""
+    if any(f.get("id") == folder_id for f in graph.folders_named(user, name)):
+        return True
+    return any(f.get("id") == folder_id for f in graph.list_folders(user))
 
 
 def run_users(

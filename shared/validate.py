@@ -8,12 +8,46 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError
 from shared.http import ApiError, RequestCounter
 from shared.model import UserSettings
+
+KEY_VAULT_REFERENCE_PREFIX = "@Microsoft.KeyVault("
+_REFERENCE_PART = re.compile(r"(VaultName|SecretName)=([A-Za-z0-9-]{1,127})")
+
+
+def unresolved_key_vault_reference(name: str, value: str | None) -> str | None:
+    """What to do when an app setting still holds its `@Microsoft.KeyVault(...)` reference, else None.
+
+    App Service resolves a reference when the app starts and leaves the literal text in the setting when
+    it cannot (no access yet, no secret); it fetches it again only every 24 hours unless the app's
+    configuration changes or the refresh endpoint is called ("Use Key Vault references as app settings",
+    https://learn.microsoft.com/azure/app-service/app-service-key-vault-references, section "Rotation").
+    On a first deployment that is the normal failure: the role assignment exists but has not propagated
+    when the app first starts. The message names the vault and secret (not secrets), never the value.
+    """
+    if not value or not value.strip().startswith(KEY_VAULT_REFERENCE_PREFIX):
+        return None
+    parts = dict(_REFERENCE_PART.findall(value))
+    where = (
+        f" (vault {parts['VaultName']}, secret {parts['SecretName']})"
+        if "VaultName" in parts and "SecretName" in parts
+        else ""
+    )
+    return (
+        f"is an unresolved Key Vault reference{where}: App Service could not read the secret when the app "
+        "started and retries only every 24 hours. Usual causes: the app's identity got its 'Key Vault Secrets "
+        "User' role moments before (it takes a few minutes to apply), or the secret does not exist yet. "
+        "Check that the secret exists, then make the platform fetch it again: "
+        'az rest --method post --url "https://management.azure.com$(az functionapp show -g <resource group> '
+        '-n <app> --query id -o tsv)/config/configreferences/appsettings/refresh?api-version=2022-03-01" '
+        "(azd runs this after every provision; see docs/DEPLOY.md, 'Secret not resolved'). The same GET "
+        f"without /refresh, ending in /appsettings/{name}, shows the platform's reason."
+    )
 
 
 @dataclass

@@ -68,7 +68,9 @@ param clientSecretName string = ''
 @description('SYNC_TENANT_ID: tenant id or primary domain of the app registration.')
 param syncTenantId string
 
-@description('SYNC_CLIENT_ID: application (client) id of the app registration.')
+@description('SYNC_CLIENT_ID: application (client) id of the app registration. Checked here, at the module boundary, because main.bicep lets it be empty when it creates the registration itself.')
+@minLength(36)
+@maxLength(36)
 param syncClientId string
 
 @description('SYNC_AUTHORITY_HOST')

@@ -23,6 +23,13 @@ param secretValue string = ''
 @description('Purge protection: a deleted vault and its secrets cannot be purged before the retention ends. Cannot be turned off again once on.')
 param enablePurgeProtection bool = true
 
+@description('default creates or updates the vault; recover brings back a soft-deleted vault of this name, with its secrets (Microsoft.KeyVault/vaults properties.createMode, learn.microsoft.com/azure/templates/microsoft.keyvault/vaults). recover fails when no deleted vault of the name exists.')
+@allowed([
+  'default'
+  'recover'
+])
+param createMode string = 'default'
+
 @description('Days a deleted vault or secret can be recovered.')
 @minValue(7)
 @maxValue(90)
@@ -36,6 +43,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   tags: tags
   properties: {
     tenantId: subscription().tenantId
+    createMode: createMode
     sku: {
       family: 'A'
       name: 'standard'

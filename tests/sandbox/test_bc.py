@@ -562,6 +562,9 @@ def test_paging_is_stable_while_data_changes_between_pages(world):
 
 # $batch -------------------------------------------------------------------------------------------
 def batch(world: World, requests_: list[dict[str, Any]], **headers: str) -> requests.Response:
+    # Accept: application/json as every client that wants JSON must say (without it BC answers
+    # multipart/mixed; tests/sandbox/test_transport.py pins that).
+    headers = {"Accept": "application/json", **headers}
     return world.http.post(f"{world.root}/$batch", json={"requests": requests_}, headers=headers)
 
 
@@ -792,16 +795,23 @@ def test_a_request_queued_too_long_gets_503(make_world):
     assert statuses == [200, 503]
 
 
-def test_rate_window_gives_429_with_retry_after(make_world):
+def test_rate_window_gives_429_without_retry_after_unless_switched_on(make_world):
+    """BC's 429 asks for "a cool off period" and documents no Retry-After ("Working with API limits
+    in Dynamics 365 Business Central", https://learn.microsoft.com/en-us/dynamics365/business-central/
+    dev-itpro/api-reference/v2.0/dynamics-rate-limits), so the sandbox sends none by default;
+    `throttle_sends_retry_after` models a front end that does."""
     world = make_world(rate_limit=3, rate_window=60.0)
 
     statuses = [world.http.get(world.contacts_url).status_code for _ in range(3)]
     refused = world.http.get(world.contacts_url)
+    world.bc.throttle_sends_retry_after = True
+    refused_with_hint = world.http.get(world.contacts_url)
 
     assert statuses == [200, 200, 200]
-    assert refused.status_code == 429
-    assert 1 <= int(refused.headers["Retry-After"]) <= 60
-    assert world.bc.counters.http_count("GET", "contacts.list") == 4
+    assert refused.status_code == 429 and "Retry-After" not in refused.headers
+    assert refused_with_hint.status_code == 429
+    assert 1 <= int(refused_with_hint.headers["Retry-After"]) <= 60
+    assert world.bc.counters.http_count("GET", "contacts.list") == 5
 
 
 def test_a_batch_counts_once_against_the_rate_window(make_world):

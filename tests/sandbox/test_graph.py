@@ -104,15 +104,75 @@ def test_a_second_folder_with_the_same_name_is_refused(client: GraphClient):
     assert renamed.status_code == 200 and renamed.json()["displayName"] == "BC Contacts"
 
 
-def test_deleting_a_folder_removes_it_and_its_contacts(client: GraphClient, graph: GraphService):
+def test_a_deleted_folder_goes_to_deleted_items_keeping_its_id_and_contacts(
+    client: GraphClient, graph: GraphService
+):
+    """Deleting a contact folder (in Outlook or with DELETE) moves it to Deleted Items: it keeps its
+    id and contacts, still answers GET with Deleted Items as its parent, and drops out of
+    `/contactFolders`, which lists only the children of the default Contacts folder. Only
+    `permanentDelete`, or deleting it again from Deleted Items, removes it.
+
+    Sources:
+    - "Delete contactFolder" and "contactFolder: permanentDelete" (a separate action that "permanently
+      delete[s] a contact folder and remove[s] its items"),
+      https://learn.microsoft.com/en-us/graph/api/contactfolder-delete and
+      https://learn.microsoft.com/en-us/graph/api/contactfolder-permanentdelete
+    - "mailFolder resource type", well-known name `deleteditems`: "The folder items are moved to when
+      they're deleted", https://learn.microsoft.com/en-us/graph/api/resources/mailfolder
+    - "List contactFolders": the folders "in the default Contacts folder",
+      https://learn.microsoft.com/en-us/graph/api/user-list-contactfolders
+    - [observed] "Remove-MgUserContactFolder", microsoftgraph/msgraph-sdk-powershell#2743: deleted
+      contact folders live on, "listed with a different parentFolderId",
+      https://github.com/microsoftgraph/msgraph-sdk-powershell/issues/2743
+    """
     fid = make_folder(client)
     contact = make_contact(client, fid, displayName="Ann Lee")
 
     assert client.delete(f"/users/{ALICE}/contactFolders/{fid}").status_code == 204
+    binned = client.get(f"/users/{ALICE}/contactFolders/{fid}")
+    assert binned.status_code == 200
+    assert binned.json()["parentFolderId"] == graph.deleted_items_id(ALICE) != graph.default_folder_id(ALICE)
+    assert client.get(f"/users/{ALICE}/contactFolders").json()["value"] == []
+    found = client.get(
+        f"/users/{ALICE}/contactFolders", params={"$filter": "displayName eq 'Business Central'"}
+    )
+    assert found.json()["value"] == []
+    assert client.get(f"/users/{ALICE}/contacts/{contact['id']}").json()["displayName"] == "Ann Lee"
+    # A new folder of that name under Contacts is no clash: names are unique per parent.
+    assert make_folder(client) != fid
+
+    # Deleting it from Deleted Items removes it for good, as does permanentDelete.
+    assert client.delete(f"/users/{ALICE}/contactFolders/{fid}").status_code == 204
     gone = client.get(f"/users/{ALICE}/contactFolders/{fid}")
     assert gone.status_code == 404 and error_code(gone) == "ErrorItemNotFound"
     assert client.get(f"/users/{ALICE}/contacts/{contact['id']}").status_code == 404
-    assert graph.folders(ALICE) == []
+    other = make_folder(client, "Archive")
+    assert client.post(f"/users/{ALICE}/contactFolders/{other}/permanentDelete").status_code == 204
+    assert client.get(f"/users/{ALICE}/contactFolders/{other}").status_code == 404
+
+
+def test_a_folder_deleted_in_outlook_keeps_its_delta_and_its_contacts(
+    client: GraphClient, graph: GraphService
+):
+    """A folder the user deleted in Outlook is in Deleted Items, not gone: its delta link still works and
+    reports nothing (moving the folder changes none of its contacts), so only the folder's parent tells
+    a client that it left Contacts. Sources as in
+    test_a_deleted_folder_goes_to_deleted_items_keeping_its_id_and_contacts."""
+    fid = make_folder(client)
+    ann = graph.user_create_contact(ALICE, fid, {"displayName": "Ann"})
+    _, link, _ = run_round(client, delta_url(fid))
+    graph.user_delete_folder(ALICE, fid)
+
+    assert graph.folders(ALICE) == [] and graph.folder(ALICE, fid)[
+        "parentFolderId"
+    ] == graph.deleted_items_id(ALICE)
+    items, _, _ = run_round(client, link)
+    assert items == []
+    assert [c["id"] for c in graph.folder_contacts(ALICE, fid)] == [ann["id"]]
+    graph.user_empty_deleted_items(ALICE)
+    assert graph.folder(ALICE, fid) is None
+    resp = client.get(link)
+    assert resp.status_code == 404 and error_code(resp) == "ErrorItemNotFound"
 
 
 def test_folder_list_is_paged_with_top_and_an_absolute_next_link(client: GraphClient):
@@ -466,7 +526,9 @@ def test_next_delta_round_reports_user_and_app_changes(client: GraphClient, grap
     graph.user_create_contact(ALICE, other, {"displayName": "Elsewhere"})
 
     second, link2, _ = run_round(client, link)
-    changed = {i["displayName"]: i for i in second if "@removed" not in i}
+    # Updated items carry their id and what changed (see the partial-delta test below), so by id.
+    names = {v: k for k, v in rest_ids.items()}
+    changed = {names.get(i["id"]) or i["displayName"]: i for i in second if "@removed" not in i}
     removed = {i["id"]: i["@removed"] for i in second if "@removed" in i}
     assert set(changed) == {"Edited", "New", "App edited"}
     assert changed["Edited"]["jobTitle"] == "Buyer" and changed["App edited"]["jobTitle"] == "CEO"
@@ -537,12 +599,99 @@ def test_delta_refuses_expand_and_filter(client: GraphClient):
     assert client.get(delta_url(fid), params={"$filter": "displayName eq 'x'"}).status_code == 400
 
 
-def test_delta_of_a_deleted_folder_is_not_found(client: GraphClient, graph: GraphService):
+def test_delta_of_a_permanently_deleted_folder_is_not_found(client: GraphClient, graph: GraphService):
     fid = make_folder(client)
     _, link, _ = run_round(client, delta_url(fid))
-    graph.user_delete_folder(ALICE, fid)
+    assert client.post(f"/users/{ALICE}/contactFolders/{fid}/permanentDelete").status_code == 204
     resp = client.get(link)
     assert resp.status_code == 404 and error_code(resp) == "ErrorItemNotFound"
+
+
+def test_delta_answers_an_updated_contact_with_its_id_and_only_what_changed(
+    client: GraphClient, graph: GraphService
+):
+    """In a round after the first, a contact created since the last round comes whole; an updated one
+    comes as its id plus the properties that changed (within the first request's $select), not as the
+    whole contact. A client that took it for the whole contact would blank everything else.
+
+    Sources:
+    - "Use delta query to track changes in Microsoft Graph data", section "Resource representation in
+      the delta query response": "Newly created instances ... are represented ... using their standard
+      representation" and "Updated instances are represented by their id with at least the properties
+      that have been updated, but additional properties may be included",
+      https://learn.microsoft.com/en-us/graph/delta-query-overview
+    - "contact: delta": "The id property is always returned",
+      https://learn.microsoft.com/en-us/graph/api/contact-delta
+    """
+    fid = make_folder(client)
+    ann = graph.user_create_contact(
+        ALICE,
+        fid,
+        {
+            "displayName": "Ann Lee",
+            "jobTitle": "Buyer",
+            "companyName": "Fabrikam",
+            "businessPhones": ["+47 1"],
+        },
+    )
+    select = "displayName,jobTitle,companyName,businessPhones,emailAddresses"
+    first, link, _ = run_round(client.with_immutable_ids(), delta_url(fid), params={"$select": select})
+    assert first[0]["companyName"] == "Fabrikam"  # the first round is whole
+
+    graph.user_update_contact(ALICE, fid, ann["id"], jobTitle="Head Buyer")
+    graph.user_update_contact(
+        ALICE,
+        fid,
+        ann["id"],
+        emailAddresses=[{"address": "ann@fabrikam.example"}, {"address": "ann@home.example"}],
+    )
+    graph.user_create_contact(ALICE, fid, {"displayName": "Bo Ek", "companyName": "Contoso"})
+    second, link2, _ = run_round(client.with_immutable_ids(), link)
+    by_name = {i.get("displayName", "<partial>"): i for i in second}
+    assert set(by_name) == {"<partial>", "Bo Ek"}
+    partial = by_name["<partial>"]
+    assert partial["id"] == ann["id"]
+    assert {k for k in partial if not k.startswith("@odata.")} == {"id", "jobTitle", "emailAddresses"}
+    assert partial["jobTitle"] == "Head Buyer" and len(partial["emailAddresses"]) == 2
+    assert by_name["Bo Ek"]["companyName"] == "Contoso" and "jobTitle" in by_name["Bo Ek"]  # created: whole
+
+    # A change outside $select still reports the item, with its id alone.
+    graph.user_update_contact(ALICE, fid, ann["id"], personalNotes="met at the fair")
+    third, _, _ = run_round(client.with_immutable_ids(), link2)
+    assert [{k for k in i if not k.startswith("@odata.")} for i in third] == [{"id"}]
+
+    # The switch for a tenant that sends updated items whole.
+    graph.delta_partial_updates = False
+    graph.user_update_contact(ALICE, fid, ann["id"], jobTitle="Chief Buyer")
+    fourth, _, _ = run_round(client.with_immutable_ids(), link2)
+    assert fourth[0]["companyName"] == "Fabrikam" and fourth[0]["jobTitle"] == "Chief Buyer"
+
+
+def test_folder_names_compare_case_insensitively(client: GraphClient):
+    """Exchange compares folder names without regard to case: `$filter=displayName eq '…'` finds
+    "business central" for 'Business Central', and creating "BUSINESS CENTRAL" next to it is refused
+    with 409 ErrorFolderExists.
+
+    Sources:
+    - EWS "CreateFolder" (MS-OXWSFOLD 3.1.4.2): "Trying to create a folder that already exists results
+      in an error",
+      https://learn.microsoft.com/en-us/openspecs/exchange_server_protocols/ms-oxwsfold/f44f8b84-12d6-4dd6-994c-fd235b9cb886
+    - [observed] alcionai/corso#3278 "Handle ErrorFolderExists for contact restore folders": Graph answers
+      a second contact folder of one name with ErrorFolderExists, resolved by getting the folder by
+      display name, https://github.com/alcionai/corso/pull/3278
+    - [observed] jstedfast/MailKit#803 "Folder Name Case Sensitivity": Office 365 matches folder names
+      regardless of case, https://github.com/jstedfast/MailKit/issues/803
+    - [observed] microsoft-graph-docs-contrib#760: `eq` is case-sensitive "only ... in places API",
+      https://github.com/microsoftgraph/microsoft-graph-docs-contrib/issues/760
+    """
+    fid = make_folder(client, "business central")
+    found = client.get(
+        f"/users/{ALICE}/contactFolders", params={"$filter": "displayName eq 'Business Central'"}
+    )
+    assert [(f["id"], f["displayName"]) for f in found.json()["value"]] == [(fid, "business central")]
+    dup = client.post(f"/users/{ALICE}/contactFolders", json={"displayName": "BUSINESS CENTRAL"})
+    assert dup.status_code == 409 and error_code(dup) == "ErrorFolderExists"
+    assert len(client.get(f"/users/{ALICE}/contactFolders").json()["value"]) == 1
 
 
 # --------------------------------------------------------------------------- $batch
