@@ -662,7 +662,8 @@ class EntraService(Service):
         api_scopes = [
             s.split("/")[-1]
             for s in scopes
-            if s.startswith(api.app_id_uri + "/") or s.startswith(f"api://{api.client_id}/")
+            # A scope names its resource by Application ID URI or by client id (both identify the app).
+            if s.startswith((api.app_id_uri + "/", f"api://{api.client_id}/", f"{api.client_id}/"))
         ]
         unknown = [s for s in api_scopes if s not in api.scopes]
         if unknown:

@@ -61,7 +61,7 @@ class Principal:
 class KeySet:
     """The tenant's published signing keys, fetched through the OpenID configuration and cached."""
 
-    def __init__(self, authority_host: str, tenant_id: str, refresh_interval: float = 30.0):
+    def __init__(self, authority_host: str, tenant_id: str, refresh_interval: float = 30.0) -> None:
         self.discovery_url = f"{authority_host.rstrip('/')}/{tenant_id}/v2.0/.well-known/openid-configuration"
         self.refresh_interval = refresh_interval
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -96,9 +96,18 @@ class KeySet:
 class TokenValidator:
     """Turns an `Authorization: Bearer …` header into a `Principal`, or raises `AuthError`."""
 
-    def __init__(self, authority_host: str, tenant_id: str, audience: str, refresh_interval: float = 30.0):
+    def __init__(
+        self,
+        authority_host: str,
+        tenant_id: str,
+        audience: str,
+        refresh_interval: float = 30.0,
+        client_id: str | None = None,
+    ):
         self.issuer = f"{authority_host.rstrip('/')}/{tenant_id}/v2.0"
-        self.audience = audience
+        # v2.0 access tokens always carry the API's client id as `aud`, whatever the Application ID URI;
+        # SYNC_API_AUDIENCE may name either, and both mean this app.
+        self.audience = sorted({audience, client_id or audience})
         self.keys = KeySet(authority_host, tenant_id, refresh_interval)
 
     def principal(self, authorization: str | None) -> Principal:

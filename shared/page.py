@@ -29,8 +29,9 @@ _CSP = (
 def page_config() -> dict[str, str]:
     """What MSAL.js needs: the app's client id, the tenant's authority and the API scope to ask for."""
     config = api.get_services().config
+    # A resource may be named by its client id in a scope, whatever its Application ID URI is.
     audience = config.api_audience
-    resource = audience if "://" in audience else f"api://{audience}"
+    resource = audience if "://" in audience else config.client_id
     return {
         "clientId": config.client_id,
         "authority": config.authority,

@@ -33,17 +33,18 @@ PREFIX = "signed-in"
 RUNS_LISTED = 20
 _ADMIN_ONLY_FIELDS = ("enabled", "companyId")
 
-_validators: dict[tuple[str, str, str], TokenValidator] = {}
+_validators: dict[tuple[str, str, str, str], TokenValidator] = {}
 _validators_lock = threading.Lock()
 
 
 def validator() -> TokenValidator:
     """One validator (and so one key cache) per authority, tenant and audience in this process."""
     config = api.get_services().config
-    key = (config.authority_host, config.tenant_id, config.api_audience)
+    key = (config.authority_host, config.tenant_id, config.api_audience, config.client_id)
     with _validators_lock:
         if key not in _validators:
-            _validators[key] = TokenValidator(*key)
+            host, tenant, audience, client_id = key
+            _validators[key] = TokenValidator(host, tenant, audience, client_id=client_id)
         return _validators[key]
 
 

@@ -79,6 +79,19 @@ def test_a_person_signs_in_with_pkce_and_gets_a_v2_access_token_for_the_api(peop
     assert tokens["refresh_token"] and tokens["client_info"]
 
 
+def test_a_scope_may_name_the_api_by_its_client_id(people, ca_bundle):
+    tokens = sign_in(
+        authority(people),
+        API_ID,
+        PAGE,
+        "alice@contoso.example",
+        "alice-pw",
+        ca_bundle,
+        api_scope=f"{API_ID}/access_as_user",
+    )
+    assert verify_rs256(tokens["access_token"], keys_of(people, ca_bundle), API_ID)["scp"] == "access_as_user"
+
+
 def test_an_assigned_app_role_is_in_the_roles_claim(people, ca_bundle):
     tokens = sign_in(authority(people), API_ID, PAGE, "ada@contoso.example", "ada-pw", ca_bundle)
     claims = verify_rs256(tokens["access_token"], keys_of(people, ca_bundle), API_ID)
