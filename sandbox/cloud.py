@@ -35,7 +35,7 @@ class Cloud:
         self.entra.add_tenant(self.tenant_id)
         self.entra.register_app(self.tenant_id, self.client_id, self.client_secret)
         # The same app registration exposes the API people call (scope access_as_user, app role
-        # ContactSync.Admin) and is the page's single-page-application client (BEHAVIOUR §7.1).
+        # ContactSync.Admin) and is the page's single-page-application client (BEHAVIOUR §7.6).
         self.entra.expose_api(self.tenant_id, self.client_id)
         self.bc = BusinessCentralService(self.entra.validate, self.tenant_id, environment)
         self.bc.register_entra_app(self.client_id)

@@ -1,4 +1,4 @@
-"""Who is calling: Entra ID access tokens for this app's own API, validated in code (BEHAVIOUR §7.1).
+"""Who is calling: Entra ID access tokens for this app's own API, validated in code (BEHAVIOUR §7.6).
 
 People sign in to the self-service page and call the API with a v2.0 access token issued for this
 app: the delegated scope `access_as_user`, plus the app role `ContactSync.Admin` for admins. The token

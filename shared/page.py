@@ -1,4 +1,4 @@
-"""The self-service page's files and its config.json (function_selfservice, BEHAVIOUR §7.1).
+"""The self-service page's files and its config.json (function_selfservice, BEHAVIOUR §7.6).
 
 Static files from function_selfservice/static (MSAL for the browser is committed there; nothing is
 loaded from a CDN), plus config.json, which tells the page where to sign in. It holds no secret and no

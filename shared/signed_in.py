@@ -1,6 +1,6 @@
 """The API for people: the same routes as the function-key API, under /api/signed-in, behind a token.
 
-Two doors to one API (BEHAVIOUR §7.1). The function-key routes (`/api/sync…`, `/api/users…`) are for
+Two doors to one API (BEHAVIOUR §7.6). The function-key routes (`/api/sync…`, `/api/users…`) are for
 automation and operators: the Functions host checks the key before our code runs, so those routes
 cannot also take a token. People call the mirror of every route under `/api/signed-in/…`, which the host
 leaves anonymous and this module protects: an Entra ID access token for this app (scope

@@ -69,7 +69,7 @@ _LEASE_RK = "lease"
 _HEAD_RK = "head"
 _SETTINGS_COLUMNS = frozenset(UserSettings._JSON_FIELDS) - {"user"}
 # The mailbox's Entra object id, looked up through Graph: the `oid` of the person who owns the row
-# (BEHAVIOUR §7.1). Kept beside the settings, never part of them: no API caller can set it.
+# (BEHAVIOUR §7.6). Kept beside the settings, never part of them: no API caller can set it.
 _OWNER_COLUMN = "objectId"
 _STATE_COLUMNS = {
     "bc_watermark": "bcWatermark",

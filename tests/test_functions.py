@@ -360,7 +360,7 @@ def test_function_json_matches_main(folder):
             assert b["queueName"] == api.QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
     returns = [b for b in folder.bindings if b["name"] == "$return"]
     if folder.trigger["type"] == "httpTrigger":
-        # BEHAVIOUR §7.1: the host checks the function key, except on the page (static files, no data)
+        # BEHAVIOUR §7.6: the host checks the function key, except on the page (static files, no data)
         # and on the people's door, whose code refuses every request without a valid Entra ID token.
         expected = "anonymous" if folder.name in ANONYMOUS_BY_DESIGN else "function"
         assert folder.trigger["authLevel"] == expected

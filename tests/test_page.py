@@ -1,4 +1,4 @@
-"""The self-service page's files (BEHAVIOUR §7.1): served by the function app, nothing from a CDN,
+"""The self-service page's files (BEHAVIOUR §7.6): served by the function app, nothing from a CDN,
 MSAL for the browser exactly as locked, every label in English and Norwegian, no secret in its config."""
 
 from __future__ import annotations
@@ -81,3 +81,33 @@ def test_the_page_is_served_with_its_config_and_no_secret(client, env):
     assert js.status_code == 200 and js.headers["Content-Type"].startswith("text/javascript")
     for bad in ("../host.json", "..%2Fhost.json", "nope.js"):
         assert requests.get(f"{client.base}/api/selfservice/{bad}", timeout=30).status_code == 404
+
+
+def test_the_signed_in_connector_is_generated_from_the_key_connector():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "openapi_signed_in", ROOT / "scripts" / "openapi_signed_in.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (ROOT / "openapi" / "openapi-signed-in.json").read_text()
+    assert committed == module.render(), "run: .venv/bin/python scripts/openapi_signed_in.py"
+    doc = json.loads(committed)
+    assert doc["basePath"] == "/api/signed-in" and doc["security"] == [{"oauth2-auth": ["access_as_user"]}]
+    assert doc["securityDefinitions"]["oauth2-auth"]["flow"] == "accessCode"
+    assert {"/me", "/users/{user}/runs", "/sync", "/users"} <= set(doc["paths"])
+
+
+def test_every_signed_in_operation_is_served(client, world):
+    """Each documented operation reaches the people's door (401 without a token, never 404)."""
+    doc = json.loads((ROOT / "openapi" / "openapi-signed-in.json").read_text())
+    for path, operations in doc["paths"].items():
+        for method in operations:
+            url = (
+                client.base
+                + doc["basePath"]
+                + path.replace("{user}", "a@b.example").replace("{runId}", "0" * 32)
+            )
+            resp = requests.request(method.upper(), url, timeout=30)
+            assert resp.status_code == 401 and resp.json()["error"]["code"] == "Unauthorized", (method, path)

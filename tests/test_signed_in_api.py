@@ -1,4 +1,4 @@
-"""Who may do what (BEHAVIOUR §7.1): every route of the API by every kind of credential, over real HTTP.
+"""Who may do what (BEHAVIOUR §7.6): every route of the API by every kind of credential, over real HTTP.
 
 People reach the API under /api/signed-in with an Entra ID access token from a real sign-in (the
 sandbox's authorize + PKCE flow); automation uses the function-key routes. Each refused request
