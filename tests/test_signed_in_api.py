@@ -144,8 +144,9 @@ def _json_error(resp: requests.Response, status: int, secrets: list[str]) -> dic
     ],
 )
 def test_without_a_valid_token_every_route_is_refused_401_and_nothing_changes(
-    door, credential, expected_message
+    door, credential, expected_message, caplog
 ):
+    caplog.set_level("DEBUG")
     before = door.snapshot()
     token = door.tokens.get(credential)
     for method, path, body in routes(door.tokens["alice_run"]):
@@ -154,6 +155,8 @@ def test_without_a_valid_token_every_route_is_refused_401_and_nothing_changes(
         assert expected_message in err["message"], (path, err)
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert door.snapshot() == before
+    if token:
+        assert token.split(".")[1] not in caplog.text and token.split(".")[2] not in caplog.text
 
 
 def test_another_persons_token_is_refused_403_on_alice_data_and_nothing_changes(door):
