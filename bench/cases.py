@@ -29,7 +29,8 @@ from shared.auth import token_provider
 from shared.config import Config
 from shared.model import WRITE_ACTIONS, RunReport, UserSettings, iso, utcnow
 from shared.planner import FULL, INCREMENTAL
-from shared.sync import Services, run_user, run_users, store_from_config
+from shared.services import Services, store_from_config
+from shared.sync import run_user, run_users
 
 OUT = Path(__file__).resolve().parent / "out"
 _warnings: WarningCount | None = None

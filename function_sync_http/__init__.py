@@ -2,8 +2,8 @@
 
 import azure.functions as func
 
-from shared import api
+from shared.http_api import handle_sync
 
 
 def main(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
-    return api.handle_sync(req, jobs)
+    return handle_sync(req, jobs)

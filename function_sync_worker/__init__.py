@@ -2,8 +2,8 @@
 
 import azure.functions as func
 
-from shared import api
+from shared.jobs import work
 
 
 def main(msg: func.QueueMessage) -> None:
-    api.work(msg)
+    work(msg)

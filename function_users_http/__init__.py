@@ -2,8 +2,8 @@
 
 import azure.functions as func
 
-from shared import api
+from shared.http_api import handle_users
 
 
 def main(req: func.HttpRequest) -> func.HttpResponse:
-    return api.handle_users(req)
+    return handle_users(req)

@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(cloud.env(azurite.connection_string))
         from function_sync_http import main as sync_http
         from function_users_http import main as users_http
-        from shared import api
         from shared.cli import format_report
         from shared.model import RunReport
+        from shared.services import reset_services
 
         print(
             f"Sandbox up: Entra {cloud.entra.base_url}, BC {cloud.bc.base_url}, Graph {cloud.graph.base_url}"
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_page(cloud, args.port, {USER: password})
         else:
             print("\nThe self-service page: ./scripts/demo.sh --serve keeps it up and says how to sign in.")
-        api.reset_services()
+        reset_services()
     return 0
 
 

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from shared.config import Config, ConfigError
-from shared.model import ACTIONS, RunReport, UserSettings, ValidationError, normalize_user
+from shared.model import ACTIONS, RunReport, RunStatus, UserSettings, ValidationError, normalize_user
+from shared.services import Services
+from shared.sync import RunInProgress, run_user, run_users
+from shared.validate import validate_user
 
 
 def format_report(report: RunReport, *, max_items: int = 40) -> str:
@@ -50,15 +53,11 @@ def format_report(report: RunReport, *, max_items: int = 40) -> str:
     return "\n".join(lines)
 
 
-def _services():
-    from shared.sync import Services
-
+def _services() -> Services:
     return Services.from_config(Config.from_env())
 
 
 def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
-    from shared.sync import RunInProgress, run_user, run_users
-
     services = _services()
     services.store.ensure_tables()
     if args.all:
@@ -85,7 +84,7 @@ def _cmd_sync(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     else:
         out.write("\n\n".join(format_report(r) for r in reports) + "\n")
-    return 0 if all(r.status in ("succeeded", "skipped") for r in reports) else 1
+    return 0 if all(r.status in (RunStatus.SUCCEEDED, RunStatus.SKIPPED) for r in reports) else 1
 
 
 def _cmd_users(args: argparse.Namespace, out: TextIO) -> int:
@@ -119,8 +118,6 @@ def _cmd_users(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
-    from shared.validate import validate_user
-
     services = _services()
     user = normalize_user(args.user)
     settings = services.store.get_settings(user) or UserSettings(user=user)

@@ -12,6 +12,7 @@ import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
@@ -221,6 +222,20 @@ class ReportItem:
     reason: str | None = None
 
 
+class RunStatus(StrEnum):
+    """What a run report says about its run. The values are what JSON, Table Storage and the OpenAPI
+    definition carry; how a run moves between them is `shared/runs.py`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    SAFETY_STOP = "safetyStop"
+    SKIPPED = "skipped"  # the CLI's run of several users: this one was already running (never stored)
+
+
 @dataclass
 class RunReport:
     """The run report of BEHAVIOUR §7, built as the run goes and persisted at the end."""
@@ -229,13 +244,17 @@ class RunReport:
     mode: str
     dryRun: bool = False
     runId: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: str = "running"
+    status: RunStatus = RunStatus.RUNNING
     startedAt: str = field(default_factory=lambda: iso(utcnow()))
     finishedAt: str | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
     items: list[ReportItem] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=lambda: {"bc": 0, "graph": 0})
     message: str | None = None
+
+    def __post_init__(self) -> None:
+        # A status read back from JSON is a plain string; an unknown one is refused (ValueError).
+        self.status = RunStatus(self.status)
 
     def add(
         self,
@@ -251,6 +270,7 @@ class RunReport:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["status"] = self.status.value  # the plain string, as stored and answered
         if data.get("message") is None:
             data.pop("message", None)
         return data

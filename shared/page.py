@@ -13,7 +13,8 @@ from pathlib import Path
 
 import azure.functions as func
 
-from shared import api
+from shared import http_api as api
+from shared.services import get_services
 from shared.identity import SCOPE
 
 STATIC = Path(__file__).resolve().parent.parent / "function_selfservice" / "static"
@@ -28,7 +29,7 @@ _CSP = (
 
 def page_config() -> dict[str, str]:
     """What MSAL.js needs: the app's client id, the tenant's authority and the API scope to ask for."""
-    config = api.get_services().config
+    config = get_services().config
     # A resource may be named by its client id in a scope, whatever its Application ID URI is.
     audience = config.api_audience
     resource = audience if "://" in audience else config.client_id
@@ -51,7 +52,7 @@ def serve(req: func.HttpRequest) -> func.HttpResponse:
     if STATIC not in path.parents or not path.is_file():
         return api.error(404, "NotFound", f"no such file: {name}")
     mimetype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    authority = api.get_services().config.authority_host
+    authority = get_services().config.authority_host
     headers = {
         "Cache-Control": "no-cache",
         "X-Content-Type-Options": "nosniff",

@@ -22,8 +22,10 @@ from typing import Any
 
 import azure.functions as func
 
-from shared import api
+from shared import http_api as api
 from shared.http import ApiError, RequestCounter
+from shared.jobs import RUN_ID
+from shared.services import get_services
 from shared.identity import ADMIN_ROLE, AuthError, Principal, TokenValidator
 from shared.model import ValidationError, normalize_user
 
@@ -39,7 +41,7 @@ _validators_lock = threading.Lock()
 
 def validator() -> TokenValidator:
     """One validator (and so one key cache) per authority, tenant and audience in this process."""
-    config = api.get_services().config
+    config = get_services().config
     key = (config.authority_host, config.tenant_id, config.api_audience, config.client_id)
     with _validators_lock:
         if key not in _validators:
@@ -56,14 +58,14 @@ def _refuse(status: int, code: str, message: str) -> func.HttpResponse:
     return api.error(status, code, message, headers)
 
 
-class Forbidden(api.HttpError):
+class Forbidden(api.ErrorAnswer):
     def __init__(self, message: str):
         super().__init__(403, "Forbidden", message)
 
 
 def mailbox_object_id(user: str) -> str | None:
     """The Entra object id of the mailbox `user`, from Graph (GET /users/{upn}); None if unknown."""
-    _, graph = api.get_services().clients(RequestCounter())
+    _, graph = get_services().clients(RequestCounter())
     try:
         found = graph.get_user(user)
     except ApiError as exc:
@@ -74,24 +76,31 @@ def mailbox_object_id(user: str) -> str | None:
     return value.lower() if isinstance(value, str) else None
 
 
-def owner_of(user: str) -> str | None:
-    """The object id that owns `user`'s settings row: remembered, or looked up and remembered now."""
-    store = api.get_services().store
+def owner_of(user: str) -> tuple[str | None, bool]:
+    """The object id that owns `user`'s settings row, and whether the row already remembers it.
+
+    Rows written through the key door have no owner yet: it is looked up in Graph, and remembered
+    only once a request that may write has been allowed (`_remember_owner`), so neither a GET nor a
+    refused request ever writes."""
+    store = get_services().store
     owner = store.settings_owner(user)
     if owner is not None:
-        return owner
+        return owner, True
+    if store.get_settings(user) is None:
+        return None, False
+    return mailbox_object_id(user), False
+
+
+def _remember_owner(user: str, owner: str) -> None:
+    store = get_services().store
     settings = store.get_settings(user)
-    if settings is None:
-        return None
-    owner = mailbox_object_id(user)
-    if owner:
-        store.put_settings(settings, owner=owner)  # rows written before issue 13 learn their owner once
-    return owner
+    if settings is not None:
+        store.put_settings(settings, owner=owner)
 
 
 def my_user(principal: Principal) -> str | None:
     """The settings row of the signed-in person, found by `oid` (never by the changeable username)."""
-    store = api.get_services().store
+    store = get_services().store
     found = store.user_of_owner(principal.oid)
     if found is not None:
         return found
@@ -101,19 +110,21 @@ def my_user(principal: Principal) -> str | None:
         candidate = normalize_user(principal.username)
     except ValidationError:
         return None
-    if owner_of(candidate) == principal.oid:
+    if owner_of(candidate)[0] == principal.oid:
         return candidate
     return None
 
 
-def _require_own(principal: Principal, user: str, creating: bool = False) -> None:
+def _require_own(principal: Principal, user: str, method: str, creating: bool = False) -> None:
     if principal.is_admin:
         return
-    owner = owner_of(user)
+    owner, remembered = owner_of(user)
     if owner is None and creating:
         owner = mailbox_object_id(user)
     if owner != principal.oid:
         raise Forbidden(f"you may only reach your own sync; {ADMIN_ROLE} is needed for other users")
+    if not remembered and not creating and method != "GET":
+        _remember_owner(user, owner)
 
 
 def _require_admin(principal: Principal, what: str) -> None:
@@ -151,13 +162,13 @@ def handle(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
     parts = [p for p in rest.split("/") if p]
     if parts == ["me"]:
         if req.method != "GET":
-            raise api.HttpError(405, "MethodNotAllowed", "use GET /api/signed-in/me", {"Allow": "GET"})
+            raise api.ErrorAnswer(405, "MethodNotAllowed", "use GET /api/signed-in/me", {"Allow": "GET"})
         return _me(principal)
     if parts and parts[0] == "users":
         return _users(req, principal, parts[1:])
     if parts and parts[0] == "sync":
         return _sync(req, jobs, principal, parts[1:])
-    raise api.HttpError(404, "NotFound", "no such route under /api/signed-in")
+    raise api.ErrorAnswer(404, "NotFound", "no such route under /api/signed-in")
 
 
 def _me(principal: Principal) -> func.HttpResponse:
@@ -182,20 +193,20 @@ def _users(req: func.HttpRequest, principal: Principal, parts: list[str]) -> fun
         return _admin_list()
     user = normalize_user(parts[0])
     if len(parts) == 2 and parts[1] == "runs":
-        _require_own(principal, user)
+        _require_own(principal, user, req.method)
         if req.method != "GET":
-            raise api.HttpError(405, "MethodNotAllowed", "use GET", {"Allow": "GET"})
-        runs = api.get_services().store.list_reports(user, RUNS_LISTED, items=False)
+            raise api.ErrorAnswer(405, "MethodNotAllowed", "use GET", {"Allow": "GET"})
+        runs = get_services().store.list_reports(user, RUNS_LISTED, items=False)
         return api.json_response(200, {"runs": [r.to_json() for r in runs]})
-    creating = req.method == "PUT" and api.get_services().store.get_settings(user) is None
-    _require_own(principal, user, creating=creating)
+    creating = req.method == "PUT" and get_services().store.get_settings(user) is None
+    _require_own(principal, user, req.method, creating=creating)
     body = None
     if req.method == "PUT" and not principal.is_admin:
         body = _person_settings_body(req, user, creating)
     resp = api.handle_users(_forward(req, "/".join(parts), body))
     if req.method == "PUT" and resp.status_code in (200, 201) and creating:
         owner = mailbox_object_id(user)
-        store = api.get_services().store
+        store = get_services().store
         settings = store.get_settings(user)
         if owner and settings is not None:
             store.put_settings(settings, owner=owner)
@@ -208,8 +219,8 @@ def _person_settings_body(req: func.HttpRequest, user: str, creating: bool) -> b
 
     data = api._body(req)
     if not isinstance(data, dict):
-        raise api.HttpError(400, "InvalidInput", "the body must be a JSON object")
-    current = None if creating else api.get_services().store.get_settings(user)
+        raise api.ErrorAnswer(400, "InvalidInput", "the body must be a JSON object")
+    current = None if creating else get_services().store.get_settings(user)
     stored = current.to_json() if current is not None else {"enabled": True, "companyId": None}
     for name in _ADMIN_ONLY_FIELDS:
         if name in data and data[name] != stored.get(name):
@@ -219,7 +230,7 @@ def _person_settings_body(req: func.HttpRequest, user: str, creating: bool) -> b
 
 
 def _admin_list() -> func.HttpResponse:
-    store = api.get_services().store
+    store = get_services().store
     users, bad = store.list_settings_checked()
     rows: list[dict[str, Any]] = []
     for u in users:
@@ -249,11 +260,11 @@ def _sync(
                 if data.get("force") is True:
                     _require_admin(principal, "force (past the mass-delete guard)")
                 if "user" in data:
-                    _require_own(principal, normalize_user(data.get("user")))
+                    _require_own(principal, normalize_user(data.get("user")), req.method)
         return _signed_in_location(api.handle_sync(_forward(req, ""), jobs))
     reading_a_run = len(parts) == 2 and parts[0] == "runs" and req.method == "GET"
-    if reading_a_run and not principal.is_admin and api._RUN_ID.match(parts[1]):
-        report = api.get_services().store.get_report(parts[1])
+    if reading_a_run and not principal.is_admin and RUN_ID.match(parts[1]):
+        report = get_services().store.get_report(parts[1])
         if report is not None:
-            _require_own(principal, report.user)
+            _require_own(principal, report.user, req.method)
     return _signed_in_location(api.handle_sync(_forward(req, "/".join(parts)), jobs))

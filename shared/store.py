@@ -268,6 +268,20 @@ def _report_summary(report: RunReport) -> dict[str, Any]:
     return summary
 
 
+def _delete_other_generations(client: Any, pk: str, generation: int) -> None:
+    """Delete a report's chunk rows of every generation but `generation` (the head stays)."""
+    keep = _chunk_prefix(generation)
+    stale = [
+        e["RowKey"]
+        for e in client.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey"], results_per_page=_PAGE
+        )
+        if e["RowKey"] != _HEAD_RK and not e["RowKey"].startswith(keep)
+    ]
+    for rk in stale:
+        client.delete_entity(pk, rk)
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -617,16 +631,7 @@ class Store:
             )
             if head and head.get("indexKey") and head.get("user") and head["indexKey"] != index_rk:
                 client.delete_entity(_user_pk(head["user"]), head["indexKey"])
-            keep = _chunk_prefix(generation)
-            stale = [
-                e["RowKey"]
-                for e in client.query_entities(
-                    "PartitionKey eq @pk", parameters={"pk": pk}, select=["RowKey"], results_per_page=_PAGE
-                )
-                if e["RowKey"] != _HEAD_RK and not e["RowKey"].startswith(keep)
-            ]
-            for rk in stale:
-                client.delete_entity(pk, rk)
+            _delete_other_generations(client, pk, generation)
 
     def get_report(self, run_id: str) -> RunReport | None:
         client, table = self._client("Runs")
@@ -664,18 +669,24 @@ class Store:
                 raise MalformedRowError(table, operation, f"stored report is unreadable ({err})") from None
         raise ConcurrencyError(table, operation, "the report kept changing while being read")
 
-    def list_reports(self, user: str, limit: int = 20, *, items: bool = True) -> list[RunReport]:
+    def list_reports(
+        self, user: str, limit: int = 20, *, items: bool = True, status: str | None = None
+    ) -> list[RunReport]:
         """The user's latest reports, newest first. With items=False only the index partition is read
-        and the reports come back without their item lists (counts are complete): enough for a list."""
+        and the reports come back without their item lists (counts are complete): enough for a list.
+        `status` keeps only the reports whose index row has that status (filtered by the service)."""
         if limit <= 0:
             return []
         client, table = self._client("Runs")
+        query, parameters = "PartitionKey eq @pk", {"pk": _user_pk(user)}
+        if status is not None:
+            query, parameters = f"{query} and status eq @status", {**parameters, "status": str(status)}
         with _guard(table, f"list reports of {user}"):
             rows = list(
                 islice(
                     client.query_entities(
-                        "PartitionKey eq @pk",
-                        parameters={"pk": _user_pk(user)},
+                        query,
+                        parameters=parameters,
                         select=["runId", "summary"],
                         results_per_page=min(limit, _PAGE),
                     ),

@@ -14,17 +14,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shared.auth import BC_SCOPE, GRAPH_SCOPE, TokenProvider, token_provider
+from shared import runs
 from shared.bc_client import BcClient
-from shared.config import Config
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import (
-    IMMUTABLE_IDS,
     DeltaExpired,
     DeltaPage,
     FolderGone,
@@ -33,11 +31,12 @@ from shared.graph_client import (
     is_partial,
     tag_of,
 )
-from shared.http import ApiError, HttpClient, RequestCounter, WindowPacer
+from shared.http import ApiError, RequestCounter
 from shared.mapping import bc_is_eligible, bc_view, fingerprint, normalize_email, outlook_view
 from shared.model import (
     ReportItem,
     RunReport,
+    RunStatus,
     UserSettings,
     UserState,
     iso,
@@ -47,19 +46,14 @@ from shared.model import (
     utcnow,
 )
 from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
-from shared.store import Store, pooled_transport
+
+if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
+    from shared.services import Services
+    from shared.store import Lease, Store
 
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
-# Graph: 10,000 requests per 10 minutes per app and mailbox (throttling-outlook docs); keep a margin
-# for the validation endpoint and the Outlook clients of the same app.
-GRAPH_MAILBOX_BUDGET = 9_500
-GRAPH_WINDOW_SECONDS = 600.0
-# Read timeouts (seconds): BC's queue limit is 8 minutes and its request limit 10 minutes
-# (operational-limits-online, dynamics-current-limits), so 630 s = 10 min + 30 s of margin; Graph 120 s.
-BC_READ_TIMEOUT = 630.0
-GRAPH_READ_TIMEOUT = 120.0
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
 MODES = (INCREMENTAL, FULL)
 
@@ -144,87 +138,6 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
     return CompanyRead(read.read_at, since, contacts, read.index)
 
 
-# The Azure SDK's HTTP logging policy writes every request URL at INFO, and a Table Storage URL holds
-# the partition key, which is the mailbox address. At WARNING only `userHash` identifies a user.
-SDK_LOGGERS = ("azure", "azure.core.pipeline.policies.http_logging_policy")
-
-
-def quiet_sdk_loggers() -> None:
-    """Keep the Azure SDK's loggers at WARNING or above, whatever the root logger's level."""
-    for name in SDK_LOGGERS:
-        logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < logging.WARNING:
-            logger.setLevel(logging.WARNING)
-
-
-@dataclass
-class Services:
-    """Everything a run needs, built once per process and shared by its runs."""
-
-    config: Config
-    store: Store
-    tokens: TokenProvider
-    bc_reader: BcReader = field(default_factory=BcReader)  # shared by the runs of one schedule tick
-    sleep: Callable[[float], None] = time.sleep
-    backoff_base: float = 0.5  # seconds; the first retry waits up to this when no Retry-After is sent
-
-    @classmethod
-    def from_config(cls, config: Config) -> Services:
-        """The app's services; every entry point (functions, CLI) builds them here, so this is also
-        where the SDK loggers are kept quiet."""
-        quiet_sdk_loggers()
-        return cls(config=config, store=store_from_config(config), tokens=token_provider(config))
-
-    def _http(self, service: str, scope: str, counter: RequestCounter, **extra: Any) -> HttpClient:
-        return HttpClient(
-            service,
-            lambda: self.tokens.token(scope),
-            counter=counter,
-            on_unauthorized=self.tokens.invalidate,
-            sleep=self.sleep,
-            backoff_base=self.backoff_base,
-            **extra,
-        )
-
-    def clients(self, counter: RequestCounter) -> tuple[BcClient, GraphClient]:
-        # Each client talks only to its configured base: a nextLink or deltaLink elsewhere is
-        # refused before a token is fetched. BC queues a principal's requests beyond 5 at once for
-        # up to 8 minutes (then 503) and aborts a request after 10 minutes (504): its read timeout
-        # outlasts both, so BC's own answer arrives instead of our timeout turning a queued write
-        # into an ambiguous one. Graph does not queue; 120 s is ample for a batch of 20.
-        bc_http = self._http(
-            "bc", BC_SCOPE, counter, base_url=self.config.bc_base_url, timeout=(10.0, BC_READ_TIMEOUT)
-        )
-        graph_http = self._http(
-            "graph",
-            GRAPH_SCOPE,
-            counter,
-            default_headers={"Prefer": IMMUTABLE_IDS},
-            pacer=WindowPacer(GRAPH_MAILBOX_BUDGET, GRAPH_WINDOW_SECONDS, sleep=self.sleep),
-            base_url=self.config.graph_base_url,
-            timeout=(10.0, GRAPH_READ_TIMEOUT),
-        )
-        bc = BcClient(bc_http, self.config.bc_base_url, self.config.tenant_id, self.config.bc_environment)
-        graph = GraphClient(graph_http, self.config.graph_base_url)
-        return bc, graph
-
-
-def store_from_config(config: Config) -> Store:
-    """Table Storage by connection string (local, Azurite) or by managed identity (Azure, no keys)."""
-    if config.storage_connection_string:
-        return Store.from_connection_string(config.storage_connection_string, prefix=config.table_prefix)
-    from azure.data.tables import TableServiceClient
-
-    from shared.auth import ManagedIdentityCredential
-
-    service = TableServiceClient(
-        endpoint=config.table_service_uri,
-        credential=ManagedIdentityCredential(config.storage_client_id),
-        transport=pooled_transport(),
-    )
-    return Store(service, prefix=config.table_prefix)
-
-
 def settings_hash(settings: UserSettings, company_id: str) -> str:
     """What the links were built under; when it changes, the next run reconciles everything."""
     scope = {
@@ -266,20 +179,10 @@ def run_user(
     store = services.store
     report = RunReport(user=settings.user, mode=mode, dryRun=dry_run)
     if resume is not None:
-        report = resume
-        report.status, report.finishedAt, report.message = "running", None, None
+        report = runs.resume(resume)
     elif run_id:
         report.runId = run_id
-    lease = None
-    if not dry_run:
-        lease = store.acquire_lease(settings.user, report.runId, LEASE_SECONDS)
-        if lease is None:
-            current = store.current_lease(settings.user)
-            raise RunInProgress(
-                settings.user,
-                current.holder if current else None,
-                iso(current.expires_at) if current else None,
-            )
+    lease = None if dry_run else _take_lease(store, settings.user, report.runId)
     counter = RequestCounter()
     store.save_report(report)
     started = time.monotonic()
@@ -303,24 +206,40 @@ def run_user(
             checkpoint=checkpoint,
         )
     except RunInterrupted:
-        report.status = "interrupted"
-        report.message = "stopped at a batch boundary; the run continues from the queue"
+        runs.interrupt(report)
     except Exception as exc:  # one failing user must never stop the others
-        report.status = "failed"
-        report.message = _describe(exc)
+        runs.fail(report, _describe(exc))
         log.warning("contact sync run failed: %s", redact(report.message, settings.user))
     finally:
-        for service in ("bc", "graph"):
-            report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
-        report.finishedAt = iso(utcnow())
-        try:
-            store.save_report(report)
-        finally:
-            if lease is not None:
-                store.release_lease(lease)
-        if report.status != "interrupted":  # an interrupted run logs once, when its continuation ends
-            log_run(report, time.monotonic() - started, counter.throttled)
+        _close(store, report, counter, lease, started)
     return report
+
+
+def _close(
+    store: Store, report: RunReport, counter: RequestCounter, lease: Lease | None, started: float
+) -> None:
+    """Store the final report, then release the lease (in that order: see shared/runs.py)."""
+    for service in ("bc", "graph"):
+        report.requests[service] = report.requests.get(service, 0) + counter.counts.get(service, 0)
+    report.finishedAt = iso(utcnow())
+    try:
+        store.save_report(report)
+    finally:
+        if lease is not None:
+            store.release_lease(lease)
+    if report.status != RunStatus.INTERRUPTED:  # an interrupted run logs once, when its continuation ends
+        log_run(report, time.monotonic() - started, counter.throttled)
+
+
+def _take_lease(store: Store, user: str, run_id: str) -> Lease:
+    """The user's lease for this run, or RunInProgress naming the run that holds it."""
+    lease = store.acquire_lease(user, run_id, LEASE_SECONDS)
+    if lease is None:
+        current = store.current_lease(user)
+        raise RunInProgress(
+            user, current.holder if current else None, iso(current.expires_at) if current else None
+        )
+    return lease
 
 
 MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
@@ -514,15 +433,14 @@ def _run(
     for item in result.skipped:
         report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
     if result.safety_stop:
-        report.status = "safetyStop"
-        report.message = result.safety_stop
+        runs.stop_for_safety(report, result.safety_stop)
         report.items.append(_safety_item(result.safety_stop))
         return
     if dry:
         for a in result.actions:
             if a.report_as:
                 report.add(a.report_as, a.bc_id, a.outlook_id, a.email, f"dry run: {a.reason}")
-        report.status = "succeeded"
+        runs.succeed(report)
         return
     if folder_id is None:
         raise RuntimeError("no Outlook folder to sync into")
@@ -567,9 +485,9 @@ def _run(
         state.last_full_sync = report.startedAt
     state.last_run_id = report.runId
     state.writing_run = None
-    report.status = "partial" if outcome.failures else "succeeded"
-    state.last_status = report.status
-    store.save_state(state)
+    state.last_status = RunStatus.PARTIAL if outcome.failures else RunStatus.SUCCEEDED
+    store.save_state(state)  # before the report says so: if this fails, the run failed
+    runs.finish(report, failures=bool(outcome.failures))
 
 
 _CREATES = ("create_outlook", "recreate_outlook")
@@ -730,9 +648,7 @@ def run_users(
         try:
             return run_user(services, s, mode, dry_run=dry_run, reader=reader)
         except RunInProgress as exc:
-            r = RunReport(user=s.user, mode=mode, dryRun=dry_run, status="skipped")
-            r.message = str(exc)
-            return r
+            return runs.skipped(s.user, mode, dry_run, str(exc))
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(users) or 1))) as pool:
         return list(pool.map(one, users))

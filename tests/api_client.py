@@ -13,7 +13,7 @@ import requests
 from azure.functions.queue import QueueMessage
 
 import function_sync_worker
-from shared import api
+from shared.jobs import QUEUE_NAME
 from tests.local_host import LocalHost
 
 
@@ -41,7 +41,7 @@ class Client:
 
     def run_queued_jobs(self) -> None:
         """What the queue trigger would do with the jobs the HTTP functions queued."""
-        for n, message in enumerate(self.host.queued(api.QUEUE_NAME)):
+        for n, message in enumerate(self.host.queued(QUEUE_NAME)):
             function_sync_worker.main(QueueMessage(id=str(n), body=message.encode(), dequeue_count=1))
 
 

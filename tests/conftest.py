@@ -30,14 +30,14 @@ def cloud(tmp_path):
 @pytest.fixture
 def env(cloud, azurite, monkeypatch) -> dict[str, str]:
     """App settings pointing at this test's cloud and its own tables, set in the environment."""
-    from shared import api
+    from shared.services import reset_services
 
     values = cloud.env(azurite.connection_string, table_prefix="T" + uuid.uuid4().hex[:12])
     for k, v in values.items():
         monkeypatch.setenv(k, v)
-    api.reset_services()
+    reset_services()
     yield values
-    api.reset_services()
+    reset_services()
 
 
 @pytest.fixture

@@ -24,9 +24,11 @@ import function_sync_timer
 import function_sync_worker
 import function_users_http
 from sandbox.azurite import DEV_KEY
-from shared import api
+from shared import http_api
+from shared.jobs import MAX_DEQUEUE, QUEUE_NAME
 from shared.model import RunReport, iso, utcnow
-from shared.sync import LEASE_SECONDS
+from shared.services import get_services, reset_services
+from shared.sync import LEASE_SECONDS, user_hash
 from tests.local_host import ROOT, Collector, QueueHost, function_folders, host_json
 from tests.world import tag
 
@@ -37,7 +39,7 @@ CAROL = "carol@contoso.example"
 
 @pytest.fixture
 def queue(azurite, env) -> QueueHost:
-    return QueueHost(azurite.connection_string, api.QUEUE_NAME)
+    return QueueHost(azurite.connection_string, QUEUE_NAME)
 
 
 def _people(world, n: int, prefix: str = "Person") -> list[dict]:
@@ -52,7 +54,7 @@ def _tick(past_due: bool = False) -> list[str]:
 
 
 def _report(run_id: str) -> RunReport:
-    report = api.get_services().store.get_report(run_id)
+    report = get_services().store.get_report(run_id)
     assert report is not None, run_id
     return report
 
@@ -150,12 +152,12 @@ def test_failing_user_is_retried_then_poisoned_with_the_reason_in_its_report(wor
 
 
 def test_max_dequeue_count_agrees_with_host_json():
-    assert host_json()["extensions"]["queues"]["maxDequeueCount"] == api.MAX_DEQUEUE
+    assert host_json()["extensions"]["queues"]["maxDequeueCount"] == MAX_DEQUEUE
 
 
 def test_scheduled_run_becomes_a_full_reconcile_when_the_last_one_is_too_old(world, queue, monkeypatch):
     monkeypatch.setenv("SYNC_FULL_SYNC_HOURS", "6")
-    api.reset_services()
+    reset_services()
     world.person("Pat Buyer", jobTitle="Buyer")
     world.user(ALICE)
     queue.send(_tick())
@@ -237,7 +239,7 @@ def test_a_run_beyond_the_budget_answers_202_and_the_worker_finishes_it(world, q
     people = _people(world, 100)
     world.user(ALICE)
     monkeypatch.setenv("SYNC_INLINE_BUDGET_SECONDS", "1")
-    api.reset_services()
+    reset_services()
     world.cloud.graph.faults.latency = 0.08  # every Graph request and batch item takes 80 ms
 
     jobs = Collector()
@@ -313,8 +315,8 @@ def test_a_run_still_inside_one_batch_after_the_grace_answers_202_and_finishes(w
     _people(world, 30)
     world.user(ALICE)
     monkeypatch.setenv("SYNC_INLINE_BUDGET_SECONDS", "1")
-    monkeypatch.setattr(api, "INTERRUPT_GRACE_SECONDS", 0.2)
-    api.reset_services()
+    monkeypatch.setattr(http_api, "INTERRUPT_GRACE_SECONDS", 0.2)
+    reset_services()
     world.cloud.graph.faults.slow(2.0, method="POST", path_regex=r"\$batch$")  # one slow batch
     jobs = Collector()
     status, body, _ = _post("sync", {"user": ALICE, "mode": "full"}, jobs)
@@ -357,7 +359,7 @@ def test_function_json_matches_main(folder):
             f"{b['name']}: {hints[b['name']]} does not fit {b['type']}"
         )
         if b["type"] in ("queue", "queueTrigger"):
-            assert b["queueName"] == api.QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
+            assert b["queueName"] == QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
     returns = [b for b in folder.bindings if b["name"] == "$return"]
     if folder.trigger["type"] == "httpTrigger":
         # BEHAVIOUR §7.6: the host checks the function key, except on the page (static files, no data)
@@ -400,7 +402,7 @@ def test_the_functions_are_the_six_expected_with_their_triggers():
 def test_function_folders_stay_thin():
     for folder in function_folders():
         source = (ROOT / folder.name / "__init__.py").read_text()
-        assert source.count("\n") < 20, f"{folder.name} should only hand over to shared.api"
+        assert source.count("\n") < 20, f"{folder.name} should only hand over to shared/"
 
 
 # Logging for Application Insights -------------------------------------------------------------
@@ -420,7 +422,7 @@ def test_one_structured_record_per_run_without_the_mailbox_address(world, caplog
     assert dims["runId"] == body["runId"] and dims["mode"] == "full" and dims["status"] == "succeeded"
     assert dims["outlookCreated"] == 3 and dims["skipped"] == 1
     assert isinstance(dims["durationSeconds"], float) and dims["durationSeconds"] >= 0
-    assert dims["userHash"] == api.user_hash(ALICE)
+    assert dims["userHash"] == user_hash(ALICE)
     assert ALICE not in json.dumps(dims) and "alice" not in json.dumps(dims).lower()
     skipped = [r for r in caplog.records if r.levelno == logging.WARNING and "skipped" in r.getMessage()]
     assert len(skipped) == 1 and "Person" in skipped[0].getMessage()
@@ -433,7 +435,7 @@ def test_no_secret_token_or_storage_key_in_logs_or_error_bodies(world, caplog):
     world.user(ALICE)
     bodies = [_post("sync", {"user": ALICE})[1]]
     world.cloud.entra.revoke_secret(world.cloud.tenant_id, world.cloud.client_id)
-    api.get_services().tokens.invalidate()  # the cached tokens are gone too: every token request fails
+    get_services().tokens.invalidate()  # the cached tokens are gone too: every token request fails
     bodies.append(_post("sync", {"user": ALICE, "mode": "full"})[1])  # a run that cannot get tokens
     bodies.append(_post("sync", {"user": "nobody@contoso.example"})[1])
     bodies.append(_post("sync", b"{not json")[1])

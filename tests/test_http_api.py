@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from sandbox.entra import BC_RESOURCE, GRAPH_RESOURCE
-from shared import api
+from shared import http_api
+from shared.services import get_services, reset_services
 from shared.sync import LEASE_SECONDS
 from tests.local_host import LocalHost
 
@@ -133,7 +134,7 @@ def test_sync_refuses_bad_input_naming_the_field_before_touching_anything(client
         (b"\xff\xfe\x00", 400, "InvalidJson"),
         (b"[1, 2]", 400, "InvalidInput"),
         (b'"alice@contoso.example"', 400, "InvalidInput"),
-        (json.dumps({"user": ALICE, "pad": "x" * (api.MAX_BODY + 1)}).encode(), 413, "PayloadTooLarge"),
+        (json.dumps({"user": ALICE, "pad": "x" * (http_api.MAX_BODY + 1)}).encode(), 413, "PayloadTooLarge"),
     ],
 )
 def test_sync_refuses_unreadable_bodies(client, world, raw, status, code):
@@ -327,7 +328,7 @@ def test_validate_wrong_secret(client, world):
 
 def test_a_missing_app_setting_is_a_json_500_naming_it(client, world, monkeypatch):
     monkeypatch.delenv("BC_COMPANY_ID")
-    api.reset_services()
+    reset_services()
     err = _error(client("POST", "sync", {"user": ALICE}), 500, "ConfigurationError")
     assert "BC_COMPANY_ID" in err["message"]
     assert world.cloud.client_secret not in json.dumps(err)
@@ -370,13 +371,13 @@ def test_validate_read_only_contacts_permission_fails_before_and_after_the_first
     cloud.entra.set_roles(
         cloud.tenant_id, cloud.client_id, GRAPH_RESOURCE, ["Contacts.ReadWrite", "User.Read.All"]
     )
-    api.get_services().tokens.invalidate()
+    get_services().tokens.invalidate()
     assert client("POST", "sync", {"user": ALICE}).json()["status"] == "succeeded"  # the folder exists now
     assert _checks(client("POST", f"users/{ALICE}/validate"))["contactsPermission"]["ok"]
 
     cloud.entra.set_roles(
         cloud.tenant_id, cloud.client_id, GRAPH_RESOURCE, ["Contacts.Read", "User.Read.All"]
     )
-    api.get_services().tokens.invalidate()
+    get_services().tokens.invalidate()
     check = _checks(client("POST", f"users/{ALICE}/validate"))["contactsPermission"]
     assert not check["ok"] and "403" in check["message"] and "Contacts.ReadWrite" in check["message"]

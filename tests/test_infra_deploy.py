@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from shared import api
+from shared import services
+from shared.model import user_hash
 from tests.test_infra import INFRA, MAIN, ROOT, BicepFile, Unevaluable, _named, _text
 
 AZ_PARAMS = INFRA / "az.bicepparam"
@@ -432,7 +433,7 @@ def test_validate_says_what_to_do_about_an_unresolved_key_vault_reference(client
     references as app settings", https://learn.microsoft.com/azure/app-service/app-service-key-vault-references)."""
     world.user("alice@contoso.example")
     monkeypatch.setenv("SYNC_CLIENT_SECRET", REFERENCE)
-    api.reset_services()
+    services.reset_services()
     resp = client("POST", "users/alice@contoso.example/validate")
     assert resp.status_code == 500
     error = resp.json()["error"]
@@ -601,4 +602,4 @@ def test_the_guide_computes_the_same_user_hash_as_the_logs():
     result = subprocess.run(
         ["python3", "-c", code, "Alice@Contoso.example"], capture_output=True, text=True, check=True
     )
-    assert result.stdout.strip() == api.user_hash("alice@contoso.example")
+    assert result.stdout.strip() == user_hash("alice@contoso.example")

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from shared import api
-from shared.model import UserSettings
+from shared.model import UserSettings, user_hash
 from tests.test_infra import INFRA, MAIN, ROOT, BicepFile, Unevaluable, _named, _text
 
 OPERATIONS = INFRA / "modules" / "operations.bicep"
@@ -261,7 +260,7 @@ def test_no_mailbox_address_reaches_the_records_the_queries_read(logged):
     assert any(r.getMessage().startswith("contact sync run failed: ") for r in read)
     text = "\n".join(r.getMessage() + json.dumps(getattr(r, "custom_dimensions", {})) for r in read)
     assert ALICE not in text.lower() and GHOST not in text.lower() and "%40" not in text
-    assert f"<user {api.user_hash(GHOST)}>" in text
+    assert f"<user {user_hash(GHOST)}>" in text
 
 
 def test_run_logs_are_not_sampled_away():

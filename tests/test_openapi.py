@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from shared import api
+from shared import http_api
 from tests.local_host import ROOT, LocalHost, function_folders, host_json, route_regex
 
 SPEC_PATH = ROOT / "openapi" / "openapi.json"
@@ -94,7 +94,7 @@ def test_definitions_match_the_code():
 
     d = SPEC["definitions"]
     assert {"RunReport", "SyncRequest", "UserSettings", "ValidationResult", "Error"} <= set(d)
-    assert set(d["SyncRequest"]["properties"]) == api._SYNC_FIELDS and d["SyncRequest"]["required"] == [
+    assert set(d["SyncRequest"]["properties"]) == http_api._SYNC_FIELDS and d["SyncRequest"]["required"] == [
         "user"
     ]
     assert set(d["RunReport"]["properties"]["counts"]["properties"]) == set(ACTIONS)

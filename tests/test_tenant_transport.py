@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
-from shared import api
+from shared import services as app_services
 from shared.model import WRITE_ACTIONS
 
 ALICE = "alice@contoso.example"
@@ -45,7 +45,7 @@ def writes(report: dict[str, Any]) -> int:
 def no_waiting(monkeypatch) -> list[float]:
     """The app's retry waits, recorded instead of slept (the services' injectable sleep)."""
     waits: list[float] = []
-    services = api.get_services()
+    services = app_services.get_services()
     monkeypatch.setattr(services, "sleep", waits.append)
     return waits
 
@@ -256,7 +256,7 @@ def test_a_sync_logged_at_info_names_no_mailbox(client, world, caplog):
     developer/python/sdk/azure-sdk-logging), and Table Storage URLs hold the mailbox address."""
     for name in ("azure", "azure.core.pipeline.policies.http_logging_policy"):
         logging.getLogger(name).setLevel(logging.NOTSET)  # a fresh process: nobody set them yet
-    api.reset_services()  # the app configures its logging as it builds its services
+    app_services.reset_services()  # the app configures its logging as it builds its services
     caplog.set_level(logging.INFO)
     world.person("Person Logged")
     put_user(client, world, ALICE)

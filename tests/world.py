@@ -11,7 +11,8 @@ from sandbox.cloud import Cloud
 from shared.config import Config
 from shared.mapping import BC_ID_PROPERTY_ID
 from shared.model import WRITE_ACTIONS, RunReport, UserSettings
-from shared.sync import Services, run_user
+from shared.services import Services
+from shared.sync import run_user
 
 WRITE_COUNTS = WRITE_ACTIONS
 

@@ -18,7 +18,7 @@ import function_sync_http
 import function_sync_worker
 from sandbox.bindings import Collector
 from sandbox.httpd import Request, Response
-from shared import api
+from shared.jobs import Job
 from shared.model import utcnow
 from shared.store import Store
 from shared.sync import RunInProgress, run_user
@@ -139,7 +139,7 @@ def test_queue_worker_and_http_at_once(world, env, gate, recorder):
     with recorder.case("concurrency", "queue worker running, POST /api/sync arrives → 409") as rec:
         _seed(world)
         results: dict = {}
-        msg = func.QueueMessage(id="1", body=api.Job(ALICE).to_message().encode())
+        msg = func.QueueMessage(id="1", body=Job(ALICE).to_message().encode())
         worker = _thread(lambda: function_sync_worker.main(msg), results, "worker")
         assert gate.entered.wait(30)
         resp, out = _post_sync({"user": ALICE, "mode": "full"})
@@ -160,9 +160,9 @@ def test_http_run_in_progress_defers_the_queued_jobs(world, env, gate, recorder)
         results: dict = {}
         http = _thread(lambda: _post_sync({"user": ALICE, "mode": "full"}), results, "http")
         assert gate.entered.wait(30)
-        scheduled = func.QueueMessage(id="1", body=api.Job(ALICE).to_message().encode())
+        scheduled = func.QueueMessage(id="1", body=Job(ALICE).to_message().encode())
         assert function_sync_worker.main(scheduled) is None  # skipped: the next tick picks it up
-        on_demand = func.QueueMessage(id="2", body=api.Job(ALICE, reason="http").to_message().encode())
+        on_demand = func.QueueMessage(id="2", body=Job(ALICE, reason="http").to_message().encode())
         with pytest.raises(RunInProgress):
             function_sync_worker.main(on_demand)  # the queue retries it after its visibility timeout
         gate.release()

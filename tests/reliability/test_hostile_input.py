@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 import function_sync_http
 import function_users_http
 from sandbox.bindings import Collector
-from shared import api
+from shared.jobs import fan_out, work
 from shared.model import UserSettings, ValidationError
+from shared.services import get_services
 from tests.reliability.conftest import long_profile
 
 ALICE = "alice@contoso.example"
@@ -99,7 +100,7 @@ def _sync(body: Any = None, raw: bytes | None = None) -> tuple[func.HttpResponse
 
 
 def _snapshot() -> Any:
-    store = api.get_services().store
+    store = get_services().store
     valid, bad = store.list_settings_checked()
     return sorted(json.dumps(s.to_json(), sort_keys=True) for s in valid), sorted(bad)
 
@@ -220,7 +221,7 @@ def test_malformed_settings_rows_skip_that_user_with_a_reason(world, azurite, en
     with recorder.case("hostile input", "malformed settings rows in Table Storage") as rec:
         rec.add(len(MALFORMED) + 1)
         jobs = Collector()
-        api.fan_out(None, jobs)
+        fan_out(None, jobs)
         users = sorted(json.loads(m)["user"] for m in jobs.value)
         assert users == [ALICE, "bob@contoso.example"]
 
@@ -234,7 +235,7 @@ def test_malformed_settings_rows_skip_that_user_with_a_reason(world, azurite, en
 
         # The valid users still sync, each in its own run.
         for message in jobs.value:
-            report = api.work(func.QueueMessage(id="1", body=message.encode()))
+            report = work(func.QueueMessage(id="1", body=message.encode()))
             assert report is not None and report.status == "succeeded"
 
 

@@ -9,7 +9,7 @@ import azure.functions as func
 import pytest
 
 from sandbox.bindings import Collector
-from shared import api
+from shared.jobs import fan_out, work
 from shared.sync import run_users
 from tests.reliability.checks import assert_converged
 
@@ -51,12 +51,12 @@ def test_one_broken_user_does_not_stop_the_others(world, env, recorder, runner):
             reports = {r.user: r for r in run_users(world.services, settings, "full")}
         else:
             jobs = Collector()
-            api.fan_out(None, jobs)
+            fan_out(None, jobs)
             reports = {}
             for message in jobs.value:
                 user = json.loads(message)["user"]
                 try:  # the host catches a raising worker and retries the message later
-                    api.work(func.QueueMessage(id=user, body=message.encode()))
+                    work(func.QueueMessage(id=user, body=message.encode()))
                 except RuntimeError as exc:
                     assert "failed" in str(exc)
                 latest = world.services.store.list_reports(user, limit=1)

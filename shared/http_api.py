@@ -1,70 +1,44 @@
-"""The HTTP API of BEHAVIOUR §7 and the queue/timer plumbing, shared by the thin function folders.
+"""The HTTP API of BEHAVIOUR §7: the routes of the two HTTP functions, their answers and their errors.
 
 Power Automate's HTTP action gives up after 120 s but follows the asynchronous pattern by itself:
 a `202 Accepted` with `Location` and `Retry-After` makes it poll the location until it answers 200.
 So `POST /api/sync` runs the sync inline for up to `SYNC_INLINE_BUDGET_SECONDS`; a run that needs
 longer is stopped cooperatively at the next batch boundary (everything written so far is linked),
-handed to the Storage Queue under the same run id, and the caller gets 202 pointing at the report.
+handed to the Storage Queue under the same run id (`shared/jobs.py`), and the caller gets 202
+pointing at the report. Every failure becomes a JSON error answer (`ErrorAnswer`), never a trace.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
 import azure.functions as func
 
-from shared.config import Config, ConfigError
-from shared.model import RunReport, UserSettings, ValidationError, iso, normalize_user, utcnow
+from shared import runs
+from shared.config import ConfigError
+from shared.jobs import RUN_ID, Job
+from shared.model import RunReport, RunStatus, UserSettings, ValidationError, normalize_user
 from shared.planner import FULL, INCREMENTAL
+from shared.services import Services, get_services
 from shared.store import MalformedRowError, Store, StoreError
-from shared.sync import user_hash
+from shared.sync import RunInProgress, RunInterrupted, run_user
+from shared.validate import validate_user
 
 log = logging.getLogger(__name__)
 
-QUEUE_NAME = "contact-sync-jobs"
 MAX_BODY = 64 * 1024
 POLL_AFTER_SECONDS = 10
-MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the two equal)
 # After the inline budget the run is asked to stop at its next batch boundary. If that batch takes
 # longer than this (heavy throttling), the answer leaves anyway and the run finishes in the background,
 # so the caller always hears back within budget + grace (Power Automate gives up after 120 s).
 INTERRUPT_GRACE_SECONDS = 20.0
 _SYNC_FIELDS = {"user", "mode", "dryRun", "force", "wait"}
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_IN_PROGRESS = ("queued", "running", "interrupted")
-_FINAL_OK = ("succeeded", "partial", "safetyStop")
-_JOB_REASONS = ("schedule", "http", "continuation")
-
-_services = None
-_services_lock = threading.Lock()
-
-
-def get_services():
-    """The process-wide services (config, store, MSAL app, BC reader), built on first use."""
-    global _services
-    with _services_lock:
-        if _services is None:
-            from shared.sync import Services
-
-            services = Services.from_config(Config.from_env())
-            services.store.ensure_tables()
-            _services = services
-        return _services
-
-
-def reset_services() -> None:
-    """Forget the process-wide services (tests switch environments)."""
-    global _services
-    with _services_lock:
-        _services = None
 
 
 # Responses -----------------------------------------------------------------------------------
@@ -82,26 +56,31 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return json_response(status, {"error": {"code": code, "message": message, **extra}}, headers)
 
 
-class HttpError(Exception):
+class ErrorAnswer(Exception):
+    """The server's error answer to a request, raised from anywhere in a route and sent by `guarded`.
+
+    Not to be confused with `shared.http.ApiError`, which is this app's failure calling BC or Graph.
+    """
+
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
         self.response = error(status, code, message, headers, **extra)
 
 
-def _not_allowed(allowed: str, usage: str) -> HttpError:
-    return HttpError(405, "MethodNotAllowed", f"use {usage}", {"Allow": allowed})
+def _not_allowed(allowed: str, usage: str) -> ErrorAnswer:
+    return ErrorAnswer(405, "MethodNotAllowed", f"use {usage}", {"Allow": allowed})
 
 
 def _body(req: func.HttpRequest) -> Any:
     raw = req.get_body() or b""
     if len(raw) > MAX_BODY:
-        raise HttpError(413, "PayloadTooLarge", f"the request body must be at most {MAX_BODY} bytes")
+        raise ErrorAnswer(413, "PayloadTooLarge", f"the request body must be at most {MAX_BODY} bytes")
     if not raw.strip():
         return {}
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise HttpError(400, "InvalidJson", "the request body is not valid JSON") from None
+        raise ErrorAnswer(400, "InvalidJson", "the request body is not valid JSON") from None
 
 
 def guarded(handler: Callable[..., func.HttpResponse]) -> Callable[..., func.HttpResponse]:
@@ -110,7 +89,7 @@ def guarded(handler: Callable[..., func.HttpResponse]) -> Callable[..., func.Htt
     def wrapper(*args: Any, **kwargs: Any) -> func.HttpResponse:
         try:
             return handler(*args, **kwargs)
-        except HttpError as exc:
+        except ErrorAnswer as exc:
             return exc.response
         except ValidationError as exc:
             return error(400, "InvalidInput", str(exc), field=exc.field)
@@ -143,47 +122,16 @@ def _settings_or_error(store: Store, user: str) -> UserSettings:
         settings = store.get_settings(user)
     except MalformedRowError as exc:
         # Hand-edited in Storage: say what is wrong and how to fix it, rather than a 500.
-        raise HttpError(
+        raise ErrorAnswer(
             409,
             "InvalidStoredSettings",
             f"the stored settings of {user} are invalid ({exc.detail}); replace them with PUT /api/users/{user}",
         ) from None
     if settings is None:
-        raise HttpError(
+        raise ErrorAnswer(
             404, "UserNotFound", f"no sync settings for {user}; create them with PUT /api/users/{user}"
         )
     return settings
-
-
-# Queue messages --------------------------------------------------------------------------------
-@dataclass
-class Job:
-    user: str
-    mode: str = INCREMENTAL
-    runId: str | None = None
-    dryRun: bool = False
-    force: bool = False
-    reason: str = "schedule"  # schedule | http | continuation
-
-    def to_message(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_message(cls, text: str) -> Job:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("a job message must be a JSON object")
-        job = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-        job.user = normalize_user(job.user)
-        if job.mode not in (INCREMENTAL, FULL):
-            raise ValueError(f"unknown mode {job.mode!r}")
-        if job.runId is not None and not (isinstance(job.runId, str) and _RUN_ID.match(job.runId)):
-            raise ValueError("runId must be a run id")
-        if not isinstance(job.dryRun, bool) or not isinstance(job.force, bool):
-            raise ValueError("dryRun and force must be true or false")
-        if job.reason not in _JOB_REASONS:
-            raise ValueError(f"unknown reason {job.reason!r}")
-        return job
 
 
 def _location(req: func.HttpRequest, run_id: str) -> str:
@@ -207,7 +155,7 @@ def _accepted(req: func.HttpRequest, report: RunReport) -> func.HttpResponse:
 # POST /api/sync --------------------------------------------------------------------------------
 def _parse_sync(body: Any) -> tuple[str, str, bool, bool, bool]:
     if not isinstance(body, dict):
-        raise HttpError(400, "InvalidInput", "the body must be a JSON object")
+        raise ErrorAnswer(400, "InvalidInput", "the body must be a JSON object")
     unknown = sorted(set(body) - _SYNC_FIELDS)
     if unknown:
         raise ValidationError(unknown[0], f"unknown field (known: {', '.join(sorted(_SYNC_FIELDS))})")
@@ -232,7 +180,7 @@ class _InlineRun:
     lets the run finish by itself instead; the lock makes "stopped" and "detached" mutually exclusive.
     """
 
-    def __init__(self, services: Any, settings: UserSettings, mode: str, dry_run: bool, force: bool):
+    def __init__(self, services: Services, settings: UserSettings, mode: str, dry_run: bool, force: bool):
         self.run_id = uuid.uuid4().hex
         self.result: RunReport | None = None
         self.error: BaseException | None = None
@@ -242,8 +190,6 @@ class _InlineRun:
         self._thread = threading.Thread(target=self._work, name=f"sync-{self.run_id}", daemon=True)
 
     def _checkpoint(self, name: str) -> None:
-        from shared.sync import RunInterrupted
-
         if name != "batch_done":
             return
         with self._lock:
@@ -252,8 +198,6 @@ class _InlineRun:
                 raise RunInterrupted()
 
     def _work(self) -> None:
-        from shared.sync import run_user
-
         services, settings, mode, dry_run, force = self._args
         try:
             self.result = run_user(
@@ -287,17 +231,15 @@ class _InlineRun:
 
 
 def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
-    from shared.sync import RunInProgress
-
     user, mode, dry_run, force, wait = _parse_sync(_body(req))
     services = get_services()
     settings = _settings_or_error(services.store, user)
     current = services.store.current_lease(user)
     if current is not None:
-        raise HttpError(409, "RunInProgress", f"a sync for {user} is already running", runId=current.holder)
+        raise ErrorAnswer(409, "RunInProgress", f"a sync for {user} is already running", runId=current.holder)
+    runs.settle_abandoned(services.store, user)  # nobody holds the lease: a "running" run died
     if not wait:
-        report = RunReport(user=user, mode=mode, dryRun=dry_run, status="queued")
-        report.message = "queued; poll the Location for the report"
+        report = runs.queued(user, mode, dry_run)
         services.store.save_report(report)
         jobs.set(Job(user, mode, report.runId, dry_run, force, "http").to_message())
         return _accepted(req, report)
@@ -311,15 +253,14 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
         )
         return _accepted(req, report)
     if isinstance(inline.error, RunInProgress):
-        raise HttpError(409, "RunInProgress", str(inline.error), runId=inline.error.run_id)
+        raise ErrorAnswer(409, "RunInProgress", str(inline.error), runId=inline.error.run_id)
     if inline.error is not None:
         raise inline.error
     final = inline.result
     assert final is not None
-    if final.status == "interrupted":
+    if final.status == RunStatus.INTERRUPTED:
         # Stopped at a batch boundary: what was written is linked; the queue finishes the run.
-        final.status = "queued"
-        final.message = "continuing in the background; poll the Location for the report"
+        runs.requeue(final)
         services.store.save_report(final)
         jobs.set(Job(user, final.mode, final.runId, dry_run, force, "continuation").to_message())
         return _accepted(req, final)
@@ -327,40 +268,16 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
 
 
 def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
-    if not _RUN_ID.match(run_id or ""):
-        raise HttpError(400, "InvalidInput", "runId must be a run id as returned by POST /api/sync")
+    if not RUN_ID.match(run_id or ""):
+        raise ErrorAnswer(400, "InvalidInput", "runId must be a run id as returned by POST /api/sync")
     store = get_services().store
     report = store.get_report(run_id)
     if report is None:
-        raise HttpError(404, "RunNotFound", f"no run {run_id}")
-    if report.status == "running" and not report.dryRun:
-        report = _settle_abandoned(store, report)
-    if report.status in _IN_PROGRESS:
+        raise ErrorAnswer(404, "RunNotFound", f"no run {run_id}")
+    report = runs.as_seen(store, report)  # a run that died shows as failed; storing that is a writer's job
+    if report.status in runs.IN_PROGRESS:
         return _accepted(req, report)
     return json_response(200, report.to_json())
-
-
-def _settle_abandoned(store: Store, report: RunReport) -> RunReport:
-    """A 'running' report whose run no longer holds the user's lease died with its host: say so.
-
-    A run holds the lease from before it saves 'running' until after it saves its final report, so
-    once the lease is gone a re-read shows either the final report or a run that never finished.
-    Without this a caller would poll a crashed run forever.
-    """
-    lease = store.current_lease(report.user)
-    if lease is not None and lease.holder == report.runId:
-        return report
-    again = store.get_report(report.runId) or report
-    if again.status != "running":
-        return again
-    again.status = "failed"
-    again.finishedAt = iso(utcnow())
-    again.message = (
-        "the run stopped without finishing (its host was restarted or timed out); what it wrote is "
-        "linked, and the next run continues from there"
-    )
-    store.save_report(again)
-    return again
 
 
 @guarded
@@ -376,19 +293,17 @@ def handle_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse
         if req.method != "GET":
             raise _not_allowed("GET", "GET /api/sync/runs/{runId}")
         return get_run(req, parts[1])
-    raise HttpError(404, "NotFound", "no such route under /api/sync")
+    raise ErrorAnswer(404, "NotFound", "no such route under /api/sync")
 
 
 # Users ---------------------------------------------------------------------------------------
 @guarded
 def handle_users(req: func.HttpRequest) -> func.HttpResponse:
     """Route of function_users_http: GET users, GET|PUT|DELETE users/{user}, POST users/{user}/validate."""
-    from shared.validate import validate_user
-
     rest = (req.route_params.get("rest") or "").strip("/")
     parts = [p for p in rest.split("/") if p] if rest else []
     if len(parts) > 2 or (len(parts) == 2 and parts[1] != "validate"):
-        raise HttpError(404, "NotFound", "no such route under /api/users")
+        raise ErrorAnswer(404, "NotFound", "no such route under /api/users")
     if not parts:
         if req.method != "GET":
             raise _not_allowed("GET", "GET /api/users")
@@ -415,120 +330,7 @@ def handle_users(req: func.HttpRequest) -> func.HttpResponse:
         return json_response(200 if existed else 201, saved.to_json())
     if req.method == "DELETE":
         if not get_services().store.delete_settings(user):
-            raise HttpError(404, "UserNotFound", f"no sync settings for {user}")
+            raise ErrorAnswer(404, "UserNotFound", f"no sync settings for {user}")
         # No body; the JSON content type keeps every answer of this API application/json.
         return func.HttpResponse(status_code=204, mimetype="application/json")
     raise _not_allowed("GET, PUT, DELETE", "GET, PUT or DELETE /api/users/{user}")
-
-
-# Timer and worker ------------------------------------------------------------------------------
-def fan_out(timer: Any, jobs: func.Out[list[str]]) -> int:
-    """One queue message per enabled user; the worker function runs each under its lease.
-
-    Each job carries its own run id, so the queue's retries of one job share one run report (the
-    last attempt's report says whether it gave up).
-    """
-    services = get_services()
-    if getattr(timer, "past_due", False):
-        log.warning("timer is past due; enqueuing one run per user now (missed ticks are not replayed)")
-    services.bc_reader.forget()  # BC reads are shared within one tick, never carried into the next
-    users, bad = services.store.list_settings_checked()
-    for key, err in bad:
-        log.warning(
-            "skipping a user with invalid settings: %s",
-            err,
-            extra={"custom_dimensions": {"userHash": user_hash(key)}},
-        )
-    messages = [
-        Job(u.user, INCREMENTAL, uuid.uuid4().hex, False, False, "schedule").to_message()
-        for u in users
-        if u.enabled
-    ]
-    jobs.set(messages)
-    log.info(
-        "scheduled contact sync",
-        extra={
-            "custom_dimensions": {
-                "users": len(messages),
-                "disabled": sum(1 for u in users if not u.enabled),
-                "invalid": len(bad),
-                "pastDue": bool(getattr(timer, "past_due", False)),
-            }
-        },
-    )
-    return len(messages)
-
-
-def _give_up(store: Store, job: Job, message: str) -> None:
-    """Leave an on-demand run's report saying why it will not run (its caller is polling it)."""
-    if not job.runId:
-        return
-    report = store.get_report(job.runId) or RunReport(
-        user=job.user, mode=job.mode, dryRun=job.dryRun, runId=job.runId
-    )
-    report.status = "failed"
-    report.finishedAt = iso(utcnow())
-    report.message = message
-    store.save_report(report)
-
-
-def work(msg: func.QueueMessage) -> RunReport | None:
-    """Run one queued job. Raising makes the queue retry it, then move it to the poison queue."""
-    from shared.sync import RunInProgress, run_user
-
-    try:
-        job = Job.from_message(msg.get_body().decode("utf-8"))
-    except (ValueError, TypeError, ValidationError) as exc:
-        log.error("dropping an unreadable job message: %s", exc)
-        return None  # retrying cannot fix it
-    services = get_services()
-    store = services.store
-    attempt = int(getattr(msg, "dequeue_count", 1) or 1)
-    try:
-        settings = store.get_settings(job.user)
-    except MalformedRowError as exc:
-        log.error(
-            "job skipped: the user's stored settings are invalid: %s",
-            exc.detail,
-            extra={"custom_dimensions": {"userHash": user_hash(job.user)}},
-        )
-        _give_up(store, job, f"the stored settings are invalid ({exc.detail}); fix them with PUT /api/users")
-        return None  # retrying cannot fix it
-    if settings is None or (not settings.enabled and job.reason == "schedule"):
-        log.info("job for a removed or disabled user skipped")
-        if settings is None:
-            _give_up(store, job, "the user's sync settings were deleted before the run started")
-        return None
-    previous = store.get_report(job.runId) if job.runId else None
-    if previous is not None and previous.status in _FINAL_OK:
-        log.info("job already done (a repeated queue delivery); skipped")
-        return previous
-    resume = previous if previous is not None and previous.status in ("queued", "interrupted") else None
-    try:
-        report = run_user(
-            services,
-            settings,
-            job.mode,
-            dry_run=job.dryRun,
-            force=job.force,
-            run_id=job.runId,
-            reader=services.bc_reader if job.reason == "schedule" else None,
-            resume=resume,
-        )
-    except RunInProgress as exc:
-        if job.reason == "schedule":
-            log.info("scheduled run skipped: %s", exc)
-            return None
-        if attempt >= MAX_DEQUEUE:
-            _give_up(store, job, f"gave up after {attempt} attempts: {exc}")
-        raise  # an on-demand run waits its turn through the queue's retry
-    if report.status == "failed":
-        if attempt >= MAX_DEQUEUE:
-            report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"
-            store.save_report(report)
-        raise RuntimeError(f"sync run {report.runId} failed (attempt {attempt}): {report.message}")
-    return report
-
-
-def now_iso() -> str:
-    return iso(utcnow())
