@@ -14,8 +14,8 @@ from pathlib import Path
 import azure.functions as func
 
 from shared import http_api as api
-from shared.services import get_services
 from shared.identity import SCOPE
+from shared.services import get_services
 
 STATIC = Path(__file__).resolve().parent.parent / "function_selfservice" / "static"
 _TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}

@@ -24,10 +24,10 @@ import azure.functions as func
 
 from shared import http_api as api
 from shared.http import ApiError, RequestCounter
-from shared.jobs import RUN_ID
-from shared.services import get_services
 from shared.identity import ADMIN_ROLE, AuthError, Principal, TokenValidator
+from shared.jobs import RUN_ID
 from shared.model import ValidationError, normalize_user
+from shared.services import get_services
 
 log = logging.getLogger(__name__)
 
