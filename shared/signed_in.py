@@ -16,6 +16,7 @@ changes nothing; the request is then handed to the very handler the key door use
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
@@ -215,8 +216,6 @@ def _users(req: func.HttpRequest, principal: Principal, parts: list[str]) -> fun
 
 def _person_settings_body(req: func.HttpRequest, user: str, creating: bool) -> bytes:
     """A person's PUT keeps the admin's switches (`enabled`, `companyId`) as they are."""
-    import json
-
     data = api._body(req)
     if not isinstance(data, dict):
         raise api.ErrorAnswer(400, "InvalidInput", "the body must be a JSON object")

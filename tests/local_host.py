@@ -97,7 +97,8 @@ def route_regex(template: str) -> re.Pattern[str]:
             pattern += f"(?:{slash}(?P<{m.group(2)}>[^/]+))?"
         else:
             pattern += f"{slash}(?P<{m.group(2)}>[^/]+)"
-    return re.compile(f"^{pattern}/?$", re.IGNORECASE)
+    # DOTALL: a catch-all takes any character the URL decoded to, a newline too, as the host does.
+    return re.compile(f"^{pattern}/?$", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass

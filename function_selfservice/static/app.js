@@ -29,6 +29,7 @@ const TEXT = {
     syncNow: "Sync now", fullSync: "Full sync", dryRun: "Dry run", report: "Report", filterItems: "Filter the list",
     itemsCaption: "Contacts in this run", colAction: "Action", colEmail: "Email", colReason: "Reason",
     chartCaption: "Writes (bars) and duration in seconds (line) per run, oldest first",
+    chartScale: "(top of the chart: {writes} writes, {seconds} s)",
     colStarted: "Started", colMode: "Mode", colStatus: "Status", colWrites: "Writes", colSeconds: "Seconds",
     colUser: "User", colEnabled: "Enabled", colLastRun: "Last run", colFailed: "Failed", colActions: "Actions",
     enable: "Enable", disable: "Disable", yes: "yes", no: "no", never: "never",
@@ -61,6 +62,7 @@ const TEXT = {
     syncNow: "Synkroniser nå", fullSync: "Full synkronisering", dryRun: "Prøvekjøring", report: "Rapport", filterItems: "Filtrer listen",
     itemsCaption: "Kontakter i denne kjøringen", colAction: "Handling", colEmail: "E-post", colReason: "Årsak",
     chartCaption: "Skrivinger (stolper) og varighet i sekunder (linje) per kjøring, eldste først",
+    chartScale: "(toppen av diagrammet: {writes} skrivinger, {seconds} s)",
     colStarted: "Startet", colMode: "Type", colStatus: "Status", colWrites: "Skrivinger", colSeconds: "Sekunder",
     colUser: "Bruker", colEnabled: "Aktiv", colLastRun: "Siste kjøring", colFailed: "Feilet", colActions: "Handlinger",
     enable: "Aktiver", disable: "Deaktiver", yes: "ja", no: "nei", never: "aldri",
@@ -336,11 +338,13 @@ async function loadHistory() {
 function drawChart(runs) {
   const svg = $("chart");
   const ns = "http://www.w3.org/2000/svg";
+  $("chart-scale").textContent = "";
   if (!runs.length) return;
   const W = 320, H = 120, pad = 4;
   const maxW = Math.max(1, ...runs.map(writesOf));
   const maxS = Math.max(0.001, ...runs.map(secondsOf));
   const step = (W - 2 * pad) / runs.length;
+  $("chart-scale").textContent = t("chartScale", { writes: maxW, seconds: maxS.toFixed(1) });
   const points = [];
   runs.forEach((run, i) => {
     const h = (writesOf(run) / maxW) * (H - 2 * pad);
