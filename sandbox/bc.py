@@ -168,12 +168,33 @@ COMPANY_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("systemModifiedBy", "guid"),
 )
 
-# ISO 3166 codes as in the Country/Region table of the demo companies.
-_COUNTRY_CODES = (
-    "AE AT AU BE BG BR CA CH CN CY CZ DE DK DZ EE ES FI FR GB GR HK HR HU ID IE IL IN IS IT JP KE KR LT LU "
-    "LV MA MT MX MY MZ NG NL NO NZ PH PL PT RO RS RU SA SE SG SI SK SZ TH TN TR TW UA UG US VN ZA"
+# The Country/Region table of the demo companies: ISO 3166 codes with their English names (the
+# names are what a person types in Outlook's free-text countryOrRegion).
+COUNTRY_NAMES: dict[str, str] = {
+    "AE": "United Arab Emirates", "AT": "Austria", "AU": "Australia", "BE": "Belgium", "BG": "Bulgaria",
+    "BR": "Brazil", "CA": "Canada", "CH": "Switzerland", "CN": "China", "CY": "Cyprus",
+    "CZ": "Czech Republic", "DE": "Germany", "DK": "Denmark", "DZ": "Algeria", "EE": "Estonia",
+    "ES": "Spain", "FI": "Finland", "FR": "France", "GB": "Great Britain", "GR": "Greece",
+    "HK": "Hong Kong", "HR": "Croatia", "HU": "Hungary", "ID": "Indonesia", "IE": "Ireland",
+    "IL": "Israel", "IN": "India", "IS": "Iceland", "IT": "Italy", "JP": "Japan", "KE": "Kenya",
+    "KR": "South Korea", "LT": "Lithuania", "LU": "Luxembourg", "LV": "Latvia", "MA": "Morocco",
+    "MT": "Malta", "MX": "Mexico", "MY": "Malaysia", "MZ": "Mozambique", "NG": "Nigeria",
+    "NL": "Netherlands", "NO": "Norway", "NZ": "New Zealand", "PH": "Philippines", "PL": "Poland",
+    "PT": "Portugal", "RO": "Romania", "RS": "Serbia", "RU": "Russia", "SA": "Saudi Arabia",
+    "SE": "Sweden", "SG": "Singapore", "SI": "Slovenia", "SK": "Slovakia", "SZ": "Swaziland",
+    "TH": "Thailand", "TN": "Tunisia", "TR": "Turkey", "TW": "Taiwan", "UA": "Ukraine",
+    "UG": "Uganda", "US": "USA", "VN": "Vietnam", "ZA": "South Africa",
+}  # fmt: skip
+DEFAULT_COUNTRIES = frozenset(COUNTRY_NAMES)
+
+COUNTRY_FIELDS: tuple[FieldSpec, ...] = (
+    # countriesRegions resource type (api-reference/v2.0/resources/dynamics_countryregion.md).
+    FieldSpec("id", "guid", caption="Id", writable=False),
+    FieldSpec("code", "code", 10, "Code"),
+    FieldSpec("displayName", "text", 50, "Name"),
+    FieldSpec("addressFormat", "text", caption="Address Format"),
+    FieldSpec("lastModifiedDateTime", "datetime", caption="Last Modified Date", writable=False),
 )
-DEFAULT_COUNTRIES = frozenset(_COUNTRY_CODES.split())
 
 _EMPTY_CONTACT: dict[str, Any] = {
     "number": "",
@@ -215,6 +236,26 @@ class ContactRow:
 
 
 @dataclass
+class CountryRow:
+    """One row of a company's Country/Region table (table 9)."""
+
+    id: str
+    code: str
+    name: str
+    modified: datetime
+    address_format: str = "Post Code+City"
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "code": self.code,
+            "displayName": self.name,
+            "addressFormat": self.address_format,
+            "lastModifiedDateTime": self.modified,
+        }
+
+
+@dataclass
 class Company:
     id: str
     name: str
@@ -224,6 +265,11 @@ class Company:
     contacts: dict[str, ContactRow] = field(default_factory=dict)
     numbers: dict[str, str] = field(default_factory=dict)  # contact No. -> id (the primary key)
     next_number: int = 1
+    # The company's Country/Region table: code -> row. Each company has its own (table 9 is per company).
+    countries: dict[str, CountryRow] = field(default_factory=dict)
+    # The language BC's application messages come in ("Language" of the session, usually the company's
+    # users' language): "en-US" or "nb-NO". Error *codes* never change with it.
+    language: str = "en-US"
 
     def by_number(self, number: str) -> ContactRow | None:
         cid = self.numbers.get(number)
@@ -233,7 +279,7 @@ class Company:
         rows = {
             k: ContactRow(r.id, dict(r.values), r.modified, r.rowversion) for k, r in self.contacts.items()
         }
-        return replace(self, contacts=rows, numbers=dict(self.numbers))
+        return replace(self, contacts=rows, numbers=dict(self.numbers), countries=dict(self.countries))
 
 
 # The service ------------------------------------------------------------------------------------
@@ -264,7 +310,13 @@ class BusinessCentralService(Service):
         self._inherit = inherit_company_data
         self.clock = Clock()
         self.companies: dict[str, Company] = {}
-        self.countries: set[str] = set(DEFAULT_COUNTRIES)
+        self.contact_fields_absent: frozenset[str] = frozenset()
+        """Switch: properties the contacts API page of this tenant's BC version does not have.
+
+        Real tenants run different BC versions, and older API pages lack newer fields (e.g.
+        ``frozenset({"jobTitle"})``). Such a property is missing from ``$metadata`` and from every
+        answer, and naming it in ``$select``, ``$filter``, ``$orderby`` or a body is a 400, as for any
+        property the type does not have. Default: none absent (the current version)."""
         self._entra_apps: set[str] = set()
         self._rowversion = 0
         self._etag_base = int(uuid.uuid4().int % 10**18) + 10**19
@@ -285,6 +337,13 @@ class BusinessCentralService(Service):
             self.route("GET", one, self._get_contact, "contacts.get")
             self.route("PATCH", one, self._update_contact, "contacts.update")
             self.route("DELETE", one, self._delete_contact, "contacts.delete")
+        self.route("GET", rf"{p}/\$metadata", self._metadata, "$metadata")
+        self.route(
+            "GET",
+            rf"{p}/companies\((?P<cid>[^)/]*)\)/countriesRegions",
+            self._list_countries,
+            "countries.list",
+        )
         self.route("POST", rf"{p}/\$batch", self._batch, "$batch")
         self._known = list(self.routes)
         for method in ("GET", "POST", "PATCH", "PUT", "DELETE"):
@@ -300,17 +359,51 @@ class BusinessCentralService(Service):
         with self.lock:
             self._entra_apps.discard(client_id.lower())
 
-    def add_company(self, name: str, company_id: str | None = None, display_name: str | None = None) -> str:
+    def add_company(
+        self,
+        name: str,
+        company_id: str | None = None,
+        display_name: str | None = None,
+        *,
+        language: str = "en-US",
+    ) -> str:
+        """A company with the demo Country/Region table; `language` sets the language of BC's
+        application messages for it ("en-US" or "nb-NO")."""
+        if language not in ("en-US", "nb-NO"):
+            raise ValueError(f"unsupported sandbox language {language!r}")
         with self.lock:
             cid = (company_id or str(uuid.uuid4())).lower()
-            self.companies[cid] = Company(
-                cid, name, display_name or name, self.clock.now(), str(uuid.uuid4())
-            )
+            now = self.clock.now()
+            company = Company(cid, name, display_name or name, now, str(uuid.uuid4()), language=language)
+            for code, country in COUNTRY_NAMES.items():
+                company.countries[code] = CountryRow(str(uuid.uuid4()), code, country, now)
+            self.companies[cid] = company
             return cid
 
-    def add_country(self, code: str) -> None:
+    def set_company_language(self, company_id: str, language: str) -> None:
+        """Switch: the language BC answers this company's application errors in ("en-US", "nb-NO")."""
+        if language not in ("en-US", "nb-NO"):
+            raise ValueError(f"unsupported sandbox language {language!r}")
         with self.lock:
-            self.countries.add(code.strip().upper())
+            self._company(company_id).language = language
+
+    def add_country(self, code: str, name: str | None = None, company_id: str | None = None) -> None:
+        """Add (or rename) a Country/Region row, in one company or in all of them."""
+        with self.lock:
+            code = code.strip().upper()
+            for company in [self._company(company_id)] if company_id else self.companies.values():
+                row = company.countries.get(code)
+                if row is None:
+                    company.countries[code] = CountryRow(
+                        str(uuid.uuid4()), code, name or code, self.clock.now()
+                    )
+                elif name:
+                    row.name, row.modified = name, self.clock.now()
+
+    def remove_country(self, code: str, company_id: str | None = None) -> None:
+        with self.lock:
+            for company in [self._company(company_id)] if company_id else self.companies.values():
+                company.countries.pop(code.strip().upper(), None)
 
     def seed_contact(self, company_id: str, **fields: Any) -> dict[str, Any]:
         """Insert a contact as existing BC data, without the API's validation.
@@ -490,7 +583,7 @@ class BusinessCentralService(Service):
             with self.lock:
                 company = self._company_from_url(req, cid)
                 rows = [(r.view(), r) for r in company.contacts.values()]
-                engine = QueryEngine("Microsoft.NAV.contact", CONTACT_FIELDS, key=("number",))
+                engine = QueryEngine("Microsoft.NAV.contact", self._contact_specs(), key=("number",))
                 context = f"{self._root(tenant, env)}/$metadata#companies({company.id})/contacts"
                 return engine.collection(req, rows, self._render_selected, context, self._page_url(req))
 
@@ -502,7 +595,7 @@ class BusinessCentralService(Service):
             with self.lock:
                 company = self._company_from_url(req, cid)
                 row = self._row_from_url(company, id)
-                select = QueryEngine("Microsoft.NAV.contact", CONTACT_FIELDS, ("number",)).select(req)
+                select = QueryEngine("Microsoft.NAV.contact", self._contact_specs(), ("number",)).select(req)
                 return self._entity_response(tenant, env, company, row, 200, select)
 
         return self._answer(run)
@@ -512,7 +605,8 @@ class BusinessCentralService(Service):
             body = _json_body(req)
             with self.lock:
                 company = self._company_from_url(req, cid)
-                row = self._insert(company, body)
+                with _localized(company):
+                    row = self._insert(company, body)
                 resp = self._entity_response(tenant, env, company, row, 201)
                 resp.headers["Location"] = (
                     f"{self._root(tenant, env)}/companies({company.id})/contacts({row.id})"
@@ -529,8 +623,9 @@ class BusinessCentralService(Service):
             with self.lock:
                 company = self._company_from_url(req, cid)
                 row = self._row_from_url(company, id)
-                self._check_if_match(req, row)
-                self._apply_patch(company, row, body)
+                with _localized(company):
+                    self._check_if_match(req, row)
+                    self._apply_patch(company, row, body)
                 return self._entity_response(tenant, env, company, row, 200)
 
         return self._answer(run)
@@ -542,9 +637,59 @@ class BusinessCentralService(Service):
             with self.lock:
                 company = self._company_from_url(req, cid)
                 row = self._row_from_url(company, id)
-                self._check_if_match(req, row)
-                self._delete(company, row)
+                with _localized(company):
+                    self._check_if_match(req, row)
+                    self._delete(company, row)
             return Response(204)
+
+        return self._answer(run)
+
+    def _contact_specs(self) -> tuple[FieldSpec, ...]:
+        """The contact properties this tenant's BC version has (see `contact_fields_absent`)."""
+        return tuple(f for f in CONTACT_FIELDS if f.name not in self.contact_fields_absent)
+
+    def _metadata(self, req: Request, tenant: str, env: str) -> Response:
+        """The service document's CSDL (OData v4 EDMX XML), as BC serves at ``.../api/v2.0/$metadata``:
+        one ``Microsoft.NAV`` schema whose entity types list their properties. Only the entity types
+        the sandbox serves are included."""
+
+        def props(fields: Iterable[FieldSpec]) -> str:
+            out = []
+            for f in fields:
+                edm = _EDM.get(f.kind) or f"Microsoft.NAV.{f.name}"
+                extra = f' MaxLength="{f.length}"' if f.length and edm == "Edm.String" else ""
+                nullable = ' Nullable="false"' if f.name == "id" else ""
+                out.append(f'<Property Name="{f.name}" Type="{edm}"{nullable}{extra} />')
+            return "".join(out)
+
+        def entity(name: str, key: str, fields: Iterable[FieldSpec]) -> str:
+            return f'<EntityType Name="{name}"><Key><PropertyRef Name="{key}" /></Key>{props(fields)}</EntityType>'
+
+        xml = (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            '<edmx:Edmx Version="4.0" xmlns:edmx="http://docs.oasis-open.org/odata/ns/edmx">'
+            "<edmx:DataServices>"
+            '<Schema Namespace="Microsoft.NAV" xmlns="http://docs.oasis-open.org/odata/ns/edm">'
+            + entity("company", "id", COMPANY_FIELDS)
+            + entity("contact", "id", self._contact_specs())
+            + entity("countryRegion", "id", COUNTRY_FIELDS)
+            + '<EntityContainer Name="NAV">'
+            '<EntitySet Name="companies" EntityType="Microsoft.NAV.company" />'
+            '<EntitySet Name="contacts" EntityType="Microsoft.NAV.contact" />'
+            '<EntitySet Name="countriesRegions" EntityType="Microsoft.NAV.countryRegion" />'
+            "</EntityContainer></Schema></edmx:DataServices></edmx:Edmx>"
+        )
+        return Response(200, xml, content_type="application/xml;charset=utf-8")
+
+    def _list_countries(self, req: Request, tenant: str, env: str, cid: str) -> Response:
+        engine = QueryEngine("Microsoft.NAV.countryRegion", COUNTRY_FIELDS, key=("code",))
+
+        def run() -> Response:
+            with self.lock:
+                company = self._company_from_url(req, cid)
+                rows = [(r.view(), r) for r in company.countries.values()]
+                context = f"{self._root(tenant, env)}/$metadata#companies({company.id})/countriesRegions"
+                return engine.collection(req, rows, _render_view, context, self._page_url(req))
 
         return self._answer(run)
 
@@ -695,7 +840,7 @@ class BusinessCentralService(Service):
         for key in body:
             if key.startswith("@"):
                 continue  # instance annotations such as @odata.etag
-            if key not in _CONTACT_SPEC:
+            if key not in _CONTACT_SPEC or key in self.contact_fields_absent:
                 raise BcError(
                     400,
                     "BadRequest",
@@ -747,7 +892,7 @@ class BusinessCentralService(Service):
         elif name == "companyName":
             self._set_company_no(company, row, self._get_comp_no(company, value))
         elif name == "country":
-            if value and value not in self.countries:
+            if value and value not in company.countries:
                 raise BcError(
                     400,
                     "Internal_InvalidTableRelation",
@@ -939,7 +1084,7 @@ class BusinessCentralService(Service):
 
     def _render(self, row: ContactRow, select: list[str] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"@odata.etag": self._etag(row)}
-        for spec in CONTACT_FIELDS:
+        for spec in self._contact_specs():
             if select is not None and spec.name not in select:
                 continue
             if spec.name == "id":
@@ -1693,3 +1838,87 @@ def _as_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value.astimezone(UTC)
     return parse_datetime(str(value))
+
+
+def _render_view(view: dict[str, Any], row: Any, select: list[str] | None) -> dict[str, Any]:
+    """A plain entity (countriesRegions) as JSON: datetimes as BC writes them, `$select` applied."""
+    return {
+        k: (format_datetime(v) if isinstance(v, datetime) else v)
+        for k, v in view.items()
+        if select is None or k in select
+    }
+
+
+# Localized application messages -----------------------------------------------------------------
+# BC's AL messages (Error, FieldError, TestField, table-relation checks, dialogs) come in the
+# session's language, while the error *code* stays the same. The Norwegian (nb-NO) texts follow the
+# Norwegian base-application translation's wording. Only messages raised by contact rules are
+# translated; OData-level messages (query syntax, unknown property) stay English, as in BC.
+_MESSAGES_NB: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.S), template)
+    for pattern, template in (
+        (r"You must select an existing contact\.", "Du må velge en eksisterende kontakt."),
+        (
+            r"The field Country/Region Code of table Contact contains a value \((.*)\) that cannot be found "
+            r"in the related table \(Country/Region\)\.",
+            r"Feltet Lands-/områdekode i tabellen Kontakt inneholder en verdi (\1) som ikke finnes i den "
+            r"relaterte tabellen (Land/område).",
+        ),
+        (
+            r"The field Company No\. of table Contact contains a value \((.*)\) that cannot be found in the "
+            r"related table \(Contact\)\.",
+            r"Feltet Firmanr. i tabellen Kontakt inneholder en verdi (\1) som ikke finnes i den relaterte "
+            r"tabellen (Kontakt).",
+        ),
+        (
+            r"(.*) must not contain letters in Contact No\.='(.*)'\.",
+            r"\1 kan ikke inneholde bokstaver i Kontakt Nr.='\2'.",
+        ),
+        (r'The email address "(.*)" is not valid\.', r'E-postadressen "\1" er ikke gyldig.'),
+        (
+            r"The length of the string is (\d+), but it must be less than or equal to (\d+) characters\. "
+            r"Value: (.*)",
+            r"Lengden på strengen er \1, men den må være mindre enn eller lik \2 tegn. Verdi: \3",
+        ),
+        (r'The blank "displayName" is not allowed\.', 'Tom "displayName" er ikke tillatt.'),
+        (r'A "displayName" must be provided\.', 'Du må angi "displayName".'),
+        (
+            r"Type must be equal to 'Person'  in Contact: No\.=(.*)\. Current value is '(.*)'\.",
+            r"Type må være lik Person i Kontakt: Nr.=\1. Gjeldende verdi er \2.",
+        ),
+        (
+            r"You cannot change Type because one or more persons are assigned to this company\.",
+            "Du kan ikke endre Type fordi én eller flere personer er tilordnet dette firmaet.",
+        ),
+        (r"Another user has already changed the record\.", "En annen bruker har allerede endret posten."),
+        (
+            r"The Contact already exists\. Identification fields and values: (.*)",
+            r"Kontakt finnes allerede. Identifikasjonsfelter og -verdier: \1",
+        ),
+    )
+)
+
+
+class _localized:
+    """Re-raise a contact rule's BcError with its message in the company's language."""
+
+    def __init__(self, company: Company):
+        self.language = company.language
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, BcError) and self.language == "nb-NO":
+            exc.message = localize(exc.message, self.language)
+        return False
+
+
+def localize(message: str, language: str) -> str:
+    """BC's message in `language`; English when no translation is known."""
+    if language != "nb-NO":
+        return message
+    for pattern, template in _MESSAGES_NB:
+        if pattern.fullmatch(message):
+            return pattern.sub(template, message)
+    return message

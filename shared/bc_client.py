@@ -9,6 +9,9 @@ requires (learn.microsoft.com: dynamics_contact_update, use-odata-batch).
 
 from __future__ import annotations
 
+import threading
+import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -39,6 +42,63 @@ CONTACT_FIELDS = (
     "privacyBlocked",
     "lastModifiedDateTime",
 )
+
+
+# Fields every BC version's contacts page has; the rest are read and written only when `$metadata`
+# lists them (older versions lack e.g. jobTitle, and naming a missing property is a 400 that fails
+# the whole read).
+REQUIRED_FIELDS = ("id", "type", "displayName", "email", "lastModifiedDateTime")
+METADATA_TTL = 3600.0  # seconds; a BC update that adds fields is picked up within the hour
+_EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
+
+
+class SchemaError(ValueError):
+    """BC's `$metadata` lacks what the sync cannot work without; the message names it."""
+
+
+@dataclass(frozen=True)
+class BcSchema:
+    """The contact properties this tenant's BC version has, from its `$metadata`."""
+
+    contact_properties: frozenset[str]
+
+    @property
+    def contact_fields(self) -> tuple[str, ...]:
+        """The fields the sync reads (CONTACT_FIELDS in order), as far as this version has them."""
+        return tuple(f for f in CONTACT_FIELDS if f in self.contact_properties)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The sync's fields this version lacks."""
+        return tuple(f for f in CONTACT_FIELDS if f not in self.contact_properties)
+
+
+def parse_metadata(xml: str) -> BcSchema:
+    """The contact entity's properties from an OData v4 CSDL document (EDMX XML)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise SchemaError(f"Business Central's $metadata is not valid XML ({exc})") from None
+    for entity in root.iter(f"{_EDM}EntityType"):
+        if entity.get("Name") == "contact":
+            names = frozenset(p.get("Name", "") for p in entity.findall(f"{_EDM}Property"))
+            absent = [f for f in REQUIRED_FIELDS if f not in names]
+            if absent:
+                raise SchemaError(
+                    f"Business Central's contacts API lacks {', '.join(absent)}; this version cannot be synced"
+                )
+            return BcSchema(names)
+    raise SchemaError("Business Central's $metadata has no contact entity (API v2.0 contacts page missing)")
+
+
+_schemas: dict[str, tuple[float, BcSchema]] = {}
+_schemas_lock = threading.Lock()
+
+
+def forget_schemas() -> None:
+    """Drop the per-process `$metadata` cache (tests, or after a BC update)."""
+    with _schemas_lock:
+        _schemas.clear()
 
 
 def odata_string(value: str) -> str:
@@ -75,6 +135,28 @@ class BcClient:
             params = None  # the nextLink carries the query
         return out
 
+    def schema(self) -> BcSchema:
+        """The tenant's contact properties, read from `$metadata` once per process (per API root)."""
+        with _schemas_lock:
+            cached = _schemas.get(self.root)
+            if cached is not None and time.monotonic() - cached[0] < METADATA_TTL:
+                return cached[1]
+        resp = self.http.request(
+            "GET", f"{self.root}/$metadata", headers={"Accept": "application/xml"}, xml=True
+        )
+        if not isinstance(resp.body, str):
+            raise SchemaError("Business Central's $metadata did not come back as XML")
+        schema = parse_metadata(resp.body)
+        with _schemas_lock:
+            _schemas[self.root] = (time.monotonic(), schema)
+        return schema
+
+    def countries(self, company_id: str) -> list[dict[str, Any]]:
+        """The company's Country/Region table (code and name of each row)."""
+        return self._get_all(
+            f"{self.root}/companies({company_id})/countriesRegions", {"$select": "code,displayName"}
+        )
+
     def companies(self) -> list[dict[str, Any]]:
         return self._get_all(f"{self.root}/companies", None)
 
@@ -86,9 +168,10 @@ class BcClient:
         company_id: str,
         *,
         modified_after: str | None = None,
-        select: tuple[str, ...] = CONTACT_FIELDS,
+        select: tuple[str, ...] | None = None,
     ) -> list[dict[str, Any]]:
-        params = {"$select": ",".join(select)}
+        """Contacts with the given fields (default: every field of CONTACT_FIELDS the tenant has)."""
+        params = {"$select": ",".join(select or self.schema().contact_fields)}
         if modified_after:
             params["$filter"] = f"lastModifiedDateTime gt {modified_after}"
         return self._get_all(f"{self.root}/{self._contacts_path(company_id)}", params)
@@ -102,15 +185,23 @@ class BcClient:
             out.extend(
                 self._get_all(
                     f"{self.root}/{self._contacts_path(company_id)}",
-                    {"$filter": flt, "$select": ",".join(CONTACT_FIELDS)},
+                    {"$filter": flt, "$select": ",".join(self.schema().contact_fields)},
                 )
             )
         return out
 
     def write(self, company_id: str, writes: list[BcWrite]) -> list[ItemResult]:
-        """Apply creates/updates/deletes through `$batch`; one result per write, in order."""
+        """Apply creates/updates/deletes through `$batch`; one result per write, in order.
+
+        Properties the tenant's contacts page lacks are left out of bodies: BC refuses a body that
+        names one."""
         items = []
+        absent = set(CONTACT_FIELDS) - self.schema().contact_properties if writes else set()
         for w in writes:
+            if w.body is not None and absent & w.body.keys():
+                w = BcWrite(
+                    w.method, {k: v for k, v in w.body.items() if k not in absent}, w.contact_id, w.etag
+                )
             url = self._contacts_path(company_id)
             headers: dict[str, str] = {}
             if w.method != "POST":

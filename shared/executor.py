@@ -19,7 +19,15 @@ from typing import Any
 from shared.bc_client import BcClient, BcWrite
 from shared.graph_client import GraphClient
 from shared.http import BatchItem, ItemResult
-from shared.mapping import bc_to_outlook, bc_view, fingerprint, outlook_view
+from shared.mapping import (
+    DEFAULT_CONTEXT,
+    BcContext,
+    bc_to_outlook,
+    bc_view,
+    fingerprint,
+    graph_patch,
+    outlook_view,
+)
 from shared.model import Link, ReportItem, RunReport, redact
 from shared.planner import Action, Plan
 from shared.store import Store
@@ -62,6 +70,7 @@ class Executor:
         checkpoint: Callable[[str], None] = lambda name: None,
         not_kept: Callable[[dict[str, Any]], str | None] = lambda bc: None,
         remove_from_outlook: bool = True,
+        ctx: BcContext = DEFAULT_CONTEXT,
     ):
         self.user = user
         self.company_id = company_id
@@ -77,6 +86,7 @@ class Executor:
         # same run, so the run's result is what the next run expects (BEHAVIOUR §4.5 idempotence).
         self.not_kept = not_kept
         self.remove_from_outlook = remove_from_outlook
+        self.ctx = ctx
         self.outcome = Outcome()
 
     # Bookkeeping --------------------------------------------------------------------------
@@ -100,8 +110,8 @@ class Executor:
         return Link(
             bc_id=bc["id"],
             outlook_id=outlook_id,
-            bc_hash=fingerprint(bc_view(bc)),
-            outlook_hash=fingerprint(outlook_view(outlook)),
+            bc_hash=fingerprint(bc_view(bc, self.ctx)),
+            outlook_hash=fingerprint(outlook_view(outlook, self.ctx)),
             email=bc.get("email") or "",
         )
 
@@ -182,14 +192,14 @@ class Executor:
                             reason=f"in Business Central now; removed from the sync folder: {dropped}",
                         )
                     )
-                elif outlook_view(a.outlook) != bc_view(bc) or a.kind == "create_bc":
+                elif outlook_view(a.outlook, self.ctx) != bc_view(bc, self.ctx) or a.kind == "create_bc":
                     follow_ups.append(
                         Action(
                             "update_outlook",
                             "",
                             bc["id"],
                             a.outlook_id,
-                            bc_to_outlook(bc, a.outlook),
+                            graph_patch(bc_to_outlook(bc, a.outlook, self.ctx), a.outlook),
                             bc=bc,
                             outlook=a.outlook,
                             email=bc.get("email"),
@@ -203,36 +213,10 @@ class Executor:
         return follow_ups
 
     def _write_bc(self, chunk: list[Action], writes: list[BcWrite]) -> list[ItemResult]:
-        """BC writes, once more without the company name where BC knows no such company.
-
-        BC validates a person's company name against its company contacts and refuses an unknown
-        one ("You must select an existing contact."); the contact still belongs in BC, so it is
-        created without it, as BC's own Outlook sync did, and the report says so.
-        """
-        results = self.bc.write(self.company_id, writes)
-        again = [
-            i
-            for i, (a, res) in enumerate(zip(chunk, results, strict=True))
-            if a.kind == "create_bc"
-            and res.status == 400
-            and (a.body or {}).get("companyName")
-            and "existing contact" in (res.error or "")
-        ]
-        if again:
-            retried = self.bc.write(
-                self.company_id,
-                [
-                    BcWrite("POST", {k: v for k, v in chunk[i].body.items() if k != "companyName"})
-                    for i in again
-                ],
-            )
-            for i, res in zip(again, retried, strict=True):
-                if res.ok:
-                    name = chunk[i].body["companyName"]
-                    note = f"created without company name '{name}' (no such company contact in BC)"
-                    chunk[i].reason = f"{chunk[i].reason}; {note}"
-                results[i] = res
-        return results
+        """BC writes in one `$batch`. Values BC would refuse for reasons the run can see in data (an
+        unknown company name or country) were left out by the mapping before this point, so no
+        answer is ever recognised by its message text, which BC localizes."""
+        return self.bc.write(self.company_id, writes)
 
     def _graph_item(self, a: Action) -> BatchItem:
         if a.kind in ("create_outlook", "recreate_outlook"):

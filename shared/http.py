@@ -295,10 +295,12 @@ class HttpClient:
         allow_status: tuple[int, ...] = (),
         idempotent: bool | None = None,
         operations: int = 1,
+        xml: bool = False,
     ) -> HttpResponse:
         """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise.
 
         `idempotent` overrides what the method says, e.g. for a `$batch` POST that only reads.
+        `xml`: a 2xx XML answer (an OData `$metadata` document) is returned as text.
         """
         method = method.upper()
         self.check_target(url)  # before any token is fetched or any byte is sent
@@ -377,6 +379,8 @@ class HttpClient:
             status = resp.status_code
             self.counter.add(self.service, throttled=status == 429)
             body, text = self._parse(resp)
+            if xml and 200 <= status < 300 and "xml" in _ctype(resp):
+                return HttpResponse(status, dict(resp.headers), text)
             if 200 <= status < 300 or status in allow_status:
                 if body is _NOT_JSON:
                     if not repeatable and 200 <= status < 300:

@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 # The named property that tags an Outlook contact with the BC contact id (BEHAVIOUR §4.1). The GUID is
@@ -107,6 +109,91 @@ _OUTLOOK_SOURCE = {
     "country": "businessAddress.countryOrRegion",
     "website": "businessHomePage",
 }
+
+
+class CountryTable:
+    """A BC company's Country/Region table (`countriesRegions`): code ↔ name.
+
+    BC's `country` is a code that must exist in this table (BC refuses anything else), while
+    Outlook's `countryOrRegion` is free text a person types ("Norway"). So Outlook text maps to a
+    code by code or by name, case-insensitively, and BC's code goes to Outlook as the table's name.
+
+    The table is loaded on first use (`loader`), so a run that maps no country never reads it; it
+    is then kept with the company's other reads of that run.
+    """
+
+    def __init__(
+        self,
+        rows: Iterable[Mapping[str, Any]] | None = None,
+        *,
+        loader: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+    ):
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._by_code: dict[str, str] | None = None
+        self._by_name: dict[str, str] = {}
+        if rows is not None:
+            self._fill(rows)
+
+    def _fill(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        by_code: dict[str, str] = {}
+        by_name: dict[str, str] = {}
+        for row in rows:
+            code = _bc_code(_text(row.get("code")))
+            if not code:
+                continue
+            name = _text(row.get("displayName"))
+            by_code[code] = name or code
+            if name:
+                by_name.setdefault(name.casefold(), code)
+        self._by_code, self._by_name = by_code, by_name
+
+    def _table(self) -> dict[str, str]:
+        with self._lock:
+            if self._by_code is None:
+                self._fill(self._loader() if self._loader else ())
+            return self._by_code or {}
+
+    @property
+    def loaded(self) -> bool:
+        return self._by_code is not None
+
+    def code_for(self, text: str) -> str | None:
+        """The code an Outlook country text stands for (a code or a name), or None if BC has none."""
+        text = text.strip()
+        if not text:
+            return ""
+        table = self._table()
+        code = _bc_code(text)
+        if code in table:
+            return code
+        return self._by_name.get(text.casefold())
+
+    def name_for(self, code: str) -> str:
+        """What Outlook shows for a BC country code: the table's name, or the code if it has none."""
+        return self._table().get(code, code) if code else ""
+
+
+@dataclass(frozen=True)
+class BcContext:
+    """What the mapping must know about the tenant's Business Central.
+
+    `fields`: the mapped fields the tenant's contacts API has (from `$metadata`; older versions
+    lack e.g. jobTitle). A field BC lacks is neither read, compared nor written on either side, so
+    Outlook keeps its own value. `countries`: the company's Country/Region table, or None to pass
+    country codes through unchanged. `companies`: casefolded name → name of every Company contact
+    in BC, or None when unknown (then companyName is sent as it is).
+    """
+
+    fields: frozenset[str] = field(default_factory=lambda: frozenset(MAPPED_FIELDS))
+    countries: CountryTable | None = None
+    companies: Mapping[str, str] | None = None
+
+    def has(self, name: str) -> bool:
+        return name in self.fields
+
+
+DEFAULT_CONTEXT = BcContext()
 
 
 class MappingError(ValueError):
@@ -202,6 +289,11 @@ def outlook_name(contact: Mapping[str, Any]) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _outlook_country(contact: Mapping[str, Any]) -> str:
+    address = contact.get("businessAddress")
+    return _text(address.get("countryOrRegion")) if isinstance(address, Mapping) else ""
+
+
 def outlook_email(contact: Mapping[str, Any]) -> str:
     """The address that maps to BC's email: the first non-blank of `emailAddresses`, trimmed.
 
@@ -210,7 +302,7 @@ def outlook_email(contact: Mapping[str, Any]) -> str:
     return _first_address(contact)
 
 
-def bc_view(bc: Mapping[str, Any]) -> dict[str, str]:
+def bc_view(bc: Mapping[str, Any], ctx: BcContext = DEFAULT_CONTEXT) -> dict[str, str]:
     """The mapped fields of a BC contact, normalized (stripped text, "" for null, Code fields as BC
     stores them).
 
@@ -222,11 +314,16 @@ def bc_view(bc: Mapping[str, Any]) -> dict[str, str]:
     view["addressLine1"], view["addressLine2"] = split_street(
         join_street(view["addressLine1"], view["addressLine2"])
     )
-    return view
+    return {name: value for name, value in view.items() if ctx.has(name)}
 
 
-def outlook_view(contact: Mapping[str, Any]) -> dict[str, str]:
-    """The mapped fields of an Outlook contact in the shape of `bc_view`."""
+def outlook_view(contact: Mapping[str, Any], ctx: BcContext = DEFAULT_CONTEXT) -> dict[str, str]:
+    """The mapped fields of an Outlook contact in the shape of `bc_view`.
+
+    With a country table, the country is the BC code the Outlook text stands for (so "Norway" and
+    BC's "NO" read the same); text BC's table does not know reads as blank, like BC's empty country
+    for it: BC cannot hold it, so it stays in Outlook only (see `bc_to_outlook`) and is no change.
+    """
     address = contact.get("businessAddress")
     address = address if isinstance(address, Mapping) else {}
     phones = [p for p in (_text(x) for x in _list(contact.get("businessPhones"))) if p]
@@ -248,7 +345,9 @@ def outlook_view(contact: Mapping[str, Any]) -> dict[str, str]:
         "country": _text(address.get("countryOrRegion")),
         "website": _text(contact.get("businessHomePage")),
     }
-    return {name: _field(name, view[name]) for name in MAPPED_FIELDS}
+    if ctx.countries is not None and ctx.has("country") and view["country"]:
+        view["country"] = ctx.countries.code_for(view["country"]) or ""
+    return {name: _field(name, view[name]) for name in MAPPED_FIELDS if ctx.has(name)}
 
 
 def fingerprint(view: Mapping[str, Any]) -> str:
@@ -293,8 +392,13 @@ def outlook_is_eligible(contact: Mapping[str, Any]) -> str | None:
 # --- BC -> Outlook --------------------------------------------------------------------------------
 
 
-def bc_to_outlook(bc: Mapping[str, Any], existing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def bc_to_outlook(
+    bc: Mapping[str, Any], existing: Mapping[str, Any] | None = None, ctx: BcContext = DEFAULT_CONTEXT
+) -> dict[str, Any]:
     """The Graph POST/PATCH body for a BC contact.
+
+    A field the tenant's BC lacks (`ctx.fields`) keeps the Outlook contact's own value; the country
+    goes to Outlook as its name from BC's Country/Region table.
 
     `existing` is the Outlook contact being updated (None when creating); only its extra email
     addresses (2nd and 3rd) and its second business phone are read, to keep them behind BC's value.
@@ -302,10 +406,18 @@ def bc_to_outlook(bc: Mapping[str, Any], existing: Mapping[str, Any] | None = No
     BC's value is blank the list is cleared: keeping the extras would move one of them into BC's
     slot, where the next run would take it for BC's value (and a full sync would rewrite it).
     """
-    view = bc_view(bc)
+    existing = existing or {}
+    view = {**outlook_view(existing), **bc_view(bc, ctx)} if existing else {**_BLANK_VIEW, **bc_view(bc, ctx)}
+    if ctx.countries is not None and ctx.has("country"):
+        typed = _outlook_country(existing)
+        if not view["country"] and typed and not ctx.countries.code_for(typed):
+            view["country"] = typed  # Outlook-only text BC cannot hold: keep it
+        else:
+            view["country"] = ctx.countries.name_for(view["country"])
+    elif not ctx.has("country") and existing:
+        view["country"] = _outlook_country(existing)
     name = view["displayName"]
     given, surname = split_name(name)
-    existing = existing or {}
 
     email = view["email"]
     emails: list[dict[str, Any]] = []
@@ -355,6 +467,8 @@ def bc_to_outlook(bc: Mapping[str, Any], existing: Mapping[str, Any] | None = No
         body["singleValueExtendedProperties"] = [{"id": BC_ID_PROPERTY_ID, "value": bc_id}]
     return body
 
+
+_BLANK_VIEW = dict.fromkeys(MAPPED_FIELDS, "")
 
 # --- Outlook -> BC --------------------------------------------------------------------------------
 
@@ -413,29 +527,70 @@ def phone_has_letter(value: str) -> bool:
     return any(ch.isalpha() and ord(ch) <= 0xFFFF for ch in value)
 
 
-def outlook_to_bc(contact: Mapping[str, Any], *, for_update: bool = False) -> dict[str, Any]:
+def outlook_to_bc(
+    contact: Mapping[str, Any],
+    *,
+    current: Mapping[str, Any] | None = None,
+    ctx: BcContext = DEFAULT_CONTEXT,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
     """The BC API body that stores an Outlook contact, or MappingError naming every field BC would
     refuse. Nothing is truncated: a value that does not fit skips the contact with a reason.
 
-    For creating (default): `type: "Person"` and only the non-blank fields. With `for_update` the
-    body is for PATCHing a linked BC contact: no `type` (it is already a Person), and blank fields
-    are sent as "" so a value the user cleared in Outlook is cleared in BC too.
+    Creating (no `current`): `type: "Person"` and the non-blank fields. Updating, `current` is the
+    linked BC contact: the PATCH body holds only the fields whose value differs from BC's (a value
+    the user cleared in Outlook is sent as "" to clear it in BC too), and only those are checked.
+    BC validates every property a PATCH names, changed or not, so an unchanged value BC no longer
+    accepts (a phone number imported with letters, a company name whose company contact was renamed
+    since) must not be sent, or it would block every later update of the contact.
+
+    Decided from data, before BC sees it (never from BC's error text, which is localized): a country
+    BC's Country/Region table does not know and a company name that is no Company contact in BC are
+    left out, and `notes` says so; the contact is still stored. Fields the tenant lacks are not sent.
     """
-    view = outlook_view(contact)
+    view = outlook_view(contact, DEFAULT_CONTEXT)
+    unknown: dict[str, str] = {}  # field -> what the user typed, which BC cannot hold
+    if ctx.countries is not None and ctx.has("country") and view["country"]:
+        typed = _outlook_country(contact)
+        view["country"] = ctx.countries.code_for(typed) or ""
+        if not view["country"]:
+            unknown["country"] = typed
+    if ctx.companies is not None and ctx.has("companyName") and view["companyName"]:
+        known = ctx.companies.get(view["companyName"].casefold())
+        if known is not None:
+            view["companyName"] = known
+        elif current is None or view["companyName"] != bc_view(current, ctx).get("companyName"):
+            unknown["companyName"] = view["companyName"]
+    fields = [name for name in MAPPED_FIELDS if ctx.has(name)]
+    if current is not None:
+        now = bc_view(current, ctx)
+        fields = [name for name in fields if view[name] != now.get(name)]
+    for name, typed in unknown.items():
+        if name in fields:
+            fields.remove(name)
+            if notes is not None:
+                notes.append(
+                    f"country '{typed}' is not in Business Central's Country/Region table; left empty"
+                    if name == "country"
+                    else f"company '{typed}' is not a company contact in Business Central; left empty"
+                )
     problems: list[str] = []
-    if not view["displayName"]:
+    if not view["displayName"] and (current is None or "displayName" in fields):
         problems.append("no name (displayName, givenName and surname are blank)")
-    if not view["email"]:
-        problems.append("no email address")
-    elif (why := bc_email_problem(view["email"])) is not None:
-        problems.append(f"email (Outlook {_OUTLOOK_SOURCE['email']}) {why}; Business Central would reject it")
+    if current is None or "email" in fields:
+        if not view["email"]:
+            problems.append("no email address")
+        elif (why := bc_email_problem(view["email"])) is not None:
+            problems.append(
+                f"email (Outlook {_OUTLOOK_SOURCE['email']}) {why}; Business Central would reject it"
+            )
     for name in _PHONE_FIELDS:
-        if phone_has_letter(view[name]):
+        if (current is None or name in fields) and phone_has_letter(view[name]):
             problems.append(
                 f"{name} (Outlook {_OUTLOOK_SOURCE[name]}) contains letters, "
                 "which Business Central does not allow in a phone number"
             )
-    for name in MAPPED_FIELDS:
+    for name in fields:
         length, limit = bc_length(view[name]), BC_LIMITS[name]
         if length > limit:
             problems.append(
@@ -445,8 +600,45 @@ def outlook_to_bc(contact: Mapping[str, Any], *, for_update: bool = False) -> di
     if problems:
         raise MappingError("; ".join(problems))
 
-    body: dict[str, Any] = {} if for_update else {"type": "Person"}
-    for name in MAPPED_FIELDS:
-        if view[name] or for_update:
+    if current is not None:
+        return {name: view[name] for name in fields}
+    body: dict[str, Any] = {"type": "Person"}
+    for name in fields:
+        if view[name]:
             body[name] = view[name]
     return body
+
+
+_ALWAYS_SENT = ("displayName", "singleValueExtendedProperties")
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value == ""
+
+
+def graph_patch(body: dict[str, Any], existing: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A Graph PATCH body (from `bc_to_outlook`) without the properties whose value the Outlook
+    contact already has, as for BC: only what changes is sent.
+
+    Kept always: `displayName` (Graph regenerates it from the name parts otherwise,
+    resources/contact.md) and the BC id tag (the contact the planner holds has it stripped). A
+    structured address is compared and sent whole (api/contact-update.md). Null, "" and [] are the
+    same emptiness; a property the existing contact does not show is treated as changed.
+    """
+    if existing is None:
+        return body
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in _ALWAYS_SENT or key not in existing:
+            out[key] = value
+            continue
+        old = existing.get(key)
+        if isinstance(value, dict) and isinstance(old, Mapping):
+            same = all(
+                (_empty(v) and _empty(old.get(k))) or v == old.get(k) for k, v in value.items()
+            ) and all(k in value or _empty(v) for k, v in old.items())
+        else:
+            same = (_empty(value) and _empty(old)) or value == old
+        if not same:
+            out[key] = value
+    return out

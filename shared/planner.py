@@ -19,11 +19,14 @@ from typing import Any
 
 from shared.filters import ContactFilter
 from shared.mapping import (
+    DEFAULT_CONTEXT,
+    BcContext,
     MappingError,
     bc_is_eligible,
     bc_to_outlook,
     bc_view,
     fingerprint,
+    graph_patch,
     normalize_email,
     outlook_email,
     outlook_is_eligible,
@@ -49,6 +52,7 @@ class Snapshot:
     links: dict[str, Link]  # by BC id
     tags: dict[str, str | None] = field(default_factory=dict)  # Outlook id → BC id tag (None: untagged)
     outlook_complete: bool = False  # `outlook` holds every contact of the folder
+    ctx: BcContext = DEFAULT_CONTEXT  # the tenant's fields, the company's countries and companies
 
 
 @dataclass
@@ -159,18 +163,18 @@ def needs(snap: Snapshot, settings: UserSettings, flt: ContactFilter) -> Needs:
         if bc is None:
             if removed:
                 out.bc.add(bc_id)  # to recreate it
-            elif o is not None and settings.pull_edits_from_outlook and _outlook_edited(o, link):
+            elif o is not None and settings.pull_edits_from_outlook and _outlook_edited(o, link, snap.ctx):
                 out.bc.add(bc_id)  # to push the edit with BC's etag
             continue
         if removed or o is not None:
             continue
-        if _bc_reason(bc, flt) is None and fingerprint(bc_view(bc)) != link.bc_hash:
+        if _bc_reason(bc, flt) is None and fingerprint(bc_view(bc, snap.ctx)) != link.bc_hash:
             out.outlook.add(link.outlook_id)  # the update must preserve Outlook-only values
     return out
 
 
-def _outlook_edited(o: dict[str, Any], link: Link) -> bool:
-    return fingerprint(outlook_view(o)) != link.outlook_hash
+def _outlook_edited(o: dict[str, Any], link: Link, ctx: BcContext) -> bool:
+    return fingerprint(outlook_view(o, ctx)) != link.outlook_hash
 
 
 def _bc_by_email(index: dict[str, str]) -> dict[str, list[str]]:
@@ -184,6 +188,7 @@ def _bc_by_email(index: dict[str, str]) -> dict[str, list[str]]:
 def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: bool = False) -> Plan:
     """Decide every action of the run. Deterministic: same inputs, same plan, same order."""
     result = Plan()
+    ctx = snap.ctx
     by_outlook = _outlook_id_index(snap.links)
     claimed_bc: set[str] = set()  # BC ids that got an Outlook counterpart in this plan
     claimed_outlook: set[str] = set()
@@ -249,7 +254,9 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                         "linked",
                         bc_id,
                         stand_in,
-                        None if outlook_view(o) == bc_view(bc) else bc_to_outlook(bc, o),
+                        None
+                        if outlook_view(o, ctx) == bc_view(bc, ctx)
+                        else graph_patch(bc_to_outlook(bc, o, ctx), o),
                         bc=bc,
                         outlook=o,
                         email=email,
@@ -264,33 +271,37 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                     "outlookRecreated",
                     bc_id,
                     None,
-                    bc_to_outlook(bc),
+                    bc_to_outlook(bc, None, ctx),
                     bc=bc,
                     email=email,
                     reason="deleted in Outlook, kept in Business Central",
                 )
             )
             continue
-        bc_changed = fingerprint(bc_view(bc)) != link.bc_hash
+        bc_changed = fingerprint(bc_view(bc, ctx)) != link.bc_hash
         if o is None:
             if bc_changed:  # needs() asked for o; only a dry run without fetches can get here
-                result.actions.append(_update_outlook(bc, link, None, "changed in Business Central"))
+                result.actions.append(_update_outlook(bc, link, None, "changed in Business Central", ctx))
             continue
         if not link.outlook_hash:
             # Created in BC from this Outlook contact, but the run stopped before tagging it.
             result.actions.append(
                 _update_outlook(
-                    bc, link, o, "tagged with its Business Central id (an earlier run was interrupted)"
+                    bc, link, o, "tagged with its Business Central id (an earlier run was interrupted)", ctx
                 )
             )
             continue
-        edited = _outlook_edited(o, link)
-        in_sync = outlook_view(o) == bc_view(bc)
+        edited = _outlook_edited(o, link, ctx)
+        in_sync = outlook_view(o, ctx) == bc_view(bc, ctx)
         if settings.pull_edits_from_outlook and edited and not bc_changed and not in_sync:
+            notes: list[str] = []
             try:
-                body = outlook_to_bc(o, for_update=True)
+                body = outlook_to_bc(o, current=bc, ctx=ctx, notes=notes)
             except MappingError as exc:
                 skip(f"Outlook edit not sent to BC: {exc}", bc_id, link.outlook_id, email)
+                continue
+            if not body:
+                skip(f"Outlook edit not sent to BC: {'; '.join(notes)}", bc_id, link.outlook_id, email)
                 continue
             result.actions.append(
                 Action(
@@ -303,12 +314,12 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                     bc=bc,
                     outlook=o,
                     email=email,
-                    reason="edited in Outlook",
+                    reason="; ".join(["edited in Outlook", *notes]),
                 )
             )
         elif not in_sync and (bc_changed or snap.mode == FULL):
             why = "changed in Business Central" if bc_changed else "edited in Outlook; Business Central wins"
-            result.actions.append(_update_outlook(bc, link, o, why))
+            result.actions.append(_update_outlook(bc, link, o, why, ctx))
         elif in_sync and (bc_changed or edited):
             result.actions.append(Action("refresh_link", "", bc_id, link.outlook_id, bc=bc, outlook=o))
 
@@ -341,15 +352,17 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
         if key in new_by_email:
             skip("another new Outlook contact with the same email goes to BC in this run", None, oid, email)
             continue
+        notes = []
         try:
-            body = outlook_to_bc(o)
+            body = outlook_to_bc(o, ctx=ctx, notes=notes)
         except MappingError as exc:
             skip(f"cannot be stored in Business Central: {exc}", None, oid, email)
             continue
         new_by_email[key] = oid
         claimed_outlook.add(oid)
+        reason = "; ".join(["new in Outlook", *notes])
         result.actions.append(
-            Action("create_bc", "bcCreated", None, oid, body, outlook=o, email=email, reason="new in Outlook")
+            Action("create_bc", "bcCreated", None, oid, body, outlook=o, email=email, reason=reason)
         )
 
     # 3. BC contacts with no Outlook counterpart ----------------------------------------
@@ -367,7 +380,7 @@ def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: b
                 "outlookCreated",
                 bc_id,
                 None,
-                bc_to_outlook(bc),
+                bc_to_outlook(bc, None, ctx),
                 bc=bc,
                 email=bc.get("email"),
                 reason="new in Business Central" if snap.mode == INCREMENTAL else "missing in Outlook",
@@ -407,14 +420,16 @@ def _leave(
     return Action("unlink", "", bc_id, link.outlook_id, reason=kept_reason)
 
 
-def _update_outlook(bc: dict[str, Any], link: Link, o: dict[str, Any] | None, reason: str) -> Action:
+def _update_outlook(
+    bc: dict[str, Any], link: Link, o: dict[str, Any] | None, reason: str, ctx: BcContext
+) -> Action:
     """Write BC's values over the linked Outlook contact, keeping what only Outlook holds."""
     return Action(
         "update_outlook",
         "outlookUpdated",
         bc["id"],
         link.outlook_id,
-        bc_to_outlook(bc, o),
+        graph_patch(bc_to_outlook(bc, o, ctx), o),
         bc=bc,
         outlook=o,
         email=bc.get("email"),
@@ -516,7 +531,8 @@ def _plan_tagged(
             )
         return
     claimed_bc.add(tag)
-    body = None if outlook_view(o) == bc_view(bc) else bc_to_outlook(bc, o)
+    ctx = snap.ctx
+    body = None if outlook_view(o, ctx) == bc_view(bc, ctx) else graph_patch(bc_to_outlook(bc, o, ctx), o)
     result.actions.append(
         Action(
             "link",
@@ -557,7 +573,7 @@ def _plan_email_match(
                 "linked",
                 bc_id,
                 oid,
-                bc_to_outlook(bc, o),
+                graph_patch(bc_to_outlook(bc, o, snap.ctx), o),
                 bc=bc,
                 outlook=o,
                 email=bc.get("email"),

@@ -14,12 +14,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from shared import runs
-from shared.bc_client import BcClient
+from shared.bc_client import BcClient, BcSchema, SchemaError
 from shared.executor import Executor
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import (
@@ -32,7 +32,16 @@ from shared.graph_client import (
     tag_of,
 )
 from shared.http import ApiError, RequestCounter
-from shared.mapping import bc_is_eligible, bc_view, fingerprint, normalize_email, outlook_view
+from shared.mapping import (
+    MAPPED_FIELDS,
+    BcContext,
+    CountryTable,
+    bc_is_eligible,
+    bc_view,
+    fingerprint,
+    normalize_email,
+    outlook_view,
+)
 from shared.model import (
     ReportItem,
     RunReport,
@@ -78,6 +87,11 @@ class CompanyRead:
     since: str | None  # None: every contact was read
     contacts: dict[str, dict[str, Any]]
     index: dict[str, str]  # every current contact id → normalized email
+    # casefolded name → name of every Company contact: a person's company name is checked against
+    # these before it is written, instead of recognising BC's (localized) refusal afterwards.
+    companies: dict[str, str] = field(default_factory=dict)
+    # The company's Country/Region table, read on first use and shared like the rest of the read.
+    countries: CountryTable = field(default_factory=CountryTable)
 
 
 class BcReader:
@@ -107,14 +121,18 @@ class BcReader:
             started = time.monotonic()
             if since is None:
                 contacts = {c["id"]: c for c in client.list_contacts(company_id)}
-                index = {cid: normalize_email(c.get("email")) for cid, c in contacts.items()}
+                rows = list(contacts.values())
             else:
                 contacts = {c["id"]: c for c in client.list_contacts(company_id, modified_after=since)}
-                index = {
-                    c["id"]: normalize_email(c.get("email"))
-                    for c in client.list_contacts(company_id, select=("id", "email"))
-                }
-            read = CompanyRead(started, since, contacts, index)
+                rows = client.list_contacts(company_id, select=("id", "email", "type", "displayName"))
+            index = {c["id"]: normalize_email(c.get("email")) for c in rows}
+            companies = {
+                str(c["displayName"]).strip().casefold(): str(c["displayName"]).strip()
+                for c in rows
+                if c.get("type") == "Company" and str(c.get("displayName") or "").strip()
+            }
+            countries = CountryTable(loader=lambda: client.countries(company_id))
+            read = CompanyRead(started, since, contacts, index, companies, countries)
             self._cache[company_id] = read
             return _narrow(read, since)
 
@@ -135,7 +153,7 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
         for cid, c in read.contacts.items()
         if c.get("lastModifiedDateTime") and parse_iso(c["lastModifiedDateTime"]) > since_dt
     }
-    return CompanyRead(read.read_at, since, contacts, read.index)
+    return CompanyRead(read.read_at, since, contacts, read.index, read.companies, read.countries)
 
 
 def settings_hash(settings: UserSettings, company_id: str) -> str:
@@ -300,6 +318,8 @@ def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | N
 
 
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, SchemaError):
+        return str(exc)
     if isinstance(exc, ApiError):
         hint = ""
         if exc.service == "graph" and exc.status == 403:
@@ -393,10 +413,17 @@ def _run(
     since = None
     if mode == INCREMENTAL and state.bc_watermark:
         since = iso(parse_iso(state.bc_watermark) - OVERLAP)
+    schema = bc.schema()
+    check_filter_fields(flt.to_json(), schema)
     read = reader.read(bc, company_id, since)
+    ctx = BcContext(
+        fields=frozenset(f for f in MAPPED_FIELDS if f in schema.contact_properties),
+        countries=read.countries,
+        companies=read.companies,
+    )
     links = store.get_links(settings.user)
     if folder_id:
-        delta = _read_partial(graph, settings, folder_id, delta, links, read.contacts)
+        delta = _read_partial(graph, settings, folder_id, delta, links, read.contacts, ctx)
     snap = Snapshot(
         mode=mode,
         bc=dict(read.contacts),
@@ -406,6 +433,7 @@ def _run(
         links=links,
         tags=dict(delta.tags),
         outlook_complete=mode == FULL,
+        ctx=ctx,
     )
     _complete(snap, settings, flt, bc, graph, company_id, folder_id)
     result = plan(snap, settings, flt, force=force)
@@ -457,6 +485,7 @@ def _run(
         checkpoint=checkpoint,
         not_kept=lambda c: bc_is_eligible(c) or (None if flt.matches(c) else "does not match your filter"),
         remove_from_outlook=settings.remove_from_outlook,
+        ctx=ctx,
     )
     if any(a.writes for a in result.actions):
         state.writing_run = report.runId
@@ -476,7 +505,7 @@ def _run(
         watermark = iso(utcnow() - OVERLAP)  # an empty company: start from now
     state.bc_watermark = watermark
     if not outcome.hold_delta and delta.delta_link:
-        state.delta_link = _settle(graph, settings.user, folder_id, delta.delta_link, outcome)
+        state.delta_link = _settle(graph, settings.user, folder_id, delta.delta_link, outcome, ctx)
     state.folder_id = folder_id
     state.folder_name = settings.folder_name
     state.company_id = company_id
@@ -500,6 +529,7 @@ def _read_partial(
     delta: DeltaPage,
     links: dict[str, Any],
     bc_changed: dict[str, dict[str, Any]],
+    ctx: BcContext,
 ) -> DeltaPage:
     """Read whole the updated contacts that delta gave as their id and changed properties only.
 
@@ -516,10 +546,26 @@ def _read_partial(
             if bc_id is None or not links[bc_id].outlook_hash:
                 return False
             bc = bc_changed.get(bc_id)  # also BC records re-read only for the overlap window
-            return bc is None or fingerprint(bc_view(bc)) == links[bc_id].bc_hash
+            return bc is None or fingerprint(bc_view(bc, ctx)) == links[bc_id].bc_hash
 
         delta.changed = [c for c in delta.changed if not (is_partial(c) and ignored(c))]
     return graph.fill_partial(settings.user, folder_id, delta)
+
+
+def check_filter_fields(filter_spec: dict[str, str], schema: BcSchema) -> None:
+    """Refuse a user's filter on a field this tenant's BC version lacks, with what to do about it.
+
+    BC would answer such a filter with a 400 that fails every read; the sync filters locally, where
+    the field would silently read as blank and match the wrong contacts. Either way the user must
+    change the filter, so the run stops before reading and says so.
+    """
+    missing = [name for name in filter_spec if name not in schema.contact_properties]
+    if missing:
+        names = ", ".join(missing)
+        raise SchemaError(
+            f"the filter uses {names}, which this Business Central version's contacts API does not have; "
+            f"remove {names} from the user's filter (PUT /api/users/{{user}})"
+        )
 
 
 def _complete(
@@ -554,7 +600,9 @@ def _complete(
                 snap.bc[c["id"]] = c
 
 
-def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any) -> str:
+def _settle(
+    graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any, ctx: BcContext
+) -> str:
     """The delta link to store: past this run's own writes when nothing else happened meanwhile.
 
     The link read at the start predates our writes. Keeping it would replay every write as a change
@@ -571,9 +619,9 @@ def _settle(graph: GraphClient, user: str, folder_id: str, delta_link: str, outc
     except (DeltaExpired, FolderGone, ApiError) as exc:
         log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
-    own = all(outcome.written.get(c["id"]) == fingerprint(outlook_view(c)) for c in after.changed) and all(
-        oid in outcome.deleted for oid in after.removed
-    )
+    own = all(
+        outcome.written.get(c["id"]) == fingerprint(outlook_view(c, ctx)) for c in after.changed
+    ) and all(oid in outcome.deleted for oid in after.removed)
     return after.delta_link if own and after.delta_link else delta_link
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError
+from shared.bc_client import BcSchema, SchemaError
 from shared.http import ApiError, RequestCounter
 from shared.model import UserSettings
 
@@ -85,8 +86,13 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
             )
         except ApiError as exc:
             checks.append(Check("bcCompany", False, _bc_hint(exc, company_id)))
+        try:
+            checks.append(_fields_check(bc.schema(), settings))
+        except (ApiError, SchemaError) as exc:
+            checks.append(Check("bcFields", False, str(exc)))
     else:
         checks.append(Check("bcCompany", False, "not checked: no Business Central token"))
+        checks.append(Check("bcFields", False, "not checked: no Business Central token"))
     if graph_token:
         try:
             graph.get_user(settings.user)
@@ -107,6 +113,29 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check("mailbox", False, "not checked: no Graph token"))
         checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
     return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def _fields_check(schema: BcSchema, settings: UserSettings) -> Check:
+    """Which synced fields this BC version's contacts API lacks (from `$metadata`). Missing fields
+    are simply not synced; a filter on one cannot work, so that fails the check."""
+    missing = schema.missing
+    in_filter = [name for name in (settings.filter or {}) if name not in schema.contact_properties]
+    if in_filter:
+        names = ", ".join(in_filter)
+        return Check(
+            "bcFields",
+            False,
+            f"The user's filter uses {names}, which this Business Central version's contacts API does not "
+            f"have: remove {names} from the filter. Missing fields: {', '.join(missing)}.",
+        )
+    if missing:
+        return Check(
+            "bcFields",
+            True,
+            f"ok: this Business Central version's contacts API has no {', '.join(missing)}; "
+            "those fields are not synchronized",
+        )
+    return Check("bcFields", True, "ok")
 
 
 def _read_only_hint(token: str) -> Check:

@@ -1,7 +1,7 @@
 """The deployment paths of issue 14: plain `az`, redeploy after `azd down`, the secret on the first
 deployment, the app registration as code, and the docs that walk a partner through them.
 
-There is no Bicep CLI, `az` or Azure here (research/tooling.md section 3). So the parameter files are
+There is no Bicep CLI, `az` or Azure here (docs/API_NOTES.md §6). So the parameter files are
 checked by a small checker over the parsed `main.bicep` (types, `@minLength`, `@maxLength`,
 `@minValue`, `@maxValue`, `@allowed`, required parameters), the azd hooks run against a stand-in `az`
 that records its calls, and the unresolved Key Vault reference is driven through the real HTTP API.

@@ -23,6 +23,7 @@ from shared.mapping import (
     bc_to_outlook,
     bc_view,
     fingerprint,
+    graph_patch,
     normalize_email,
     outlook_email,
     outlook_is_eligible,
@@ -302,11 +303,13 @@ def test_outlook_contact_becomes_a_bc_person_without_blank_fields() -> None:
     }
 
 
-def test_update_body_clears_blanks_and_leaves_the_type_alone() -> None:
-    body = outlook_to_bc(outlook_contact(jobTitle="  "), for_update=True)
-    assert "type" not in body
-    assert body["jobTitle"] == "" and body["city"] == "" and body["displayName"] == "Ann Marie Smith"
-    assert set(body) == set(MAPPED_FIELDS)
+def test_update_body_clears_blanks_sends_only_what_changed_and_leaves_the_type_alone() -> None:
+    bc = bc_contact(jobTitle="Buyer", city="Oslo", phoneNumber="ext. 12")  # imported with letters
+    body = outlook_to_bc(
+        outlook_contact(jobTitle="  ", businessPhones=["ext. 12"], mobilePhone="+47 9"), current=bc
+    )
+    # Cleared in Outlook → "" in BC; unchanged values (even one BC would now refuse) are not sent.
+    assert body == {"jobTitle": "", "city": "", "mobilePhoneNumber": "+47 9"}
 
 
 def test_code_fields_upper_case_like_dotnet_keeping_length() -> None:
@@ -507,3 +510,21 @@ def test_outlook_name_and_email_normalization() -> None:
     assert outlook_name({"givenName": "Ann", "middleName": "Marie", "surname": "Smith"}) == "Ann Marie Smith"
     assert outlook_name({"displayName": " Dr. Who "}) == "Dr. Who"
     assert normalize_email("  Ann@Contoso.COM ") == "ann@contoso.com"
+
+
+def test_graph_patch_sends_only_what_outlook_lacks_with_the_whole_address_name_and_tag() -> None:
+    """The PATCH of a BC change to Outlook names only changed properties; the address goes whole
+    (Graph replaces a structured address), displayName and the BC id tag always."""
+    bc = bc_contact(city="Oslo", postalCode="0150", jobTitle="Buyer")
+    existing = {"id": "AAMkAGI2TG93AAA=", **bc_to_outlook(bc)}
+    existing.pop("singleValueExtendedProperties")  # the planner's copy has the tag stripped
+    assert set(graph_patch(bc_to_outlook(bc, existing), existing)) == {
+        "displayName",
+        "singleValueExtendedProperties",
+    }
+    moved = graph_patch(
+        bc_to_outlook(bc_contact(city="Bergen", postalCode="0150", jobTitle="Buyer"), existing), existing
+    )
+    assert set(moved) == {"displayName", "singleValueExtendedProperties", "businessAddress"}
+    assert moved["businessAddress"] == {**existing["businessAddress"], "city": "Bergen"}
+    assert graph_patch({"jobTitle": None}, {"displayName": "x"}) == {"jobTitle": None}  # not shown: sent

@@ -47,7 +47,7 @@ def test_1_1_outlook_gets_the_same_information_as_bc(world):
         "city": "Oslo",
         "state": "Oslo",
         "postalCode": "0150",
-        "countryOrRegion": "NO",
+        "countryOrRegion": "Norway",  # the name from BC's Country/Region table for code NO
     }
     assert o["businessHomePage"] == "www.contoso.example"
     assert tag(o) == bc["id"]
@@ -93,6 +93,7 @@ def test_1_4_connection_can_be_validated(world):
         "bcToken",
         "graphToken",
         "bcCompany",
+        "bcFields",
         "mailbox",
         "contactsPermission",
     }
