@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=PAGE_PORT, help="local port of the page with --serve")
     args = parser.parse_args(argv)
+    # The app's log records are for Application Insights; the demo prints the reports instead. Without a
+    # handler, Python's last-resort handler would print each warning (every skipped contact) to stderr.
+    logging.getLogger("shared").addHandler(logging.NullHandler())
 
     from sandbox.azurite import Azurite
     from sandbox.cloud import Cloud

@@ -494,6 +494,10 @@ class GraphService(Service):
         self.delta_page_size = delta_page_size
         self.delta_max_page_size = delta_max_page_size  # [observed] Q&A 2025: contacts delta caps at 200
         self.delta_token_cache = delta_token_cache
+        # Documented behaviour: `Prefer: IdType="ImmutableId"` is honoured (outlook-immutable-id.md).
+        # False stands for a tenant where it is not (e.g. a mailbox Graph cannot serve immutable ids
+        # for), so the live conformance check can be shown to report it; nothing else turns it off.
+        self.honour_immutable_ids = True
         self.delta_partial_updates = True
         """Delta answers an item updated since the last round with its id and only the properties that
         changed ("Updated instances are represented by their id with at least the properties that have
@@ -713,6 +717,8 @@ class GraphService(Service):
             client_request_id=req.headers.get("client-request-id") or "",
             prefer=_parse_prefer(req.headers.get("Prefer")),
         )
+        if not self.honour_immutable_ids:
+            ctx.prefer.pop("idtype", None)
         ctx.client_request_id = ctx.client_request_id or ctx.request_id
         previous = getattr(self._tls, "ctx", None)
         self._tls.ctx = ctx

@@ -5,6 +5,7 @@
     python -m shared users list | get USER | put USER [--file settings.json] | delete USER
     python -m shared validate --user alice@contoso.com
     python -m shared report RUN_ID
+    python -m shared conformance --user alice@contoso.com [--json]
 
 Settings come from the environment (BEHAVIOUR §6), as in Azure.
 """
@@ -131,6 +132,29 @@ def _cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if result["ok"] else 1
 
 
+def _cmd_conformance(args: argparse.Namespace, out: TextIO) -> int:
+    import os
+
+    from shared.auth import token_provider
+    from shared.conformance import format_table, run_conformance
+
+    # The check never touches Table Storage, so an operator may run it before storage exists; the
+    # placeholder only satisfies the settings validation and is never used.
+    env = dict(os.environ)
+    if not env.get("AzureWebJobsStorage") and not env.get("AzureWebJobsStorage__tableServiceUri"):
+        env["AzureWebJobsStorage"] = "UseDevelopmentStorage=true"
+    config = Config.from_env(env)
+    tokens = token_provider(config)
+    tokens.invalidate()  # a cached token would hide a secret revoked since it was issued
+    result = run_conformance(config, normalize_user(args.user), tokens=tokens)
+    if args.json:
+        json.dump(result.to_json(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_table(result) + "\n")
+    return 0 if result.ok else 1
+
+
 def _cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     report = _services().store.get_report(args.run_id)
     if report is None:
@@ -161,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--user", required=True)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=_cmd_validate)
+    c = sub.add_parser(
+        "conformance",
+        help="check on the real tenant every Graph/BC behaviour the sync relies on (writes nothing to BC; "
+        "creates and removes a scratch Outlook folder)",
+    )
+    c.add_argument("--user", required=True, help="a mailbox the app may write to")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_conformance)
     r = sub.add_parser("report", help="show a stored run report")
     r.add_argument("run_id")
     r.add_argument("--json", action="store_true")

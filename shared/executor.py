@@ -14,22 +14,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, assert_never
 
 from shared.bc_client import BcClient, BcWrite
+from shared.filters import ContactFilter
 from shared.graph_client import GraphClient
 from shared.http import BatchItem, ItemResult
-from shared.mapping import (
-    DEFAULT_CONTEXT,
-    BcContext,
-    bc_to_outlook,
-    bc_view,
-    fingerprint,
-    graph_patch,
-    outlook_view,
-)
-from shared.model import Link, ReportItem, RunReport, redact
-from shared.planner import Action, Plan
+from shared.mapping import DEFAULT_CONTEXT, BcContext, bc_view, fingerprint, outlook_view
+from shared.model import ActionKind, Link, ReportItem, RunReport, UserSettings, redact
+from shared.planner import Action, Plan, after_bc_write
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -45,21 +38,71 @@ class Outcome:
     hold_bc_from: str | None = None  # earliest lastModifiedDateTime of a BC contact whose write failed
     hold_delta: bool = False  # an Outlook-originated change failed transiently: keep the delta link
     failures: int = 0
-    links_written: int = 0
     # What this run did to the folder, to tell its own echoes from user changes in the next delta.
     written: dict[str, str] = field(default_factory=dict)  # Outlook id → fingerprint as written
     deleted: set[str] = field(default_factory=set)  # Outlook ids this run deleted
 
 
-def _transient(res: ItemResult) -> bool:
-    return res.ambiguous or res.status is None or res.status in (408, 409, 412, 423, 429) or res.status >= 500
+# A failed Outlook write based on a BC record holds the BC watermark before that record; a failed BC
+# write from Outlook holds the delta link (when the failure may pass), so the next run sees it again.
+_HOLDS_BC_WATERMARK = frozenset(
+    {
+        ActionKind.CREATE_OUTLOOK,
+        ActionKind.RECREATE_OUTLOOK,
+        ActionKind.UPDATE_OUTLOOK,
+        ActionKind.TAG_OUTLOOK,
+        ActionKind.LINK,
+    }
+)
+_HOLDS_DELTA = frozenset({ActionKind.CREATE_BC, ActionKind.UPDATE_BC})
+
+Route = Literal["store", "bc", "graph"]
+
+
+def route_of(action: Action) -> Route:
+    """Where an action is applied: the link table only, Business Central, or the Outlook folder.
+
+    Exhaustive over ActionKind (the type checker proves it), so every kind the planner can make has
+    exactly one way through the executor."""
+    kind = action.kind
+    match kind:
+        case ActionKind.UNLINK | ActionKind.REFRESH_LINK:
+            return "store"
+        case ActionKind.LINK if action.body is None:
+            return "store"  # adopted as it is: only the link is new
+        case ActionKind.CREATE_BC | ActionKind.UPDATE_BC:
+            return "bc"
+        case (
+            ActionKind.CREATE_OUTLOOK
+            | ActionKind.RECREATE_OUTLOOK
+            | ActionKind.UPDATE_OUTLOOK
+            | ActionKind.DELETE_OUTLOOK
+            | ActionKind.TAG_OUTLOOK
+            | ActionKind.LINK
+        ):
+            return "graph"
+        case _:
+            assert_never(kind)
+
+
+def _transient(result: ItemResult) -> bool:
+    status = result.status
+    return result.ambiguous or status is None or status in (408, 409, 412, 423, 429) or status >= 500
+
+
+def _failure_reason(result: ItemResult) -> str:
+    why = result.error or f"status {result.status}"
+    if result.ambiguous:
+        why = f"{why}; the outcome is unknown and is resolved by the next run"
+    return why
 
 
 class Executor:
     def __init__(
         self,
         *,
-        user: str,
+        settings: UserSettings,
+        contact_filter: ContactFilter,
         company_id: str,
         folder_id: str,
         bc: BcClient,
@@ -68,11 +111,12 @@ class Executor:
         report: RunReport,
         heartbeat: Callable[[], None] = lambda: None,
         checkpoint: Callable[[str], None] = lambda name: None,
-        not_kept: Callable[[dict[str, Any]], str | None] = lambda bc: None,
-        remove_from_outlook: bool = True,
         ctx: BcContext = DEFAULT_CONTEXT,
     ):
-        self.user = user
+        self.settings = settings
+        self.user = settings.user
+        # After a BC write, the planner decides what happens to the Outlook contact (after_bc_write).
+        self.contact_filter = contact_filter
         self.company_id = company_id
         self.folder_id = folder_id
         self.bc = bc
@@ -81,32 +125,26 @@ class Executor:
         self.report = report
         self.heartbeat = heartbeat
         self.checkpoint = checkpoint
-        # Why the user's folder would not hold a BC record (eligibility, filter), or None. A contact
-        # written to BC from Outlook may fall outside the user's filter; it leaves the folder in the
-        # same run, so the run's result is what the next run expects (BEHAVIOUR §4.5 idempotence).
-        self.not_kept = not_kept
-        self.remove_from_outlook = remove_from_outlook
         self.ctx = ctx
         self.outcome = Outcome()
 
     # Bookkeeping --------------------------------------------------------------------------
-    def _fail(self, action: Action, res: ItemResult | None, reason: str) -> None:
+    def _record_failure(self, action: Action, result: ItemResult | None, reason: str) -> None:
         self.outcome.failures += 1
         self.report.add("failed", action.bc_id, action.outlook_id, action.email, reason)
-        log.warning("contact sync item failed: %s (%s)", action.kind, redact(reason, self.user))
-        if action.bc is not None and action.kind in (
-            "create_outlook",
-            "recreate_outlook",
-            "update_outlook",
-            "link",
-        ):
+        log.warning("contact sync item failed: %s (%s)", action.kind.value, redact(reason, self.user))
+        if action.bc is not None and action.kind in _HOLDS_BC_WATERMARK:
             modified = action.bc.get("lastModifiedDateTime")
             if modified and (self.outcome.hold_bc_from is None or modified < self.outcome.hold_bc_from):
                 self.outcome.hold_bc_from = modified
-        if action.kind in ("create_bc", "update_bc") and (res is None or _transient(res)):
+        if action.kind in _HOLDS_DELTA and (result is None or _transient(result)):
             self.outcome.hold_delta = True
 
-    def _link(self, bc: dict[str, Any], outlook: dict[str, Any], outlook_id: str) -> Link:
+    def _link(
+        self, bc: dict[str, Any] | None, outlook: dict[str, Any] | None, outlook_id: str | None
+    ) -> Link:
+        if bc is None or outlook is None or outlook_id is None:
+            raise ValueError("a link needs both records and the Outlook id")
         return Link(
             bc_id=bc["id"],
             outlook_id=outlook_id,
@@ -121,91 +159,62 @@ class Executor:
             self.store.upsert_links(self.user, upserts)
         if deletes:
             self.store.delete_links(self.user, deletes)
-        self.outcome.links_written += len(upserts) + len(deletes)
 
     # The plan -------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> Outcome:
-        store_only_up: list[Link] = []
-        store_only_del: list[str] = []
-        graph_actions: list[Action] = []
-        bc_actions: list[Action] = []
-        for a in plan.actions:
-            if a.kind == "unlink":
-                store_only_del.append(a.bc_id)
-                self.report.items.append(_item("unlinked", a))
-            elif a.kind == "refresh_link":
-                store_only_up.append(self._link(a.bc, a.outlook, a.outlook_id))
-            elif a.kind in ("create_bc", "update_bc"):
-                bc_actions.append(a)
-            elif a.kind == "link" and a.body is None:
-                store_only_up.append(self._link(a.bc, a.outlook, a.outlook_id))
-                self.report.add("linked", a.bc_id, a.outlook_id, a.email, a.reason)
-            else:
-                graph_actions.append(a)
-        if store_only_up or store_only_del:
-            self._save_links(store_only_up, store_only_del)
-        graph_actions.extend(self._apply_bc(bc_actions))
+        """Store-only changes first, then BC writes (with their Outlook follow-ups), then Outlook."""
+        store_upserts: list[Link] = []
+        store_deletes: list[str] = []
+        routed: dict[Route, list[Action]] = {"bc": [], "graph": []}
+        for action in plan.actions:
+            route = route_of(action)
+            if route != "store":
+                routed[route].append(action)
+            elif action.kind is ActionKind.UNLINK:
+                store_deletes.append(_bc_id(action))
+                self.report.items.append(_report_item("unlinked", action))
+            else:  # refresh_link, or a link that writes nothing to Outlook
+                store_upserts.append(self._link(action.bc, action.outlook, action.outlook_id))
+                if action.kind is ActionKind.LINK:
+                    self.report.add("linked", action.bc_id, action.outlook_id, action.email, action.reason)
+        if store_upserts or store_deletes:
+            self._save_links(store_upserts, store_deletes)
+        graph_actions = routed["graph"] + self._apply_bc(routed["bc"])
         self._apply_graph(graph_actions)
         return self.outcome
 
     def _apply_bc(self, actions: list[Action]) -> list[Action]:
-        """Write to BC; returns the Outlook follow-ups (tag and align the Outlook contact)."""
+        """Write to BC; returns the Outlook follow-ups the planner decides (tag, align or remove)."""
         follow_ups: list[Action] = []
         for start in range(0, len(actions), BC_CHUNK):
             chunk = actions[start : start + BC_CHUNK]
             writes = [
-                BcWrite("POST", a.body)
-                if a.kind == "create_bc"
-                else BcWrite("PATCH", a.body, a.bc_id, a.etag)
-                for a in chunk
+                BcWrite("POST", action.body)
+                if action.kind is ActionKind.CREATE_BC
+                else BcWrite("PATCH", action.body, action.bc_id, action.etag)
+                for action in chunk
             ]
             results = self._write_bc(chunk, writes)
             self.checkpoint("after_bc_batch")
             links: list[Link] = []
-            for a, res in zip(chunk, results, strict=True):
-                if not res.ok or not isinstance(res.body, dict):
-                    why = res.error or f"status {res.status}"
-                    if res.ambiguous:
-                        why = f"{why}; the outcome is unknown and is resolved by the next run"
-                    if a.kind == "update_bc" and res.status == 412:
+            for action, result in zip(chunk, results, strict=True):
+                if not result.ok or not isinstance(result.body, dict):
+                    why = _failure_reason(result)
+                    if action.kind is ActionKind.UPDATE_BC and result.status == 412:
                         why = "changed in Business Central meanwhile; Business Central wins"
-                    self._fail(a, res, why)
+                    self._record_failure(action, result, why)
                     continue
-                bc = res.body
-                self.report.add(a.report_as, bc["id"], a.outlook_id, a.email, a.reason)
-                # Link now; an empty Outlook hash marks "not tagged yet" until the follow-up below lands,
-                # so a run interrupted in between tags it next time (see planner).
-                link = self._link(bc, a.outlook, a.outlook_id)
-                if a.kind == "create_bc":
+                bc = result.body
+                self.report.add(action.report_as, bc["id"], action.outlook_id, action.email, action.reason)
+                # Link now; an empty Outlook hash marks "not tagged yet" until the follow-up lands, so
+                # a run interrupted in between tags it next time (see planner).
+                link = self._link(bc, action.outlook, action.outlook_id)
+                if action.kind is ActionKind.CREATE_BC:
                     link.outlook_hash = ""
                 links.append(link)
-                dropped = self.not_kept(bc) if self.remove_from_outlook else None
-                if dropped:
-                    follow_ups.append(
-                        Action(
-                            "delete_outlook",
-                            "outlookDeleted",
-                            bc["id"],
-                            a.outlook_id,
-                            bc=bc,
-                            email=bc.get("email"),
-                            reason=f"in Business Central now; removed from the sync folder: {dropped}",
-                        )
-                    )
-                elif outlook_view(a.outlook, self.ctx) != bc_view(bc, self.ctx) or a.kind == "create_bc":
-                    follow_ups.append(
-                        Action(
-                            "update_outlook",
-                            "",
-                            bc["id"],
-                            a.outlook_id,
-                            graph_patch(bc_to_outlook(bc, a.outlook, self.ctx), a.outlook),
-                            bc=bc,
-                            outlook=a.outlook,
-                            email=bc.get("email"),
-                            reason="tagged with its BC id",
-                        )
-                    )
+                follow_up = after_bc_write(action, bc, self.settings, self.contact_filter, self.ctx)
+                if follow_up is not None:
+                    follow_ups.append(follow_up)
             if links:
                 self._save_links(links, [])
             self.heartbeat()
@@ -218,49 +227,67 @@ class Executor:
         answer is ever recognised by its message text, which BC localizes."""
         return self.bc.write(self.company_id, writes)
 
-    def _graph_item(self, a: Action) -> BatchItem:
-        if a.kind in ("create_outlook", "recreate_outlook"):
-            return self.graph.contact_op(self.user, self.folder_id, "POST", body=a.body)
-        if a.kind == "delete_outlook":
-            return self.graph.contact_op(self.user, self.folder_id, "DELETE", a.outlook_id)
-        return self.graph.contact_op(self.user, self.folder_id, "PATCH", a.outlook_id, a.body)
+    def _graph_item(self, action: Action) -> BatchItem:
+        if action.kind in (ActionKind.CREATE_OUTLOOK, ActionKind.RECREATE_OUTLOOK):
+            return self.graph.contact_op(self.user, self.folder_id, "POST", body=action.body)
+        if action.kind is ActionKind.DELETE_OUTLOOK:
+            return self.graph.contact_op(self.user, self.folder_id, "DELETE", action.outlook_id)
+        return self.graph.contact_op(self.user, self.folder_id, "PATCH", action.outlook_id, action.body)
 
     def _apply_graph(self, actions: list[Action]) -> None:
         for start in range(0, len(actions), GRAPH_CHUNK):
             chunk = actions[start : start + GRAPH_CHUNK]
-            results = self.graph.write([self._graph_item(a) for a in chunk])
+            results = self.graph.write([self._graph_item(action) for action in chunk])
             self.checkpoint("after_graph_batch")
             upserts: list[Link] = []
             deletes: list[str] = []
-            for a, res in zip(chunk, results, strict=True):
-                if a.kind == "delete_outlook":
-                    if res.ok or res.status == 404:  # already gone is as good as deleted
-                        self.outcome.deleted.add(a.outlook_id)
-                        self.report.add(a.report_as, a.bc_id, a.outlook_id, a.email, a.reason)
-                        if a.bc_id and a.unlinks:
-                            deletes.append(a.bc_id)
-                    else:
-                        self._fail(a, res, res.error or f"status {res.status}")
-                    continue
-                if not res.ok or not isinstance(res.body, dict):
-                    why = res.error or f"status {res.status}"
-                    if res.ambiguous:
-                        why = f"{why}; the outcome is unknown and is resolved by the next run"
-                    elif res.status == 404:
-                        why = "the Outlook contact disappeared meanwhile; it is recreated by the next run"
-                    self._fail(a, res, why)
-                    continue
-                new_id = res.body.get("id", a.outlook_id)
-                if a.report_as:
-                    self.report.add(a.report_as, a.bc_id, new_id, a.email, a.reason)
-                link = self._link(a.bc, res.body, new_id)
-                self.outcome.written[new_id] = link.outlook_hash
-                upserts.append(link)
+            for action, result in zip(chunk, results, strict=True):
+                if action.kind is ActionKind.DELETE_OUTLOOK:
+                    self._deleted(action, result, deletes)
+                else:
+                    self._written(action, result, upserts)
             if upserts or deletes:
                 self._save_links(upserts, deletes)
             self.heartbeat()
             self.checkpoint("batch_done")  # a clean stopping point: this batch's links are stored
 
+    def _deleted(self, action: Action, result: ItemResult, deletes: list[str]) -> None:
+        outlook_id = _outlook_id(action)
+        if result.ok or result.status == 404:  # already gone is as good as deleted
+            self.outcome.deleted.add(outlook_id)
+            self.report.add(action.report_as, action.bc_id, outlook_id, action.email, action.reason)
+            if action.bc_id and action.unlinks:
+                deletes.append(action.bc_id)
+        else:
+            self._record_failure(action, result, result.error or f"status {result.status}")
 
-def _item(action: str, a: Action) -> ReportItem:
-    return ReportItem(action, a.bc_id, a.outlook_id, a.email, a.reason)
+    def _written(self, action: Action, result: ItemResult, upserts: list[Link]) -> None:
+        if not result.ok or not isinstance(result.body, dict):
+            why = _failure_reason(result)
+            if not result.ambiguous and result.status == 404:
+                why = "the Outlook contact disappeared meanwhile; it is recreated by the next run"
+            self._record_failure(action, result, why)
+            return
+        body: dict[str, Any] = result.body
+        new_id: str = body["id"] if "id" in body else _outlook_id(action)  # a create answers its id
+        if action.report_as:
+            self.report.add(action.report_as, action.bc_id, new_id, action.email, action.reason)
+        link = self._link(action.bc, body, new_id)
+        self.outcome.written[new_id] = link.outlook_hash
+        upserts.append(link)
+
+
+def _bc_id(action: Action) -> str:
+    if action.bc_id is None:
+        raise ValueError(f"{action.kind.value} needs a Business Central id")
+    return action.bc_id
+
+
+def _outlook_id(action: Action) -> str:
+    if action.outlook_id is None:
+        raise ValueError(f"{action.kind.value} needs an Outlook id")
+    return action.outlook_id
+
+
+def _report_item(action: str, planned: Action) -> ReportItem:
+    return ReportItem(action, planned.bc_id, planned.outlook_id, planned.email, planned.reason)

@@ -180,8 +180,17 @@ class _InlineRun:
     lets the run finish by itself instead; the lock makes "stopped" and "detached" mutually exclusive.
     """
 
-    def __init__(self, services: Services, settings: UserSettings, mode: str, dry_run: bool, force: bool):
+    def __init__(
+        self,
+        services: Services,
+        settings: UserSettings,
+        mode: str,
+        dry_run: bool,
+        force: bool,
+        context: Any = None,
+    ):
         self.run_id = uuid.uuid4().hex
+        self._context = context  # the invocation's func.Context: its logs must carry the invocation id
         self.result: RunReport | None = None
         self.error: BaseException | None = None
         self._args = (services, settings, mode, dry_run, force)
@@ -199,6 +208,11 @@ class _InlineRun:
 
     def _work(self) -> None:
         services, settings, mode, dry_run, force = self._args
+        if self._context is not None:
+            # The worker tags a record with the invocation id of the emitting thread, and the host drops
+            # records without one; a thread of our own has none unless told ("Logging from background
+            # threads", learn.microsoft.com/azure/azure-functions/functions-reference-python).
+            self._context.thread_local_storage.invocation_id = self._context.invocation_id
         try:
             self.result = run_user(
                 services,
@@ -230,7 +244,7 @@ class _InlineRun:
         return True
 
 
-def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
+def start_sync(req: func.HttpRequest, jobs: func.Out[str], context: Any = None) -> func.HttpResponse:
     user, mode, dry_run, force, wait = _parse_sync(_body(req))
     services = get_services()
     settings = _settings_or_error(services.store, user)
@@ -244,7 +258,7 @@ def start_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
         jobs.set(Job(user, mode, report.runId, dry_run, force, "http").to_message())
         return _accepted(req, report)
 
-    inline = _InlineRun(services, settings, mode, dry_run, force)
+    inline = _InlineRun(services, settings, mode, dry_run, force, context)
     ended = inline.run(services.config.inline_budget_seconds, INTERRUPT_GRACE_SECONDS)
     if not ended:
         # Still inside one batch: it finishes by itself and saves its report; the caller polls for it.
@@ -281,13 +295,14 @@ def get_run(req: func.HttpRequest, run_id: str) -> func.HttpResponse:
 
 
 @guarded
-def handle_sync(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
-    """Route of function_sync_http: POST sync, GET sync/runs/{runId}."""
+def handle_sync(req: func.HttpRequest, jobs: func.Out[str], context: Any = None) -> func.HttpResponse:
+    """Route of function_sync_http: POST sync, GET sync/runs/{runId}. `context`: the invocation's
+    func.Context, so that the inline run's thread logs under this invocation."""
     rest = (req.route_params.get("rest") or "").strip("/")
     if rest == "":
         if req.method != "POST":
             raise _not_allowed("POST", "POST /api/sync")
-        return start_sync(req, jobs)
+        return start_sync(req, jobs, context)
     parts = rest.split("/")
     if len(parts) == 2 and parts[0] == "runs":
         if req.method != "GET":

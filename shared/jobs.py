@@ -21,7 +21,7 @@ from shared.model import RunReport, RunStatus, UserSettings, ValidationError, no
 from shared.planner import FULL, INCREMENTAL
 from shared.services import get_services
 from shared.store import MalformedRowError, Store
-from shared.sync import RunInProgress, run_user, user_hash
+from shared.sync import RunInProgress, log_fields, redact, run_user, user_hash
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,8 @@ def fan_out(timer: Any, jobs: func.Out[list[str]]) -> int:
     users, bad = services.store.list_settings_checked()
     for key, err in bad:
         log.warning(
-            "skipping a user with invalid settings: %s",
-            err,
-            extra={"custom_dimensions": {"userHash": user_hash(key)}},
+            "skipping a user with invalid settings %s",
+            log_fields({"userHash": user_hash(key), "error": redact(str(err), key)}),
         )
     messages = [
         Job(u.user, INCREMENTAL, uuid.uuid4().hex, False, False, "schedule").to_message()
@@ -87,17 +86,13 @@ def fan_out(timer: Any, jobs: func.Out[list[str]]) -> int:
         if u.enabled
     ]
     jobs.set(messages)
-    log.info(
-        "scheduled contact sync",
-        extra={
-            "custom_dimensions": {
-                "users": len(messages),
-                "disabled": sum(1 for u in users if not u.enabled),
-                "invalid": len(bad),
-                "pastDue": bool(getattr(timer, "past_due", False)),
-            }
-        },
-    )
+    scheduled = {
+        "users": len(messages),
+        "disabled": sum(1 for u in users if not u.enabled),
+        "invalid": len(bad),
+        "pastDue": bool(getattr(timer, "past_due", False)),
+    }
+    log.info("scheduled contact sync %s", log_fields(scheduled))
     return len(messages)
 
 
@@ -122,9 +117,8 @@ def _settings(store: Store, job: Job) -> UserSettings | None:
         settings = store.get_settings(job.user)
     except MalformedRowError as exc:
         log.error(
-            "job skipped: the user's stored settings are invalid: %s",
-            exc.detail,
-            extra={"custom_dimensions": {"userHash": user_hash(job.user)}},
+            "job skipped, the user's stored settings are invalid %s",
+            log_fields({"userHash": user_hash(job.user), "error": redact(exc.detail, job.user)}),
         )
         _give_up(store, job, f"the stored settings are invalid ({exc.detail}); fix them with PUT /api/users")
         return None  # retrying cannot fix it

@@ -8,11 +8,12 @@ raw dicts means nothing an API returns is lost on the way through.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any
 from urllib.parse import quote
 
@@ -64,6 +65,18 @@ def redact(text: str, user: str) -> str:
     for form in sorted({user, quote(user, safe="@"), quote(user, safe="")}, key=len, reverse=True):
         text = re.sub(re.escape(form), tag, text, flags=re.IGNORECASE)
     return text
+
+
+def log_fields(fields: dict[str, Any]) -> str:
+    """A structured log record's fields as compact JSON, for the end of the message (`event {...}`).
+
+    The Functions Python worker sends Application Insights only the formatted message: `extra` never
+    becomes customDimensions (Azure/azure-functions-python-worker#1327), and the host stores the message
+    verbatim in `traces.message`. So the fields travel in the message, and the workbook and alert
+    queries read them with `parse_json(substring(message, strlen("event ")))`. Only ids, hashes,
+    counts and reasons go in: never an address, a token or a secret.
+    """
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def normalize_user(value: Any) -> str:
@@ -199,18 +212,48 @@ class UserState:
     etag: str | None = None
 
 
+class ActionKind(Enum):
+    """What one planned action does, with the run report's count key and whether it writes.
+
+    The one list of action kinds: the planner decides them, the executor routes each (exhaustively:
+    a kind it does not know cannot reach it) and the report counts them under `report_key` ("" for
+    actions the report does not count). `writes`: the action may change Outlook or Business Central,
+    so a run about to apply it marks itself as writing (BEHAVIOUR §4.5).
+    """
+
+    # The order is the order of the report's counts (their JSON is compared byte for byte).
+    CREATE_OUTLOOK = ("create_outlook", "outlookCreated", True)
+    UPDATE_OUTLOOK = ("update_outlook", "outlookUpdated", True)
+    DELETE_OUTLOOK = ("delete_outlook", "outlookDeleted", True)
+    RECREATE_OUTLOOK = ("recreate_outlook", "outlookRecreated", True)
+    CREATE_BC = ("create_bc", "bcCreated", True)
+    UPDATE_BC = ("update_bc", "bcUpdated", True)
+    LINK = ("link", "linked", True)  # adopt an Outlook contact, with BC's values when they differ
+    # After a BC write: its BC id tag and BC's values onto the Outlook contact; counted with that write.
+    TAG_OUTLOOK = ("tag_outlook", "", True)
+    REFRESH_LINK = ("refresh_link", "", False)  # both sides agree again: store the new hashes
+    UNLINK = ("unlink", "", False)  # stop syncing a contact, leaving Outlook alone
+
+    report_key: str
+    writes: bool
+
+    def __new__(cls, value: str, report_key: str, writes: bool) -> ActionKind:
+        member = object.__new__(cls)
+        member._value_ = value
+        member.report_key = report_key
+        member.writes = writes
+        return member
+
+
 ACTIONS = (
-    "outlookCreated",
-    "outlookUpdated",
-    "outlookDeleted",
-    "outlookRecreated",
-    "bcCreated",
-    "bcUpdated",
-    "linked",
+    *(kind.report_key for kind in ActionKind if kind.report_key),
     "skipped",
     "failed",
 )
-WRITE_ACTIONS = ACTIONS[:6]  # the counts that stand for a write to Outlook or BC
+# The counts that stand for a write to Outlook or BC. "linked" is not one: an adoption may write nothing.
+WRITE_ACTIONS = tuple(
+    kind.report_key for kind in ActionKind if kind.writes and kind.report_key and kind is not ActionKind.LINK
+)
 
 
 @dataclass

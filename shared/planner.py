@@ -4,7 +4,12 @@ Nothing here calls an API or the store. `sync` gathers a `Snapshot`, asks `needs
 are still missing to decide (e.g. the Outlook contact behind a BC change, so its extra email
 addresses are preserved), fetches them, then calls `plan()`. The executor applies the plan; a dry
 run reports it and stops. Keeping the decision pure is what makes dry runs honest and lets the
-tests explore it directly.
+tests explore it directly (tests/test_planner.py, one row per case).
+
+`plan()` is a decision table: each contact goes to one small function per case, which returns an
+action, a skip with its reason, or nothing; `plan()`'s docstring lists the cases. A new rule is a new
+row there, not a new nesting level. The executor asks `after_bc_write()` what follows a BC write, so
+that decision lives here too.
 
 Rules (BEHAVIOUR §4): BC is the source of truth; a link ties one BC id to one Outlook id; every Outlook
 contact we write carries its BC id in an extended property ("tag"), so a lost link or a crash between
@@ -33,7 +38,7 @@ from shared.mapping import (
     outlook_to_bc,
     outlook_view,
 )
-from shared.model import Link, ReportItem, UserSettings
+from shared.model import ActionKind, Link, ReportItem, UserSettings
 
 FULL = "full"
 INCREMENTAL = "incremental"
@@ -54,24 +59,42 @@ class Snapshot:
     outlook_complete: bool = False  # `outlook` holds every contact of the folder
     ctx: BcContext = DEFAULT_CONTEXT  # the tenant's fields, the company's countries and companies
 
+    def gone_from_outlook(self, outlook_id: str) -> bool:
+        """The Outlook contact is known to be gone: delta said so, or the whole folder was read
+        without it. (Merely absent from an incremental delta means unchanged, not gone.)"""
+        return outlook_id in self.outlook_removed or (
+            self.outlook_complete and outlook_id not in self.outlook
+        )
+
+    def linked_bc_ids(self) -> dict[str, str]:
+        """Outlook id → BC id of every link."""
+        return {link.outlook_id: bc_id for bc_id, link in self.links.items()}
+
 
 @dataclass
 class Needs:
-    """Records `plan()` needs and the snapshot lacks; `sync` fetches them and plans again."""
+    """Records `plan()` needs and the snapshot lacks; `sync` fetches them and asks again."""
 
     tags: set[str] = field(default_factory=set)  # Outlook ids whose BC-id tag is unknown
     bc: set[str] = field(default_factory=set)  # BC ids whose full record is needed
     outlook: set[str] = field(default_factory=set)  # Outlook ids whose current content is needed
+    # The plan creates an Outlook contact, and the folder may hold the user's own contact with that
+    # email which this delta did not show: read the whole folder, so it is adopted, not duplicated.
+    whole_folder: bool = False
+
+    def records(self) -> bool:
+        """Anything to fetch by id."""
+        return bool(self.tags or self.bc or self.outlook)
 
     def __bool__(self) -> bool:
-        return bool(self.tags or self.bc or self.outlook)
+        return self.records() or self.whole_folder
 
 
 @dataclass
 class Action:
-    kind: str  # create_outlook | recreate_outlook | update_outlook | delete_outlook | create_bc | update_bc
-    #            link (adopt, optional Outlook update) | refresh_link (store only) | unlink (store only)
-    report_as: str  # counts key of the run report, or "" for store-only actions
+    """One write (or store-only change) of the plan, with what it is based on."""
+
+    kind: ActionKind
     bc_id: str | None = None
     outlook_id: str | None = None
     body: dict[str, Any] | None = None  # the write's payload
@@ -84,9 +107,27 @@ class Action:
     # that BC id belongs to the contact that stays.
     unlinks: bool = True
 
+    def __post_init__(self) -> None:
+        # A kind spelled as its string value is accepted; an unknown one raises ValueError here, so it
+        # never reaches the executor.
+        if not isinstance(self.kind, ActionKind):
+            self.kind = _kind_named(self.kind)
+
+    @property
+    def report_as(self) -> str:
+        """Counts key of the run report, or "" for actions the report does not count."""
+        return self.kind.report_key
+
     @property
     def writes(self) -> bool:
-        return self.kind not in ("refresh_link", "unlink")
+        return self.kind.writes
+
+
+def _kind_named(value: object) -> ActionKind:
+    for kind in ActionKind:
+        if kind.value == value:
+            return kind
+    raise ValueError(f"unknown action kind {value!r} (known: {', '.join(k.value for k in ActionKind)})")
 
 
 @dataclass
@@ -95,507 +136,558 @@ class Plan:
     skipped: list[ReportItem] = field(default_factory=list)
     safety_stop: str | None = None  # why the plan was stopped by the mass-deletion guard
 
-    def count(self, kind: str) -> int:
-        return sum(1 for a in self.actions if a.kind == kind)
+    def count(self, kind: ActionKind) -> int:
+        return sum(1 for action in self.actions if action.kind is kind)
 
 
-def _bc_reason(bc: dict[str, Any], flt: ContactFilter) -> str | None:
+Decision = Action | ReportItem | None  # what one case decides: an action, a skip with its reason, nothing
+CREATES_IN_OUTLOOK = frozenset({ActionKind.CREATE_OUTLOOK, ActionKind.RECREATE_OUTLOOK})
+
+
+def _skip(
+    reason: str, bc_id: str | None = None, outlook_id: str | None = None, email: str | None = None
+) -> ReportItem:
+    return ReportItem("skipped", bc_id, outlook_id, email, reason)
+
+
+def _out_of_scope(bc: dict[str, Any], contact_filter: ContactFilter) -> str | None:
+    """Why the user's folder does not hold this BC contact (eligibility, then the filter), or None."""
     reason = bc_is_eligible(bc)
     if reason:
         return reason
-    if not flt.matches(bc):
+    if not contact_filter.matches(bc):
         return "does not match your filter"
     return None
 
 
-def _outlook_id_index(links: dict[str, Link]) -> dict[str, str]:
-    return {link.outlook_id: bc_id for bc_id, link in links.items()}
+def _outlook_edited(outlook: dict[str, Any], link: Link, ctx: BcContext) -> bool:
+    return fingerprint(outlook_view(outlook, ctx)) != link.outlook_hash
 
 
-def needs(snap: Snapshot, settings: UserSettings, flt: ContactFilter) -> Needs:
-    """What must be fetched before `plan()` can decide every contact correctly."""
-    out = Needs()
-    by_outlook = _outlook_id_index(snap.links)
-    # 1. Tags of Outlook contacts we do not know: ours (crash, lost links) or the user's own?
-    for oid in snap.outlook:
-        if oid not in by_outlook and oid not in snap.tags:
-            out.tags.add(oid)
-    if out.tags:
-        return out  # tags decide which BC records matter; ask again once they are known
-    # 2. Unlinked Outlook contacts: the BC record they are tagged with or match by email.
+def _bc_by_email(index: dict[str, str]) -> dict[str, list[str]]:
+    by_email: dict[str, list[str]] = defaultdict(list)
+    for bc_id, email in index.items():
+        if email:
+            by_email[email].append(bc_id)
+    return by_email
+
+
+# needs() ------------------------------------------------------------------------------------------
+
+
+def needs(snap: Snapshot, settings: UserSettings, contact_filter: ContactFilter) -> Needs:
+    """What must be fetched before `plan()` can decide every contact correctly.
+
+    Asked again after every fetch: 1. the tags of Outlook contacts we have no link for (they decide
+    which BC records matter); 2. the records those contacts and the linked pairs need; 3. the whole
+    folder, when the plan would create an Outlook contact the folder may already hold.
+    """
+    linked = snap.linked_bc_ids()
+    wanted = Needs(tags={i for i in snap.outlook if i not in linked and i not in snap.tags})
+    if wanted.tags:
+        return wanted
+    _records_for_unlinked(snap, linked, wanted)
+    _records_for_linked(snap, settings, contact_filter, wanted)
+    if not snap.outlook_complete:
+        planned = plan(snap, settings, contact_filter)
+        wanted.whole_folder = any(action.kind in CREATES_IN_OUTLOOK for action in planned.actions)
+    return wanted
+
+
+def _records_for_unlinked(snap: Snapshot, linked: dict[str, str], wanted: Needs) -> None:
+    """Unlinked Outlook contacts: the BC record they are tagged with or match by email."""
     bc_by_email = _bc_by_email(snap.bc_index)
-    for oid, contact in snap.outlook.items():
-        if oid in by_outlook:
+    for outlook_id, contact in snap.outlook.items():
+        if outlook_id in linked:
             continue
-        tag = snap.tags.get(oid)
+        tag = snap.tags.get(outlook_id)
         if tag:
             if tag in snap.bc_index and tag not in snap.bc:
-                out.bc.add(tag)
+                wanted.bc.add(tag)
             # A duplicate, or the stand-in of a linked contact that is gone (e.g. with a deleted
             # folder)? Only the linked contact's existence tells.
             link = snap.links.get(tag)
-            unknown = (
-                link and link.outlook_id not in snap.outlook and link.outlook_id not in snap.outlook_removed
-            )
-            if unknown and not snap.outlook_complete:
-                out.outlook.add(link.outlook_id)
+            if link and link.outlook_id not in snap.outlook and not snap.gone_from_outlook(link.outlook_id):
+                wanted.outlook.add(link.outlook_id)
             continue
         email = normalize_email(outlook_email(contact))
         if email:  # an email match is adopted even with pullNewFromOutlook off: nothing goes to BC
-            for bc_id in bc_by_email.get(email, []):
-                if bc_id not in snap.bc:
-                    out.bc.add(bc_id)
-    # 3. Linked pairs.
+            wanted.bc.update(i for i in bc_by_email.get(email, []) if i not in snap.bc)
+
+
+def _records_for_linked(
+    snap: Snapshot, settings: UserSettings, contact_filter: ContactFilter, wanted: Needs
+) -> None:
+    """Linked pairs: the records their case in `plan()` reads."""
     for bc_id, link in snap.links.items():
         if bc_id not in snap.bc_index:
             continue  # deleted in BC: nothing more to know
         bc = snap.bc.get(bc_id)
-        removed = link.outlook_id in snap.outlook_removed or (
-            snap.outlook_complete and link.outlook_id not in snap.outlook
-        )
-        o = snap.outlook.get(link.outlook_id)
-        if not link.outlook_hash and not removed:  # linked but never tagged: an interrupted run
+        gone = snap.gone_from_outlook(link.outlook_id)
+        outlook = snap.outlook.get(link.outlook_id)
+        if not link.outlook_hash and not gone:  # linked but never tagged: an interrupted run
             if bc is None:
-                out.bc.add(bc_id)
-            if o is None:
-                out.outlook.add(link.outlook_id)
-            continue
-        if bc is None:
-            if removed:
-                out.bc.add(bc_id)  # to recreate it
-            elif o is not None and settings.pull_edits_from_outlook and _outlook_edited(o, link, snap.ctx):
-                out.bc.add(bc_id)  # to push the edit with BC's etag
-            continue
-        if removed or o is not None:
-            continue
-        if _bc_reason(bc, flt) is None and fingerprint(bc_view(bc, snap.ctx)) != link.bc_hash:
-            out.outlook.add(link.outlook_id)  # the update must preserve Outlook-only values
-    return out
+                wanted.bc.add(bc_id)
+            if outlook is None:
+                wanted.outlook.add(link.outlook_id)
+        elif bc is None:
+            if gone:
+                wanted.bc.add(bc_id)  # to recreate it
+            elif (
+                outlook is not None
+                and settings.pull_edits_from_outlook
+                and _outlook_edited(outlook, link, snap.ctx)
+            ):
+                wanted.bc.add(bc_id)  # to push the edit with BC's etag
+        elif not gone and outlook is None:
+            bc_changed = fingerprint(bc_view(bc, snap.ctx)) != link.bc_hash
+            if bc_changed and _out_of_scope(bc, contact_filter) is None:
+                wanted.outlook.add(link.outlook_id)  # the update must preserve Outlook-only values
 
 
-def _outlook_edited(o: dict[str, Any], link: Link, ctx: BcContext) -> bool:
-    return fingerprint(outlook_view(o, ctx)) != link.outlook_hash
+# plan(): the decision table -------------------------------------------------------------------------
 
 
-def _bc_by_email(index: dict[str, str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for bc_id, email in index.items():
-        if email:
-            out[email].append(bc_id)
-    return out
+@dataclass
+class _Planning:
+    """One `plan()` call's inputs and what its cases have claimed so far."""
+
+    snap: Snapshot
+    settings: UserSettings
+    contact_filter: ContactFilter
+    linked: dict[str, str]  # Outlook id → BC id of every link
+    bc_by_email: dict[str, list[str]]
+    claimed_bc: set[str] = field(default_factory=set)  # BC ids that got an Outlook counterpart
+    claimed_outlook: set[str] = field(default_factory=set)
+    new_by_email: dict[str, str] = field(default_factory=dict)  # email → Outlook id going to BC
+    result: Plan = field(default_factory=Plan)
+
+    def record(self, decision: Decision) -> None:
+        if isinstance(decision, Action):
+            self.result.actions.append(decision)
+        elif decision is not None:
+            self.result.skipped.append(decision)
 
 
-def plan(snap: Snapshot, settings: UserSettings, flt: ContactFilter, *, force: bool = False) -> Plan:
-    """Decide every action of the run. Deterministic: same inputs, same plan, same order."""
-    result = Plan()
-    ctx = snap.ctx
-    by_outlook = _outlook_id_index(snap.links)
-    claimed_bc: set[str] = set()  # BC ids that got an Outlook counterpart in this plan
-    claimed_outlook: set[str] = set()
+def plan(
+    snap: Snapshot, settings: UserSettings, contact_filter: ContactFilter, *, force: bool = False
+) -> Plan:
+    """Decide every action of the run. Deterministic: same inputs, same plan, same order.
 
-    def skip(reason: str, bc_id: str | None = None, oid: str | None = None, email: str | None = None) -> None:
-        result.skipped.append(ReportItem("skipped", bc_id, oid, email, reason))
+    | contact                   | case (first that applies)                      | function             |
+    |---------------------------|------------------------------------------------|----------------------|
+    | linked pair               | deleted in BC                                  | `_deleted_in_bc`     |
+    |                           | unchanged in BC (not read this run)            | nothing              |
+    |                           | out of scope (eligibility, filter)             | `_out_of_scope_pair` |
+    |                           | gone from Outlook: adopt a stand-in / recreate | `_gone_from_outlook` |
+    |                           | changed in BC, edited in Outlook, or neither   | `_pair_changed`      |
+    | unlinked Outlook contact  | tagged with a BC id                            | `_tagged`            |
+    |                           | not eligible                                   | skip                 |
+    |                           | its email is in BC                             | `_email_match`       |
+    |                           | new                                            | `_new_in_outlook`    |
+    | BC contact without a pair | out of scope / to create                       | `_bc_only`           |
 
-    def removed(link: Link) -> bool:
-        return link.outlook_id in snap.outlook_removed or (
-            snap.outlook_complete and link.outlook_id not in snap.outlook
-        )
-
-    # 1. Linked pairs --------------------------------------------------------------------
+    Then the mass-removal guard (`_mass_removal_guard`) may stop the whole plan.
+    """
+    planning = _Planning(snap, settings, contact_filter, snap.linked_bc_ids(), _bc_by_email(snap.bc_index))
     for bc_id in sorted(snap.links):
-        link = snap.links[bc_id]
-        gone = removed(link)
-        o = snap.outlook.get(link.outlook_id)
-        if bc_id not in snap.bc_index:  # deleted in BC
-            result.actions.append(
-                _leave(
-                    settings,
-                    bc_id,
-                    link,
-                    gone,
-                    gone_reason="deleted on both sides",
-                    delete_reason="deleted in Business Central",
-                    kept_reason="deleted in BC; removeFromOutlook is off",
-                    email=link.email,
-                )
-            )
-            claimed_bc.add(bc_id)
-            continue
-        bc = snap.bc.get(bc_id)
-        claimed_bc.add(bc_id)
-        claimed_outlook.add(link.outlook_id)
-        if bc is None:
-            continue  # unchanged in BC; Outlook edits are ignored unless pulled (needs() fetched bc then)
-        reason = _bc_reason(bc, flt)
-        email = bc.get("email")
-        if reason:
-            result.actions.append(
-                _leave(
-                    settings,
-                    bc_id,
-                    link,
-                    gone,
-                    gone_reason=reason,
-                    delete_reason=f"no longer synced: {reason}",
-                    kept_reason=f"{reason}; removeFromOutlook is off",
-                    bc=bc,
-                    email=email,
-                )
-            )
-            continue
-        if gone:
-            stand_in = _stand_in(snap, by_outlook, bc_id, email, claimed_outlook)
-            if stand_in is not None:
-                o = snap.outlook[stand_in]
-                claimed_outlook.add(stand_in)
-                result.actions.append(
-                    Action(
-                        "link",
-                        "linked",
-                        bc_id,
-                        stand_in,
-                        None
-                        if outlook_view(o, ctx) == bc_view(bc, ctx)
-                        else graph_patch(bc_to_outlook(bc, o, ctx), o),
-                        bc=bc,
-                        outlook=o,
-                        email=email,
-                        reason="deleted in Outlook; the folder has another contact for it (same BC id tag "
-                        "or email), which is adopted instead of recreating one",
-                    )
-                )
-                continue
-            result.actions.append(
-                Action(
-                    "recreate_outlook",
-                    "outlookRecreated",
-                    bc_id,
-                    None,
-                    bc_to_outlook(bc, None, ctx),
-                    bc=bc,
-                    email=email,
-                    reason="deleted in Outlook, kept in Business Central",
-                )
-            )
-            continue
-        bc_changed = fingerprint(bc_view(bc, ctx)) != link.bc_hash
-        if o is None:
-            if bc_changed:  # needs() asked for o; only a dry run without fetches can get here
-                result.actions.append(_update_outlook(bc, link, None, "changed in Business Central", ctx))
-            continue
-        if not link.outlook_hash:
-            # Created in BC from this Outlook contact, but the run stopped before tagging it.
-            result.actions.append(
-                _update_outlook(
-                    bc, link, o, "tagged with its Business Central id (an earlier run was interrupted)", ctx
-                )
-            )
-            continue
-        edited = _outlook_edited(o, link, ctx)
-        in_sync = outlook_view(o, ctx) == bc_view(bc, ctx)
-        if settings.pull_edits_from_outlook and edited and not bc_changed and not in_sync:
-            notes: list[str] = []
-            try:
-                body = outlook_to_bc(o, current=bc, ctx=ctx, notes=notes)
-            except MappingError as exc:
-                skip(f"Outlook edit not sent to BC: {exc}", bc_id, link.outlook_id, email)
-                continue
-            if not body:
-                skip(f"Outlook edit not sent to BC: {'; '.join(notes)}", bc_id, link.outlook_id, email)
-                continue
-            result.actions.append(
-                Action(
-                    "update_bc",
-                    "bcUpdated",
-                    bc_id,
-                    link.outlook_id,
-                    body,
-                    etag=bc.get("@odata.etag"),
-                    bc=bc,
-                    outlook=o,
-                    email=email,
-                    reason="; ".join(["edited in Outlook", *notes]),
-                )
-            )
-        elif not in_sync and (bc_changed or snap.mode == FULL):
-            why = "changed in Business Central" if bc_changed else "edited in Outlook; Business Central wins"
-            result.actions.append(_update_outlook(bc, link, o, why, ctx))
-        elif in_sync and (bc_changed or edited):
-            result.actions.append(Action("refresh_link", "", bc_id, link.outlook_id, bc=bc, outlook=o))
-
-    # 2. Outlook contacts we have no link for ------------------------------------------
-    bc_by_email = _bc_by_email(snap.bc_index)
-    new_by_email: dict[str, str] = {}  # normalized email → Outlook id that goes to BC in this run
-    for oid in sorted(snap.outlook):
-        if oid in by_outlook or oid in claimed_outlook:
-            continue
-        o = snap.outlook[oid]
-        tag = snap.tags.get(oid)
-        if tag:
-            _plan_tagged(result, snap, settings, flt, oid, o, tag, claimed_bc, claimed_outlook)
-            continue
-        email = outlook_email(o)
-        reason = outlook_is_eligible(o)
-        if reason:
-            skip(reason, None, oid, email)
-            continue
-        key = normalize_email(email)
-        matches = bc_by_email.get(key, [])
-        if matches:
-            # Adopting links the user's contact to BC's (BC's data wins) instead of making a second
-            # Outlook contact for it; nothing is sent to BC, so it does not depend on pullNewFromOutlook.
-            _plan_email_match(result, snap, flt, oid, o, matches, claimed_bc, claimed_outlook)
-            continue
-        if not settings.pull_new_from_outlook:
-            skip("new Outlook contact not sent to BC: pullNewFromOutlook is off", None, oid, email)
-            continue
-        if key in new_by_email:
-            skip("another new Outlook contact with the same email goes to BC in this run", None, oid, email)
-            continue
-        notes = []
-        try:
-            body = outlook_to_bc(o, ctx=ctx, notes=notes)
-        except MappingError as exc:
-            skip(f"cannot be stored in Business Central: {exc}", None, oid, email)
-            continue
-        new_by_email[key] = oid
-        claimed_outlook.add(oid)
-        reason = "; ".join(["new in Outlook", *notes])
-        result.actions.append(
-            Action("create_bc", "bcCreated", None, oid, body, outlook=o, email=email, reason=reason)
-        )
-
-    # 3. BC contacts with no Outlook counterpart ----------------------------------------
+        planning.record(_linked_pair(planning, bc_id, snap.links[bc_id]))
+    for outlook_id in sorted(snap.outlook):
+        if outlook_id not in planning.linked and outlook_id not in planning.claimed_outlook:
+            planning.record(_unlinked_outlook(planning, outlook_id))
     for bc_id in sorted(snap.bc):
-        if bc_id in claimed_bc:
-            continue
-        bc = snap.bc[bc_id]
-        reason = _bc_reason(bc, flt)
-        if reason:
-            skip(reason, bc_id, None, bc.get("email"))
-            continue
-        result.actions.append(
-            Action(
-                "create_outlook",
-                "outlookCreated",
-                bc_id,
-                None,
-                bc_to_outlook(bc, None, ctx),
-                bc=bc,
-                email=bc.get("email"),
-                reason="new in Business Central" if snap.mode == INCREMENTAL else "missing in Outlook",
-            )
-        )
-
-    _guard(result, snap, force)
-    return result
+        if bc_id not in planning.claimed_bc:
+            planning.record(_bc_only(planning, snap.bc[bc_id]))
+    _mass_removal_guard(planning.result, snap, force)
+    return planning.result
 
 
-def _leave(
-    settings: UserSettings,
-    bc_id: str,
-    link: Link,
-    gone: bool,
-    *,
-    gone_reason: str,
-    delete_reason: str,
-    kept_reason: str,
-    bc: dict[str, Any] | None = None,
-    email: str | None = None,
-) -> Action:
-    """A linked contact that is no longer synced: drop the link if Outlook lost it too, else remove
-    it from the folder (removeFromOutlook) or leave it there unlinked."""
-    if gone:
-        return Action("unlink", "", bc_id, link.outlook_id, reason=gone_reason)
-    if settings.remove_from_outlook:
+def _linked_pair(planning: _Planning, bc_id: str, link: Link) -> Decision:
+    snap = planning.snap
+    planning.claimed_bc.add(bc_id)
+    if bc_id not in snap.bc_index:
+        return _deleted_in_bc(planning, bc_id, link)
+    planning.claimed_outlook.add(link.outlook_id)
+    bc = snap.bc.get(bc_id)
+    if bc is None:
+        return None  # unchanged in BC; Outlook edits are ignored unless pulled (needs() fetched bc then)
+    reason = _out_of_scope(bc, planning.contact_filter)
+    if reason:
+        return _out_of_scope_pair(planning, bc, link, reason)
+    if snap.gone_from_outlook(link.outlook_id):
+        return _gone_from_outlook(planning, bc, link)
+    return _pair_changed(planning, bc, link)
+
+
+def _deleted_in_bc(planning: _Planning, bc_id: str, link: Link) -> Decision:
+    return _stop_syncing(
+        planning.settings,
+        bc_id,
+        link.outlook_id,
+        linked=True,
+        gone=planning.snap.gone_from_outlook(link.outlook_id),
+        gone_reason="deleted on both sides",
+        delete_reason="deleted in Business Central",
+        kept_reason="deleted in BC; removeFromOutlook is off",
+        email=link.email,
+    )
+
+
+def _out_of_scope_pair(planning: _Planning, bc: dict[str, Any], link: Link, reason: str) -> Decision:
+    return _stop_syncing(
+        planning.settings,
+        bc["id"],
+        link.outlook_id,
+        linked=True,
+        gone=planning.snap.gone_from_outlook(link.outlook_id),
+        gone_reason=reason,
+        delete_reason=f"no longer synced: {reason}",
+        kept_reason=f"{reason}; removeFromOutlook is off",
+        bc=bc,
+        email=bc.get("email"),
+    )
+
+
+def _gone_from_outlook(planning: _Planning, bc: dict[str, Any], link: Link) -> Decision:
+    """Deleted in Outlook, kept in BC: adopt a contact that already stands in for it, else recreate."""
+    snap, email = planning.snap, bc.get("email")
+    stand_in = _stand_in(planning, bc["id"], email)
+    if stand_in is None:
         return Action(
-            "delete_outlook",
-            "outlookDeleted",
-            bc_id,
-            link.outlook_id,
+            ActionKind.RECREATE_OUTLOOK,
+            bc["id"],
+            body=bc_to_outlook(bc, None, snap.ctx),
             bc=bc,
             email=email,
-            reason=delete_reason,
+            reason="deleted in Outlook, kept in Business Central",
         )
-    return Action("unlink", "", bc_id, link.outlook_id, reason=kept_reason)
+    planning.claimed_outlook.add(stand_in)
+    outlook = snap.outlook[stand_in]
+    return Action(
+        ActionKind.LINK,
+        bc["id"],
+        stand_in,
+        _align_body(bc, outlook, snap.ctx),
+        bc=bc,
+        outlook=outlook,
+        email=email,
+        reason="deleted in Outlook; the folder has another contact for it (same BC id tag "
+        "or email), which is adopted instead of recreating one",
+    )
+
+
+def _pair_changed(planning: _Planning, bc: dict[str, Any], link: Link) -> Decision:
+    """Both sides are there: BC's change goes to Outlook, an Outlook edit to BC if pulled, or the
+    link only learns that both sides agree again."""
+    snap = planning.snap
+    ctx = snap.ctx
+    bc_changed = fingerprint(bc_view(bc, ctx)) != link.bc_hash
+    outlook = snap.outlook.get(link.outlook_id)
+    if outlook is None:
+        # needs() asked for the Outlook contact; only a dry run without fetches gets here.
+        return _update_outlook(bc, link, None, "changed in Business Central", ctx) if bc_changed else None
+    if not link.outlook_hash:
+        # Created in BC from this Outlook contact, but the run stopped before tagging it.
+        reason = "tagged with its Business Central id (an earlier run was interrupted)"
+        return _update_outlook(bc, link, outlook, reason, ctx)
+    edited = _outlook_edited(outlook, link, ctx)
+    in_sync = outlook_view(outlook, ctx) == bc_view(bc, ctx)
+    if planning.settings.pull_edits_from_outlook and edited and not bc_changed and not in_sync:
+        return _edited_in_outlook(bc, link, outlook, ctx)
+    if not in_sync and (bc_changed or snap.mode == FULL):
+        why = "changed in Business Central" if bc_changed else "edited in Outlook; Business Central wins"
+        return _update_outlook(bc, link, outlook, why, ctx)
+    if in_sync and (bc_changed or edited):
+        return Action(ActionKind.REFRESH_LINK, bc["id"], link.outlook_id, bc=bc, outlook=outlook)
+    return None
+
+
+def _edited_in_outlook(bc: dict[str, Any], link: Link, outlook: dict[str, Any], ctx: BcContext) -> Decision:
+    """pullEditsFromOutlook: the Outlook edit goes to BC, with BC's etag (BEHAVIOUR §4.3.2)."""
+    email = bc.get("email")
+    notes: list[str] = []
+    try:
+        body = outlook_to_bc(outlook, current=bc, ctx=ctx, notes=notes)
+    except MappingError as exc:
+        return _skip(f"Outlook edit not sent to BC: {exc}", bc["id"], link.outlook_id, email)
+    if not body:
+        return _skip(f"Outlook edit not sent to BC: {'; '.join(notes)}", bc["id"], link.outlook_id, email)
+    return Action(
+        ActionKind.UPDATE_BC,
+        bc["id"],
+        link.outlook_id,
+        body,
+        etag=bc.get("@odata.etag"),
+        bc=bc,
+        outlook=outlook,
+        email=email,
+        reason="; ".join(["edited in Outlook", *notes]),
+    )
+
+
+def _unlinked_outlook(planning: _Planning, outlook_id: str) -> Decision:
+    """An Outlook contact we have no link for: ours (tagged), the user's with an email BC has, or new."""
+    outlook = planning.snap.outlook[outlook_id]
+    tag = planning.snap.tags.get(outlook_id)
+    if tag:
+        return _tagged(planning, outlook_id, outlook, tag)
+    email = outlook_email(outlook)
+    reason = outlook_is_eligible(outlook)
+    if reason:
+        return _skip(reason, None, outlook_id, email)
+    matches = planning.bc_by_email.get(normalize_email(email), [])
+    if matches:
+        # Adopting links the user's contact to BC's (BC's data wins) instead of making a second
+        # Outlook contact for it; nothing is sent to BC, so it does not depend on pullNewFromOutlook.
+        return _email_match(planning, outlook_id, outlook, matches)
+    return _new_in_outlook(planning, outlook_id, outlook)
+
+
+def _tagged(planning: _Planning, outlook_id: str, outlook: dict[str, Any], tag: str) -> Decision:
+    """An unlinked Outlook contact carrying a BC id: ours, from a lost link or an interrupted run."""
+    snap = planning.snap
+    email = outlook_email(outlook)
+    planning.claimed_outlook.add(outlook_id)
+    if tag in planning.claimed_bc:
+        # Another Outlook contact already stands for this BC contact: this one is a duplicate.
+        reason = "duplicate of a contact already synced from Business Central"
+        return _remove_from_folder(tag, outlook_id, reason, email=email, unlinks=False)
+    if tag not in snap.bc_index:
+        return _stop_syncing(
+            planning.settings,
+            tag,
+            outlook_id,
+            linked=False,
+            delete_reason="deleted in Business Central",
+            kept_reason="deleted in BC; removeFromOutlook is off",
+            email=email,
+        )
+    bc = snap.bc.get(tag)
+    if bc is None:
+        return _skip("Business Central record not read in this run", tag, outlook_id, email)
+    out_of_scope = _out_of_scope(bc, planning.contact_filter)
+    if out_of_scope:
+        return _stop_syncing(
+            planning.settings,
+            tag,
+            outlook_id,
+            linked=False,
+            delete_reason=f"no longer synced: {out_of_scope}",
+            kept_reason=f"{out_of_scope}; removeFromOutlook is off",
+            bc=bc,
+            email=email,
+        )
+    planning.claimed_bc.add(tag)
+    return Action(
+        ActionKind.LINK,
+        tag,
+        outlook_id,
+        _align_body(bc, outlook, snap.ctx),
+        bc=bc,
+        outlook=outlook,
+        email=bc.get("email"),
+        reason="found by its Business Central id tag",
+    )
+
+
+def _email_match(
+    planning: _Planning, outlook_id: str, outlook: dict[str, Any], matches: list[str]
+) -> Decision:
+    """A new Outlook contact whose email BC already has: link to it, BC's data wins (BEHAVIOUR §4.3)."""
+    snap = planning.snap
+    free = [bc_id for bc_id in matches if bc_id not in planning.claimed_bc]
+    eligible = [
+        bc_id
+        for bc_id in free
+        if bc_id in snap.bc and _out_of_scope(snap.bc[bc_id], planning.contact_filter) is None
+    ]
+    if eligible:
+        bc = snap.bc[eligible[0]]
+        planning.claimed_bc.add(bc["id"])
+        planning.claimed_outlook.add(outlook_id)
+        return Action(
+            ActionKind.LINK,
+            bc["id"],
+            outlook_id,
+            graph_patch(bc_to_outlook(bc, outlook, snap.ctx), outlook),
+            bc=bc,
+            outlook=outlook,
+            email=bc.get("email"),
+            reason="matched a Business Central contact by email; BC's data kept",
+        )
+    if not free:
+        reason = "a contact with this email is already synced to this folder"
+    else:
+        known = [snap.bc[bc_id] for bc_id in free if bc_id in snap.bc]
+        why = _out_of_scope(known[0], planning.contact_filter) if known else "not readable"
+        reason = f"Business Central already has this email, but that contact is not synced to you ({why})"
+    return _skip(reason, None, outlook_id, outlook_email(outlook))
+
+
+def _new_in_outlook(planning: _Planning, outlook_id: str, outlook: dict[str, Any]) -> Decision:
+    """A contact the user made in Outlook: it goes to BC if pullNewFromOutlook (BEHAVIOUR §4.3.2)."""
+    email = outlook_email(outlook)
+    key = normalize_email(email)
+    if not planning.settings.pull_new_from_outlook:
+        return _skip("new Outlook contact not sent to BC: pullNewFromOutlook is off", None, outlook_id, email)
+    if key in planning.new_by_email:
+        reason = "another new Outlook contact with the same email goes to BC in this run"
+        return _skip(reason, None, outlook_id, email)
+    notes: list[str] = []
+    try:
+        body = outlook_to_bc(outlook, ctx=planning.snap.ctx, notes=notes)
+    except MappingError as exc:
+        return _skip(f"cannot be stored in Business Central: {exc}", None, outlook_id, email)
+    planning.new_by_email[key] = outlook_id
+    planning.claimed_outlook.add(outlook_id)
+    reason = "; ".join(["new in Outlook", *notes])
+    return Action(ActionKind.CREATE_BC, None, outlook_id, body, outlook=outlook, email=email, reason=reason)
+
+
+def _bc_only(planning: _Planning, bc: dict[str, Any]) -> Decision:
+    """A BC contact with no Outlook counterpart: created in the folder when it is in scope."""
+    reason = _out_of_scope(bc, planning.contact_filter)
+    if reason:
+        return _skip(reason, bc["id"], None, bc.get("email"))
+    mode = planning.snap.mode
+    return Action(
+        ActionKind.CREATE_OUTLOOK,
+        bc["id"],
+        body=bc_to_outlook(bc, None, planning.snap.ctx),
+        bc=bc,
+        email=bc.get("email"),
+        reason="new in Business Central" if mode == INCREMENTAL else "missing in Outlook",
+    )
+
+
+# Helpers the cases share ----------------------------------------------------------------------------
+
+
+def _stop_syncing(
+    settings: UserSettings,
+    bc_id: str,
+    outlook_id: str,
+    *,
+    linked: bool,
+    delete_reason: str,
+    kept_reason: str,
+    gone: bool = False,
+    gone_reason: str = "",
+    bc: dict[str, Any] | None = None,
+    email: str | None = None,
+) -> Decision:
+    """A contact that is no longer synced (deleted in BC, out of scope): drop the link if Outlook lost
+    it too, else remove it from the folder (removeFromOutlook) or leave it there, unlinked.
+
+    `linked`: a link ties it to `bc_id` (a linked pair), rather than only its BC id tag (an unlinked
+    tagged contact, whose BC id's link, if any, belongs to another contact)."""
+    if gone:
+        return Action(ActionKind.UNLINK, bc_id, outlook_id, reason=gone_reason)
+    if settings.remove_from_outlook:
+        return _remove_from_folder(bc_id, outlook_id, delete_reason, bc=bc, email=email, unlinks=linked)
+    if linked:
+        return Action(ActionKind.UNLINK, bc_id, outlook_id, reason=kept_reason)
+    return _skip(kept_reason, bc_id, outlook_id, email)
+
+
+def _remove_from_folder(
+    bc_id: str,
+    outlook_id: str | None,
+    reason: str,
+    *,
+    bc: dict[str, Any] | None = None,
+    email: str | None = None,
+    unlinks: bool = True,
+) -> Action:
+    return Action(
+        ActionKind.DELETE_OUTLOOK, bc_id, outlook_id, bc=bc, email=email, reason=reason, unlinks=unlinks
+    )
+
+
+def _align_body(bc: dict[str, Any], outlook: dict[str, Any], ctx: BcContext) -> dict[str, Any] | None:
+    """The PATCH that gives an adopted Outlook contact BC's values, or None when it has them."""
+    if outlook_view(outlook, ctx) == bc_view(bc, ctx):
+        return None
+    return graph_patch(bc_to_outlook(bc, outlook, ctx), outlook)
 
 
 def _update_outlook(
-    bc: dict[str, Any], link: Link, o: dict[str, Any] | None, reason: str, ctx: BcContext
+    bc: dict[str, Any], link: Link, outlook: dict[str, Any] | None, reason: str, ctx: BcContext
 ) -> Action:
     """Write BC's values over the linked Outlook contact, keeping what only Outlook holds."""
     return Action(
-        "update_outlook",
-        "outlookUpdated",
+        ActionKind.UPDATE_OUTLOOK,
         bc["id"],
         link.outlook_id,
-        graph_patch(bc_to_outlook(bc, o, ctx), o),
+        graph_patch(bc_to_outlook(bc, outlook, ctx), outlook),
         bc=bc,
-        outlook=o,
+        outlook=outlook,
         email=bc.get("email"),
         reason=reason,
     )
 
 
-def _stand_in(
-    snap: Snapshot, by_outlook: dict[str, str], bc_id: str, email: str | None, claimed: set[str]
-) -> str | None:
+def _stand_in(planning: _Planning, bc_id: str, email: str | None) -> str | None:
     """An unlinked Outlook contact that already stands for a BC contact whose own Outlook contact is
     gone: one carrying its BC id tag (written by an interrupted run), else an untagged one with its
     email (the user's own). Adopting it avoids putting a second contact next to it."""
+    snap = planning.snap
     key = normalize_email(email)
     by_email = None
-    for oid in sorted(snap.outlook):
-        if oid in by_outlook or oid in claimed:
+    for outlook_id in sorted(snap.outlook):
+        if outlook_id in planning.linked or outlook_id in planning.claimed_outlook:
             continue
-        tag = snap.tags.get(oid)
+        tag = snap.tags.get(outlook_id)
         if tag == bc_id:
-            return oid
-        o = snap.outlook[oid]
-        same = not tag and key and normalize_email(outlook_email(o)) == key
-        if by_email is None and same and outlook_is_eligible(o) is None:
-            by_email = oid
+            return outlook_id
+        outlook = snap.outlook[outlook_id]
+        same = not tag and key and normalize_email(outlook_email(outlook)) == key
+        if by_email is None and same and outlook_is_eligible(outlook) is None:
+            by_email = outlook_id
     return by_email
 
 
-def _plan_tagged(
-    result: Plan,
-    snap: Snapshot,
-    settings: UserSettings,
-    flt: ContactFilter,
-    oid: str,
-    o: dict[str, Any],
-    tag: str,
-    claimed_bc: set[str],
-    claimed_outlook: set[str],
-) -> None:
-    """An unlinked Outlook contact carrying a BC id: ours, from a lost link or an interrupted run."""
-    email = outlook_email(o)
-    claimed_outlook.add(oid)
-    if tag in claimed_bc:
-        # Another Outlook contact already stands for this BC contact: this one is a duplicate.
-        result.actions.append(
-            Action(
-                "delete_outlook",
-                "outlookDeleted",
-                tag,
-                oid,
-                email=email,
-                reason="duplicate of a contact already synced from Business Central",
-                unlinks=False,
-            )
-        )
-        return
-    if tag not in snap.bc_index:
-        if settings.remove_from_outlook:
-            result.actions.append(
-                Action(
-                    "delete_outlook",
-                    "outlookDeleted",
-                    tag,
-                    oid,
-                    email=email,
-                    reason="deleted in Business Central",
-                    unlinks=False,
-                )
-            )
-        else:
-            result.skipped.append(
-                ReportItem("skipped", tag, oid, email, "deleted in BC; removeFromOutlook is off")
-            )
-        return
-    bc = snap.bc.get(tag)
-    if bc is None:
-        result.skipped.append(
-            ReportItem("skipped", tag, oid, email, "Business Central record not read in this run")
-        )
-        return
-    reason = _bc_reason(bc, flt)
-    if reason:
-        if settings.remove_from_outlook:
-            result.actions.append(
-                Action(
-                    "delete_outlook",
-                    "outlookDeleted",
-                    tag,
-                    oid,
-                    bc=bc,
-                    email=email,
-                    reason=f"no longer synced: {reason}",
-                    unlinks=False,
-                )
-            )
-        else:
-            result.skipped.append(
-                ReportItem("skipped", tag, oid, email, f"{reason}; removeFromOutlook is off")
-            )
-        return
-    claimed_bc.add(tag)
-    ctx = snap.ctx
-    body = None if outlook_view(o, ctx) == bc_view(bc, ctx) else graph_patch(bc_to_outlook(bc, o, ctx), o)
-    result.actions.append(
-        Action(
-            "link",
-            "linked",
-            tag,
-            oid,
-            body,
-            bc=bc,
-            outlook=o,
-            email=bc.get("email"),
-            reason="found by its Business Central id tag",
-        )
-    )
-
-
-def _plan_email_match(
-    result: Plan,
-    snap: Snapshot,
-    flt: ContactFilter,
-    oid: str,
-    o: dict[str, Any],
-    matches: list[str],
-    claimed_bc: set[str],
-    claimed_outlook: set[str],
-) -> None:
-    """A new Outlook contact whose email BC already has: link to it, BC's data wins (BEHAVIOUR §4.3)."""
-    email = outlook_email(o)
-    free = [m for m in matches if m not in claimed_bc]
-    eligible = [m for m in free if m in snap.bc and _bc_reason(snap.bc[m], flt) is None]
-    if eligible:
-        bc_id = eligible[0]
-        bc = snap.bc[bc_id]
-        claimed_bc.add(bc_id)
-        claimed_outlook.add(oid)
-        result.actions.append(
-            Action(
-                "link",
-                "linked",
-                bc_id,
-                oid,
-                graph_patch(bc_to_outlook(bc, o, snap.ctx), o),
-                bc=bc,
-                outlook=o,
-                email=bc.get("email"),
-                reason="matched a Business Central contact by email; BC's data kept",
-            )
-        )
-        return
-    if not free:
-        reason = "a contact with this email is already synced to this folder"
-    else:
-        known = [snap.bc[m] for m in free if m in snap.bc]
-        why = _bc_reason(known[0], flt) if known else "not readable"
-        reason = f"Business Central already has this email, but that contact is not synced to you ({why})"
-    result.skipped.append(ReportItem("skipped", None, oid, email, reason))
-
-
-def _guard(result: Plan, snap: Snapshot, force: bool) -> None:
+def _mass_removal_guard(result: Plan, snap: Snapshot, force: bool) -> None:
     """Refuse a run that would empty much of the folder at once (a wrong filter, a wrong company)."""
-    deletions = result.count("delete_outlook")
+    deletions = result.count(ActionKind.DELETE_OUTLOOK)
     linked = len(snap.links)
     if not force and deletions > SAFETY_MIN and deletions * 2 > linked:
         result.safety_stop = (
             f"this run would remove {deletions} of {linked} synced contacts from Outlook; "
             "nothing was changed. Check the filter and company, then run again with force to proceed."
         )
+
+
+# After a BC write ---------------------------------------------------------------------------------
+
+
+def after_bc_write(
+    written: Action,
+    bc: dict[str, Any],
+    settings: UserSettings,
+    contact_filter: ContactFilter,
+    ctx: BcContext,
+) -> Action | None:
+    """What follows a BC write that landed (`bc` is BC's answer), for the Outlook contact it came from.
+
+    A contact written to BC from Outlook may fall outside the user's filter: it leaves the folder in
+    the same run (removeFromOutlook), so the run's result is what the next run expects (BEHAVIOUR §4.5
+    idempotence). Otherwise the Outlook contact gets its BC id tag (a create) and BC's values where
+    they differ; the report counts that with the BC write.
+    """
+    dropped = _out_of_scope(bc, contact_filter) if settings.remove_from_outlook else None
+    if dropped:
+        reason = f"in Business Central now; removed from the sync folder: {dropped}"
+        return _remove_from_folder(bc["id"], written.outlook_id, reason, bc=bc, email=bc.get("email"))
+    if written.kind is ActionKind.CREATE_BC or outlook_view(written.outlook or {}, ctx) != bc_view(bc, ctx):
+        return Action(
+            ActionKind.TAG_OUTLOOK,
+            bc["id"],
+            written.outlook_id,
+            graph_patch(bc_to_outlook(bc, written.outlook, ctx), written.outlook),
+            bc=bc,
+            outlook=written.outlook,
+            email=bc.get("email"),
+            reason="tagged with its BC id",
+        )
+    return None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared import runs
 from shared.bc_client import BcClient, BcSchema, SchemaError
-from shared.executor import Executor
+from shared.executor import Executor, Outcome
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import (
     DeltaExpired,
@@ -36,25 +36,26 @@ from shared.mapping import (
     MAPPED_FIELDS,
     BcContext,
     CountryTable,
-    bc_is_eligible,
     bc_view,
     fingerprint,
     normalize_email,
     outlook_view,
 )
 from shared.model import (
+    Link,
     ReportItem,
     RunReport,
     RunStatus,
     UserSettings,
     UserState,
     iso,
+    log_fields,
     parse_iso,
     redact,
     user_hash,
     utcnow,
 )
-from shared.planner import FULL, INCREMENTAL, Snapshot, needs, plan
+from shared.planner import FULL, INCREMENTAL, Needs, Plan, Snapshot, needs, plan
 
 if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
     from shared.services import Services
@@ -115,26 +116,31 @@ class BcReader:
     def read(self, client: BcClient, company_id: str, since: str | None) -> CompanyRead:
         with self._company_lock(company_id):
             cached = self._cache.get(company_id)
-            fresh = cached is not None and time.monotonic() - cached.read_at < self.ttl
-            if fresh and (cached.since is None or (since is not None and cached.since <= since)):
+            if cached is not None and self._serves(cached, since):
                 return _narrow(cached, since)
             started = time.monotonic()
             if since is None:
-                contacts = {c["id"]: c for c in client.list_contacts(company_id)}
+                contacts = {contact["id"]: contact for contact in client.list_contacts(company_id)}
                 rows = list(contacts.values())
             else:
-                contacts = {c["id"]: c for c in client.list_contacts(company_id, modified_after=since)}
+                changed = client.list_contacts(company_id, modified_after=since)
+                contacts = {contact["id"]: contact for contact in changed}
                 rows = client.list_contacts(company_id, select=("id", "email", "type", "displayName"))
-            index = {c["id"]: normalize_email(c.get("email")) for c in rows}
+            index = {row["id"]: normalize_email(row.get("email")) for row in rows}
             companies = {
-                str(c["displayName"]).strip().casefold(): str(c["displayName"]).strip()
-                for c in rows
-                if c.get("type") == "Company" and str(c.get("displayName") or "").strip()
+                str(row["displayName"]).strip().casefold(): str(row["displayName"]).strip()
+                for row in rows
+                if row.get("type") == "Company" and str(row.get("displayName") or "").strip()
             }
             countries = CountryTable(loader=lambda: client.countries(company_id))
             read = CompanyRead(started, since, contacts, index, companies, countries)
             self._cache[company_id] = read
             return _narrow(read, since)
+
+    def _serves(self, cached: CompanyRead, since: str | None) -> bool:
+        """A fresh read that started at or before `since` holds every change a user needs."""
+        fresh = time.monotonic() - cached.read_at < self.ttl
+        return fresh and (cached.since is None or (since is not None and cached.since <= since))
 
     def forget(self, company_id: str | None = None) -> None:
         with self._lock:
@@ -149,9 +155,9 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
         return read
     since_dt = parse_iso(since)
     contacts = {
-        cid: c
-        for cid, c in read.contacts.items()
-        if c.get("lastModifiedDateTime") and parse_iso(c["lastModifiedDateTime"]) > since_dt
+        contact_id: contact
+        for contact_id, contact in read.contacts.items()
+        if contact.get("lastModifiedDateTime") and parse_iso(contact["lastModifiedDateTime"]) > since_dt
     }
     return CompanyRead(read.read_at, since, contacts, read.index, read.companies, read.countries)
 
@@ -226,8 +232,8 @@ def run_user(
     except RunInterrupted:
         runs.interrupt(report)
     except Exception as exc:  # one failing user must never stop the others
-        runs.fail(report, _describe(exc))
-        log.warning("contact sync run failed: %s", redact(report.message, settings.user))
+        runs.fail(report, _failure_message(exc))
+        log.warning("contact sync run failed: %s", redact(report.message or "", settings.user))
     finally:
         _close(store, report, counter, lease, started)
     return report
@@ -266,58 +272,44 @@ MAX_SKIP_WARNINGS = 20  # per run; the report itself lists every skipped contact
 def log_run(report: RunReport, duration: float, throttled: Mapping[str, int] | None = None) -> None:
     """One structured record per run for Application Insights, and warnings for skipped contacts.
 
-    Only ids, counts and reasons: no names, addresses, tokens or secrets. `throttled`: the requests
-    answered 429 per service (RequestCounter.throttled); the operations workbook charts them.
+    Each record is `event {compact JSON}` in the message itself (shared.model.log_fields): that is
+    what reaches `traces.message` whatever the worker's logging setup, and what the workbook and
+    alert queries parse. Only ids, counts and reasons: no names, addresses, tokens or secrets.
+    `throttled`: the requests answered 429 per service (RequestCounter.throttled); the operations
+    workbook charts them.
     """
     throttled = throttled or {}
     who = {"runId": report.runId, "userHash": user_hash(report.user)}
-    log.info(
-        "contact sync run",
-        extra={
-            "custom_dimensions": {
-                **who,
-                "mode": report.mode,
-                "dryRun": report.dryRun,
-                "status": report.status,
-                "durationSeconds": round(duration, 3),
-                **report.counts,
-                "bcRequests": report.requests.get("bc", 0),
-                "graphRequests": report.requests.get("graph", 0),
-                "bcThrottled": throttled.get("bc", 0),
-                "graphThrottled": throttled.get("graph", 0),
-            }
-        },
-    )
+    fields = {
+        **who,
+        "mode": report.mode,
+        "dryRun": report.dryRun,
+        "status": report.status,
+        "durationSeconds": round(duration, 3),
+        **report.counts,
+        "bcRequests": report.requests.get("bc", 0),
+        "graphRequests": report.requests.get("graph", 0),
+        "bcThrottled": throttled.get("bc", 0),
+        "graphThrottled": throttled.get("graph", 0),
+    }
+    log.info("contact sync run %s", log_fields(fields))
     skipped = [i for i in report.items if i.action == "skipped"]
     for item in skipped[:MAX_SKIP_WARNINGS]:
-        log.warning(
-            "contact skipped: %s",
-            item.reason,
-            extra={
-                "custom_dimensions": {
-                    **who,
-                    "bcId": item.bcId,
-                    "outlookId": item.outlookId,
-                    "reason": item.reason,
-                }
-            },
-        )
+        skip = {**who, "bcId": item.bcId, "outlookId": item.outlookId, "reason": item.reason}
+        log.warning("contact skipped %s", log_fields(skip))
     if len(skipped) > MAX_SKIP_WARNINGS:
         reasons = Counter(i.reason for i in skipped)
-        log.warning(
-            "%d more contacts skipped; the run report lists them all",
-            len(skipped) - MAX_SKIP_WARNINGS,
-            extra={
-                "custom_dimensions": {
-                    **who,
-                    "skipped": len(skipped),
-                    "reasons": dict(reasons.most_common(10)),
-                }
-            },
-        )
+        more = {
+            **who,
+            "notLogged": len(skipped) - MAX_SKIP_WARNINGS,
+            "skipped": len(skipped),
+            "reasons": dict(reasons.most_common(10)),
+        }
+        log.warning("more contacts skipped %s", log_fields(more))  # the run report lists them all
 
 
-def _describe(exc: Exception) -> str:
+def _failure_message(exc: Exception) -> str:
+    """The run report's message for a run that failed, with what to do for the usual causes."""
     if isinstance(exc, SchemaError):
         return str(exc)
     if isinstance(exc, ApiError):
@@ -338,6 +330,32 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass
+class _UserRun:
+    """One user's run as its steps hand it on: the inputs of step 1 and what the later steps read."""
+
+    settings: UserSettings
+    report: RunReport
+    store: Store
+    bc: BcClient
+    graph: GraphClient
+    contact_filter: ContactFilter
+    company_id: str
+    state: UserState
+    scope_hash: str
+    mode: str
+
+
+@dataclass
+class _BothSides:
+    """Step 2's result: the folder, its delta, the company's read and the snapshot the plan decides on."""
+
+    folder_id: str | None
+    delta: DeltaPage
+    company: CompanyRead
+    snapshot: Snapshot
+
+
 def _run(
     services: Services,
     settings: UserSettings,
@@ -349,153 +367,281 @@ def _run(
     heartbeat: Callable[[], None],
     checkpoint: Callable[[str], None],
 ) -> None:
+    """Steps 2 to 5 of a run (the lease, step 1, is `run_user`'s): read both sides, plan, apply,
+    then advance the watermarks and finish the report."""
+    run = _start(services, settings, report, counter)
+    sides = _read_both_sides(run, reader)
+    result = _plan(run, sides, force=force)
+    if result.safety_stop:
+        runs.stop_for_safety(report, result.safety_stop)
+        report.items.append(_safety_item(result.safety_stop))
+        return
+    if report.dryRun:
+        _report_dry_run(report, result)
+        return
+    if sides.folder_id is None:
+        raise RuntimeError("no Outlook folder to sync into")
+    outcome = _apply(run, sides, sides.folder_id, result, heartbeat, checkpoint)
+    checkpoint("before_watermark")
+    _finish(run, sides, sides.folder_id, outcome)
+
+
+def _start(
+    services: Services, settings: UserSettings, report: RunReport, counter: RequestCounter
+) -> _UserRun:
+    """What the run works with, and whether an incremental run must be a full one (BEHAVIOUR §4.4)."""
     store, config = services.store, services.config
     bc, graph = services.clients(counter)
-    flt = parse_filter(settings.filter)
+    contact_filter = parse_filter(settings.filter)
     company_id = settings.company_id or config.bc_company_id
     state = store.get_state(settings.user)
     scope_hash = settings_hash(settings, company_id)
     mode = report.mode
     if mode == INCREMENTAL:
-        if not state.delta_link or not state.bc_watermark:
+        why_full = _why_full(state, scope_hash, config.full_sync_hours)
+        if why_full:
             mode = FULL
-            report.message = "first run for this user: a full sync was done"
-        elif state.settings_hash != scope_hash:
-            mode = FULL
-            report.message = "settings changed since the last run: a full sync was done"
-        elif state.writing_run:
-            mode = FULL
-            report.message = "the previous run stopped while writing: a full sync was done"
-        elif _full_due(state, config.full_sync_hours):
-            mode = FULL
-            report.message = f"scheduled full reconcile (every {config.full_sync_hours:g} h)"
-    dry = report.dryRun
+            report.message = why_full
+    return _UserRun(settings, report, store, bc, graph, contact_filter, company_id, state, scope_hash, mode)
 
-    # Outlook folder --------------------------------------------------------------------------
-    previous_folder = state.folder_id
-    folder_id = _ensure_folder(graph, settings, state, report, dry)
+
+def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str | None:
+    """Why an incremental run must reconcile fully, or None."""
+    if not state.delta_link or not state.bc_watermark:
+        return "first run for this user: a full sync was done"
+    if state.settings_hash != scope_hash:
+        return "settings changed since the last run: a full sync was done"
+    if state.writing_run:
+        return "the previous run stopped while writing: a full sync was done"
+    if _full_due(state, full_sync_hours):
+        return f"scheduled full reconcile (every {full_sync_hours:g} h)"
+    return None
+
+
+# Step 2: read both sides ----------------------------------------------------------------------------
+
+
+def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
+    """The Outlook folder's delta, then Business Central (its changes, its ids), then the snapshot."""
+    folder_id, delta = _read_outlook(run)
+    run.report.mode = run.mode
+    company, ctx = _read_bc(run, reader)
+    links = run.store.get_links(run.settings.user)
+    if folder_id:
+        delta = _read_partial(run.graph, run.settings, folder_id, delta, links, company.contacts, ctx)
+    snapshot = Snapshot(
+        mode=run.mode,
+        bc=dict(company.contacts),
+        bc_index=company.index,
+        outlook={contact["id"]: contact for contact in delta.changed},
+        outlook_removed=set(delta.removed),
+        links=links,
+        tags=dict(delta.tags),
+        outlook_complete=run.mode == FULL,
+        ctx=ctx,
+    )
+    return _BothSides(folder_id, delta, company, snapshot)
+
+
+def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
+    """The sync folder (renamed, created or replaced as needed) and its delta since the last run."""
+    settings, report, graph = run.settings, run.report, run.graph
+    previous_folder = run.state.folder_id
+    folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
     if previous_folder and folder_id != previous_folder:
         # The user deleted the folder (it sits in Deleted Items, still readable, but is no longer
         # under Contacts): never write there; fill a folder under Contacts from scratch.
-        mode = FULL
+        run.mode = FULL
         report.message = (
             "the Outlook folder had been deleted (moved to Deleted Items): a new folder was created under "
             "Contacts and fully synced"
             if folder_id
             else "the Outlook folder had been deleted (moved to Deleted Items): a dry run creates no new one"
         )
-    delta = DeltaPage()
-    if folder_id:
-        try:
-            delta = graph.delta(settings.user, folder_id, state.delta_link if mode == INCREMENTAL else None)
-        except ForeignDeltaLink as exc:
-            mode = FULL
-            report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
-            log.warning(
-                "stored delta link refused: %s",
-                exc,
-                extra={"custom_dimensions": {"runId": report.runId, "userHash": user_hash(settings.user)}},
-            )
-            delta = graph.delta(settings.user, folder_id, None)
-        except DeltaExpired:
-            mode = FULL
-            report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
-            delta = graph.delta(settings.user, folder_id, None)
-        except FolderGone:
-            state.folder_id = None
-            folder_id = _ensure_folder(graph, settings, state, report, dry)
-            mode = FULL
-            report.message = "the Outlook folder had been deleted: it was created again and fully synced"
-            delta = graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
-    report.mode = mode
+    if not folder_id:
+        return folder_id, DeltaPage()
+    try:
+        delta_link = run.state.delta_link if run.mode == INCREMENTAL else None
+        return folder_id, graph.delta(settings.user, folder_id, delta_link)
+    except ForeignDeltaLink as exc:
+        run.mode = FULL
+        report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
+        refused = {
+            "runId": report.runId,
+            "userHash": user_hash(settings.user),
+            "error": redact(str(exc), settings.user),
+        }
+        log.warning("stored delta link refused %s", log_fields(refused))
+        return folder_id, graph.delta(settings.user, folder_id, None)
+    except DeltaExpired:
+        run.mode = FULL
+        report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
+        return folder_id, graph.delta(settings.user, folder_id, None)
+    except FolderGone:
+        run.state.folder_id = None
+        folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
+        run.mode = FULL
+        report.message = "the Outlook folder had been deleted: it was created again and fully synced"
+        return folder_id, graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
 
-    # Business Central --------------------------------------------------------------------
+
+def _read_bc(run: _UserRun, reader: BcReader) -> tuple[CompanyRead, BcContext]:
+    """The company's contacts changed since the watermark (all in a full run), and its context."""
     since = None
-    if mode == INCREMENTAL and state.bc_watermark:
-        since = iso(parse_iso(state.bc_watermark) - OVERLAP)
-    schema = bc.schema()
-    check_filter_fields(flt.to_json(), schema)
-    read = reader.read(bc, company_id, since)
+    if run.mode == INCREMENTAL and run.state.bc_watermark:
+        since = iso(parse_iso(run.state.bc_watermark) - OVERLAP)
+    schema = run.bc.schema()
+    check_filter_fields(run.contact_filter.to_json(), schema)
+    company = reader.read(run.bc, run.company_id, since)
     ctx = BcContext(
-        fields=frozenset(f for f in MAPPED_FIELDS if f in schema.contact_properties),
-        countries=read.countries,
-        companies=read.companies,
+        fields=frozenset(name for name in MAPPED_FIELDS if name in schema.contact_properties),
+        countries=company.countries,
+        companies=company.companies,
     )
-    links = store.get_links(settings.user)
-    if folder_id:
-        delta = _read_partial(graph, settings, folder_id, delta, links, read.contacts, ctx)
-    snap = Snapshot(
-        mode=mode,
-        bc=dict(read.contacts),
-        bc_index=read.index,
-        outlook={c["id"]: c for c in delta.changed},
-        outlook_removed=set(delta.removed),
-        links=links,
-        tags=dict(delta.tags),
-        outlook_complete=mode == FULL,
-        ctx=ctx,
-    )
-    _complete(snap, settings, flt, bc, graph, company_id, folder_id)
-    result = plan(snap, settings, flt, force=force)
-    if not snap.outlook_complete and folder_id and any(a.kind in _CREATES for a in result.actions):
-        # The folder may hold the user's own contact with that email, which this delta did not show
-        # (skipped earlier, e.g. while the BC contact was not synced). Read the folder once and plan
-        # again knowing all of it, so that contact is adopted instead of getting a duplicate.
-        for contact in graph.list_contacts(settings.user, folder_id):
-            snap.tags.setdefault(contact["id"], tag_of(contact))
-            contact.pop("singleValueExtendedProperties", None)
-            snap.outlook.setdefault(contact["id"], contact)
-        snap.outlook_complete = True
-        _complete(snap, settings, flt, bc, graph, company_id, folder_id)
-        result = plan(snap, settings, flt, force=force)
-    if mode == INCREMENTAL and state.bc_watermark:
+    return company, ctx
+
+
+# Step 3: plan -------------------------------------------------------------------------------------
+
+
+def _plan(run: _UserRun, sides: _BothSides, *, force: bool) -> Plan:
+    """Fetch what the planner needs, plan, and put the skipped contacts in the report."""
+    snapshot = sides.snapshot
+    _complete(run, snapshot, sides.folder_id)
+    result = plan(snapshot, run.settings, run.contact_filter, force=force)
+    watermark = run.state.bc_watermark
+    if run.mode == INCREMENTAL and watermark:
         # BC contacts re-read only because of the overlap window were reported by an earlier run.
-        seen = parse_iso(state.bc_watermark)
+        seen = parse_iso(watermark)
+        contacts = sides.company.contacts
         result.skipped = [
-            i
-            for i in result.skipped
-            if i.outlookId is not None
-            or i.bcId not in read.contacts
-            or parse_iso(read.contacts[i.bcId]["lastModifiedDateTime"]) > seen
+            item
+            for item in result.skipped
+            if item.outlookId is not None
+            or item.bcId not in contacts
+            or parse_iso(contacts[item.bcId]["lastModifiedDateTime"]) > seen
         ]
     for item in result.skipped:
-        report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
-    if result.safety_stop:
-        runs.stop_for_safety(report, result.safety_stop)
-        report.items.append(_safety_item(result.safety_stop))
-        return
-    if dry:
-        for a in result.actions:
-            if a.report_as:
-                report.add(a.report_as, a.bc_id, a.outlook_id, a.email, f"dry run: {a.reason}")
-        runs.succeed(report)
-        return
-    if folder_id is None:
-        raise RuntimeError("no Outlook folder to sync into")
+        run.report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
+    return result
 
+
+FETCH_ROUNDS = 4  # tags, then the BC/Outlook records they point at, then theirs
+
+
+def _complete(run: _UserRun, snapshot: Snapshot, folder_id: str | None) -> None:
+    """Fetch what `needs()` asks for until it asks nothing: records by id (at most FETCH_ROUNDS
+    rounds), the whole folder at most once (it leaves the snapshot complete), then records again."""
+    rounds = 0
+    while True:
+        wanted = needs(snapshot, run.settings, run.contact_filter)
+        if wanted.records() and rounds < FETCH_ROUNDS:
+            _fetch_records(run, snapshot, folder_id, wanted)
+            rounds += 1
+        elif wanted.whole_folder and folder_id:
+            _read_whole_folder(run, snapshot, folder_id)
+            rounds = 0
+        else:
+            return
+
+
+def _fetch_records(run: _UserRun, snapshot: Snapshot, folder_id: str | None, wanted: Needs) -> None:
+    if wanted.tags or wanted.outlook:
+        ids = sorted(wanted.tags | wanted.outlook)
+        found, missing = (
+            run.graph.get_contacts(run.settings.user, folder_id, ids) if folder_id else ({}, set(ids))
+        )
+        for outlook_id in wanted.tags:
+            snapshot.tags[outlook_id] = tag_of(found[outlook_id]) if outlook_id in found else None
+        for outlook_id, contact in found.items():
+            contact.pop("singleValueExtendedProperties", None)
+            snapshot.outlook[outlook_id] = contact
+        for outlook_id in missing:
+            snapshot.outlook.pop(outlook_id, None)
+            snapshot.outlook_removed.add(outlook_id)
+    if wanted.bc:
+        for contact in run.bc.get_contacts(run.company_id, sorted(wanted.bc)):
+            snapshot.bc[contact["id"]] = contact
+
+
+def _read_whole_folder(run: _UserRun, snapshot: Snapshot, folder_id: str) -> None:
+    """Add every contact of the folder the delta did not show (skipped earlier, e.g. while its BC
+    contact was not synced), so a create adopts it instead of putting a duplicate next to it."""
+    for contact in run.graph.list_contacts(run.settings.user, folder_id):
+        snapshot.tags.setdefault(contact["id"], tag_of(contact))
+        contact.pop("singleValueExtendedProperties", None)
+        snapshot.outlook.setdefault(contact["id"], contact)
+    snapshot.outlook_complete = True
+
+
+def _report_dry_run(report: RunReport, result: Plan) -> None:
+    for action in result.actions:
+        if action.report_as:
+            report.add(
+                action.report_as, action.bc_id, action.outlook_id, action.email, f"dry run: {action.reason}"
+            )
+    runs.succeed(report)
+
+
+# Step 4: apply ------------------------------------------------------------------------------------
+
+
+def _apply(
+    run: _UserRun,
+    sides: _BothSides,
+    folder_id: str,
+    result: Plan,
+    heartbeat: Callable[[], None],
+    checkpoint: Callable[[str], None],
+) -> Outcome:
     executor = Executor(
-        user=settings.user,
-        company_id=company_id,
+        settings=run.settings,
+        contact_filter=run.contact_filter,
+        company_id=run.company_id,
         folder_id=folder_id,
-        bc=bc,
-        graph=graph,
-        store=store,
-        report=report,
+        bc=run.bc,
+        graph=run.graph,
+        store=run.store,
+        report=run.report,
         heartbeat=heartbeat,
         checkpoint=checkpoint,
-        not_kept=lambda c: bc_is_eligible(c) or (None if flt.matches(c) else "does not match your filter"),
-        remove_from_outlook=settings.remove_from_outlook,
-        ctx=ctx,
+        ctx=sides.snapshot.ctx,
     )
-    if any(a.writes for a in result.actions):
-        state.writing_run = report.runId
-        state = store.save_state(state)
-    outcome = executor.apply(result)
+    if any(action.writes for action in result.actions):
+        # Cleared by step 5: still set next time means this run stopped midway (see UserState).
+        run.state.writing_run = run.report.runId
+        run.state = run.store.save_state(run.state)
+    return executor.apply(result)
 
-    # Watermarks advance only past what was written (BEHAVIOUR §4.3.4) ----------------------------
-    checkpoint("before_watermark")
-    newest = max((c.get("lastModifiedDateTime") or "" for c in read.contacts.values()), default="")
-    watermark = state.bc_watermark
+
+# Step 5: watermarks and report ---------------------------------------------------------------------
+
+
+def _finish(run: _UserRun, sides: _BothSides, folder_id: str, outcome: Outcome) -> None:
+    """Advance the watermarks only past what was written (BEHAVIOUR §4.3.4), then finish the report."""
+    state, report = run.state, run.report
+    state.bc_watermark = _next_bc_watermark(state.bc_watermark, sides.company.contacts, outcome)
+    if not outcome.hold_delta and sides.delta.delta_link:
+        state.delta_link = _settled_delta_link(
+            run.graph, run.settings.user, folder_id, sides.delta.delta_link, outcome, sides.snapshot.ctx
+        )
+    state.folder_id = folder_id
+    state.folder_name = run.settings.folder_name
+    state.company_id = run.company_id
+    state.settings_hash = run.scope_hash
+    if run.mode == FULL:
+        state.last_full_sync = report.startedAt
+    state.last_run_id = report.runId
+    state.writing_run = None
+    state.last_status = RunStatus.PARTIAL if outcome.failures else RunStatus.SUCCEEDED
+    run.store.save_state(state)  # before the report says so: if this fails, the run failed
+    runs.finish(report, failures=bool(outcome.failures))
+
+
+def _next_bc_watermark(current: str | None, contacts: dict[str, dict[str, Any]], outcome: Outcome) -> str:
+    """The newest change read, held back before the oldest BC record whose write failed."""
+    newest = max((contact.get("lastModifiedDateTime") or "" for contact in contacts.values()), default="")
+    watermark = current
     if newest and (watermark is None or newest > watermark):
         watermark = newest
     if outcome.hold_bc_from is not None:
@@ -503,23 +649,7 @@ def _run(
         watermark = min(watermark, held) if watermark else held
     if watermark is None:
         watermark = iso(utcnow() - OVERLAP)  # an empty company: start from now
-    state.bc_watermark = watermark
-    if not outcome.hold_delta and delta.delta_link:
-        state.delta_link = _settle(graph, settings.user, folder_id, delta.delta_link, outcome, ctx)
-    state.folder_id = folder_id
-    state.folder_name = settings.folder_name
-    state.company_id = company_id
-    state.settings_hash = scope_hash
-    if mode == FULL:
-        state.last_full_sync = report.startedAt
-    state.last_run_id = report.runId
-    state.writing_run = None
-    state.last_status = RunStatus.PARTIAL if outcome.failures else RunStatus.SUCCEEDED
-    store.save_state(state)  # before the report says so: if this fails, the run failed
-    runs.finish(report, failures=bool(outcome.failures))
-
-
-_CREATES = ("create_outlook", "recreate_outlook")
+    return watermark
 
 
 def _read_partial(
@@ -527,7 +657,7 @@ def _read_partial(
     settings: UserSettings,
     folder_id: str,
     delta: DeltaPage,
-    links: dict[str, Any],
+    links: dict[str, Link],
     bc_changed: dict[str, dict[str, Any]],
     ctx: BcContext,
 ) -> DeltaPage:
@@ -541,14 +671,16 @@ def _read_partial(
     if not settings.pull_edits_from_outlook:
         by_outlook = {link.outlook_id: bc_id for bc_id, link in links.items()}
 
-        def ignored(c: dict[str, Any]) -> bool:
-            bc_id = by_outlook.get(c["id"])
+        def ignored(contact: dict[str, Any]) -> bool:
+            bc_id = by_outlook.get(contact["id"])
             if bc_id is None or not links[bc_id].outlook_hash:
                 return False
             bc = bc_changed.get(bc_id)  # also BC records re-read only for the overlap window
             return bc is None or fingerprint(bc_view(bc, ctx)) == links[bc_id].bc_hash
 
-        delta.changed = [c for c in delta.changed if not (is_partial(c) and ignored(c))]
+        delta.changed = [
+            contact for contact in delta.changed if not (is_partial(contact) and ignored(contact))
+        ]
     return graph.fill_partial(settings.user, folder_id, delta)
 
 
@@ -568,40 +700,8 @@ def check_filter_fields(filter_spec: dict[str, str], schema: BcSchema) -> None:
         )
 
 
-def _complete(
-    snap: Snapshot,
-    settings: UserSettings,
-    flt: ContactFilter,
-    bc: BcClient,
-    graph: GraphClient,
-    company_id: str,
-    folder_id: str | None,
-) -> None:
-    """Fetch what `plan()` still needs: tags first, then the BC/Outlook records they point at."""
-    for _ in range(4):  # tags, then the BC/Outlook records they point at, then theirs
-        want = needs(snap, settings, flt)
-        if not want:
-            break
-        if want.tags or want.outlook:
-            ids = sorted(want.tags | want.outlook)
-            found, missing = (
-                graph.get_contacts(settings.user, folder_id, ids) if folder_id else ({}, set(ids))
-            )
-            for oid in want.tags:
-                snap.tags[oid] = tag_of(found[oid]) if oid in found else None
-            for oid, contact in found.items():
-                contact.pop("singleValueExtendedProperties", None)
-                snap.outlook[oid] = contact
-            for oid in missing:
-                snap.outlook.pop(oid, None)
-                snap.outlook_removed.add(oid)
-        if want.bc:
-            for c in bc.get_contacts(company_id, sorted(want.bc)):
-                snap.bc[c["id"]] = c
-
-
-def _settle(
-    graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Any, ctx: BcContext
+def _settled_delta_link(
+    graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Outcome, ctx: BcContext
 ) -> str:
     """The delta link to store: past this run's own writes when nothing else happened meanwhile.
 
@@ -620,8 +720,9 @@ def _settle(
         log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
     own = all(
-        outcome.written.get(c["id"]) == fingerprint(outlook_view(c, ctx)) for c in after.changed
-    ) and all(oid in outcome.deleted for oid in after.removed)
+        outcome.written.get(contact["id"]) == fingerprint(outlook_view(contact, ctx))
+        for contact in after.changed
+    ) and all(outlook_id in outcome.deleted for outlook_id in after.removed)
     return after.delta_link if own and after.delta_link else delta_link
 
 
@@ -661,10 +762,10 @@ def _ensure_folder(
         return state.folder_id
     found = graph.find_folder(settings.user, name)
     if found:
-        return found["id"]
+        return str(found["id"])
     if dry:
         return None
-    return graph.create_folder(settings.user, name)["id"]
+    return str(graph.create_folder(settings.user, name)["id"])
 
 
 def _under_contacts(graph: GraphClient, user: str, folder_id: str, name: str) -> bool:
@@ -692,11 +793,11 @@ def run_users(
     reader = BcReader(ttl=3600)
     _prewarm(services, reader, users, mode)
 
-    def one(s: UserSettings) -> RunReport:
+    def one(settings: UserSettings) -> RunReport:
         try:
-            return run_user(services, s, mode, dry_run=dry_run, reader=reader)
+            return run_user(services, settings, mode, dry_run=dry_run, reader=reader)
         except RunInProgress as exc:
-            return runs.skipped(s.user, mode, dry_run, str(exc))
+            return runs.skipped(settings.user, mode, dry_run, str(exc))
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(users) or 1))) as pool:
         return list(pool.map(one, users))
@@ -705,16 +806,17 @@ def run_users(
 def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mode: str) -> None:
     """Read each company once from the earliest watermark among its users."""
     by_company: dict[str, list[str | None]] = {}
-    for s in users:
-        company = s.company_id or services.config.bc_company_id
-        state = services.store.get_state(s.user)
+    for settings in users:
+        company = settings.company_id or services.config.bc_company_id
+        state = services.store.get_state(settings.user)
         since = None
         if mode == INCREMENTAL and state.bc_watermark and state.delta_link:
             since = iso(parse_iso(state.bc_watermark) - OVERLAP)
         by_company.setdefault(company, []).append(since)
     bc, _ = services.clients(RequestCounter())
-    for company, sinces in by_company.items():
-        earliest = None if any(s is None for s in sinces) else min(sinces)
+    for company, starts in by_company.items():
+        known = [start for start in starts if start is not None]
+        earliest = min(known) if len(known) == len(starts) else None  # None: someone reads everything
         try:
             reader.read(bc, company, earliest)
         except ApiError as exc:  # each user's run reports it

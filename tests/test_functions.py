@@ -59,7 +59,13 @@ def _report(run_id: str) -> RunReport:
     return report
 
 
-def _post(path: str, body: dict | bytes | None = None, jobs: Collector | None = None, **params: str):
+def _post(
+    path: str,
+    body: dict | bytes | None = None,
+    jobs: Collector | None = None,
+    context: func.Context | None = None,
+    **params: str,
+):
     """POST through function_sync_http's main, as the host calls it for `sync/{*rest}`."""
     raw = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
     rest = path.removeprefix("sync").strip("/")
@@ -70,7 +76,7 @@ def _post(path: str, body: dict | bytes | None = None, jobs: Collector | None = 
         route_params={"rest": rest},
         body=raw,
     )
-    resp = function_sync_http.main(req, jobs or Collector())
+    resp = function_sync_http.main(req, jobs or Collector(), context)
     return resp.status_code, json.loads(resp.get_body() or b"null"), resp.headers
 
 
@@ -350,7 +356,11 @@ def test_function_json_matches_main(folder):
     assert config.get("scriptFile") == "__init__.py" and "entryPoint" not in config
     main = folder.module.main
     hints = typing.get_type_hints(main)
-    params = list(inspect.signature(main).parameters)
+    params = [p for p in inspect.signature(main).parameters if p != "context"]
+    if "context" in inspect.signature(main).parameters:
+        # The worker binds `context` by name, not through function.json, and refuses an annotation that
+        # is not a class named Context (azure-functions-python-worker, functions.py Registry.add_function).
+        assert isinstance(hints["context"], type) and hints["context"].__name__ == "Context"
     named = [b for b in folder.bindings if b["name"] != "$return"]
     assert sorted(params) == sorted(b["name"] for b in named), "parameters must be exactly the bindings"
     assert len([b for b in folder.bindings if b["type"].endswith("Trigger")]) == 1
@@ -407,7 +417,15 @@ def test_function_folders_stay_thin():
 
 # Logging for Application Insights -------------------------------------------------------------
 def _run_records(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.getMessage() == "contact sync run"]
+    return [r for r in caplog.records if r.getMessage().startswith("contact sync run {")]
+
+
+def _fields(record: logging.LogRecord, event: str) -> dict:
+    """The record's fields as Application Insights keeps them: JSON in the message after the event
+    (the Python worker drops `extra`, python-worker#1327; tests/test_infra_monitoring.py has the rest)."""
+    message = record.getMessage()
+    assert message.startswith(f"{event} {{"), message
+    return json.loads(message[len(event) + 1 :])
 
 
 def test_one_structured_record_per_run_without_the_mailbox_address(world, caplog):
@@ -418,15 +436,76 @@ def test_one_structured_record_per_run_without_the_mailbox_address(world, caplog
     status, body, _ = _post("sync", {"user": ALICE, "mode": "full"})
     assert status == 200
     [record] = _run_records(caplog)
-    dims = record.custom_dimensions
+    dims = _fields(record, "contact sync run")
     assert dims["runId"] == body["runId"] and dims["mode"] == "full" and dims["status"] == "succeeded"
     assert dims["outlookCreated"] == 3 and dims["skipped"] == 1
     assert isinstance(dims["durationSeconds"], float) and dims["durationSeconds"] >= 0
     assert dims["userHash"] == user_hash(ALICE)
     assert ALICE not in json.dumps(dims) and "alice" not in json.dumps(dims).lower()
     skipped = [r for r in caplog.records if r.levelno == logging.WARNING and "skipped" in r.getMessage()]
-    assert len(skipped) == 1 and "Person" in skipped[0].getMessage()
+    assert len(skipped) == 1 and "Person" in _fields(skipped[0], "contact skipped")["reason"]
+    assert _fields(skipped[0], "contact skipped")["runId"] == body["runId"]
     assert ALICE not in skipped[0].getMessage() and "co@example.com" not in skipped[0].getMessage()
+
+
+class _Invocation(func.Context):
+    """What the worker hands `main` as `context`: the invocation id and the worker's thread-local
+    storage, which its log handler reads at emit time to tag each record with the invocation."""
+
+    def __init__(self) -> None:
+        self._id = "inv-" + "0" * 8
+        self._storage = threading.local()
+
+    @property
+    def invocation_id(self) -> str:
+        return self._id
+
+    @property
+    def thread_local_storage(self) -> threading.local:  # type: ignore[override]
+        return self._storage
+
+    function_name = "function_sync_http"
+    function_directory = str(ROOT / "function_sync_http")
+    trace_context = retry_context = None  # type: ignore[assignment]
+
+
+class _WorkerTags(logging.Handler):
+    """Stands in for the worker's AsyncLoggingHandler: it tags each record with the emitting thread's
+    invocation id (azure_functions_worker dispatcher, get_current_invocation_id); the host drops a
+    record without one (GrpcWorkerChannel.Log: "IgnoringRpcLog")."""
+
+    def __init__(self, storage: threading.local) -> None:
+        super().__init__(logging.INFO)
+        self.storage = storage
+        self.tagged: list[tuple[str, str | None]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.tagged.append((record.getMessage(), getattr(self.storage, "invocation_id", None)))
+
+
+@pytest.mark.parametrize("with_context", [True, False], ids=["context", "no-context"])
+def test_an_inline_http_run_logs_its_record_under_the_invocation(world, caplog, with_context):
+    """`POST /api/sync` runs the sync in its own thread; the worker keeps that thread's records only
+    when the thread carries the invocation id ("Logging from background threads",
+    https://learn.microsoft.com/azure/azure-functions/functions-reference-python). Without the
+    context the record would be dropped in Azure: the control case shows what the test detects."""
+    _people(world, 2)
+    world.user(ALICE)
+    caplog.set_level(logging.INFO)
+    invocation = _Invocation()
+    invocation.thread_local_storage.invocation_id = invocation.invocation_id  # the worker does this
+    tags = _WorkerTags(invocation.thread_local_storage)
+    logging.getLogger().addHandler(tags)
+    try:
+        status, body, _ = _post(
+            "sync", {"user": ALICE, "mode": "full"}, context=invocation if with_context else None
+        )
+    finally:
+        logging.getLogger().removeHandler(tags)
+    assert status == 200 and body["status"] == "succeeded"
+    [(message, tag_)] = [t for t in tags.tagged if t[0].startswith("contact sync run {")]
+    assert json.loads(message.removeprefix("contact sync run "))["runId"] == body["runId"]
+    assert tag_ == (invocation.invocation_id if with_context else None)
 
 
 def test_no_secret_token_or_storage_key_in_logs_or_error_bodies(world, caplog):
@@ -447,9 +526,7 @@ def test_no_secret_token_or_storage_key_in_logs_or_error_bodies(world, caplog):
     )
     bodies.append(json.loads(function_users_http.main(req).get_body()))
     assert bodies[1]["status"] == "failed" and not bodies[4]["ok"]
-    text = json.dumps(bodies) + "\n".join(
-        f"{r.getMessage()} {getattr(r, 'custom_dimensions', '')} {r.exc_text or ''}" for r in caplog.records
-    )
+    text = json.dumps(bodies) + "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert world.cloud.client_secret not in text
     assert DEV_KEY not in text and "AccountKey" not in text
     assert "eyJ" not in text

@@ -2,10 +2,17 @@
 
 The queries live in infra/monitoring/ and are loaded into the Bicep at compile time
 (modules/operations.bicep). These tests read them the way the deployment does, pull out the log
-record each query filters on (`message == ...`) and every `customDimensions` field it reads, and compare
-them with the records a real sync writes in the sandbox (captured from Python logging, as
-tests/test_functions.py does for the one-record-per-run log). A field renamed in shared/sync.py, or a
-query typo, fails here instead of showing an empty chart in Azure.
+record each query filters on (`message == ...`) and every field it reads from that record's JSON
+(`x = parse_json(substring(message, strlen("event ")))`, then `x.field`), and compare them with the
+records a real sync writes in the sandbox, as Azure stores them: `traces.message` is the record
+formatted by Python's default Formatter (the Functions Python worker's AsyncLoggingHandler calls
+`self.format(record)` and sends that text alone, Azure/azure-functions-python-worker
+azure_functions_worker/dispatcher.py), which the host logs verbatim (`(state, exc) => state`,
+Azure/azure-functions-host src/WebJobs.Script.Grpc/Channel/GrpcWorkerChannel.cs). `extra` never
+becomes customDimensions on that path ("Custom dimensions not showing in App Insights",
+https://github.com/Azure/azure-functions-python-worker/issues/1327), so a query that reads
+customDimensions of an app record is reported too. A field renamed in shared/sync.py, or a query
+typo, fails here instead of showing an empty chart in Azure.
 """
 
 from __future__ import annotations
@@ -110,7 +117,11 @@ def all_queries() -> list[Query]:
 # ---------------------------------------------------------------------------------------------------
 
 MESSAGE_FILTER = re.compile(r'\bmessage\s+(==|startswith|has)\s+"([^"]*)"')
-FIELD = re.compile(r"\bcustomDimensions(?:\.([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+CUSTOM_DIMENSIONS = re.compile(r"\bcustomDimensions(?:\.([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+# `run = parse_json(substring(message, strlen("contact sync run ")))`: the record's JSON, after its event.
+PARSED = re.compile(
+    r'\b([A-Za-z_]\w*)\s*=\s*parse_json\(\s*substring\(\s*message\s*,\s*strlen\(\s*"([^"]*)"\s*\)\s*\)\s*\)'
+)
 STATUS_VALUES = re.compile(r'\bstatus\s*(?:==\s*"(\w+)"|in\s*\(([^)]*)\))')
 
 
@@ -124,8 +135,18 @@ def message_filter(query: Query) -> tuple[str, str]:
     return filters[0]
 
 
-def fields(query: Query) -> set[str]:
-    return {a or b for a, b in FIELD.findall(_code(query.text))}
+def custom_dimensions(query: Query) -> set[str]:
+    return {a or b for a, b in CUSTOM_DIMENSIONS.findall(_code(query.text))}
+
+
+def parsed_columns(query: Query) -> dict[str, str]:
+    """Each column a query fills with parse_json of the message, with the event prefix it skips."""
+    return dict(PARSED.findall(_code(query.text)))
+
+
+def fields(query: Query, column: str) -> set[str]:
+    read = re.compile(rf"\b{re.escape(column)}(?:\.([A-Za-z_]\w*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
+    return {a or b for a, b in read.findall(_code(query.text))}
 
 
 def status_values(query: Query) -> set[str]:
@@ -133,6 +154,24 @@ def status_values(query: Query) -> set[str]:
     for single, listed in STATUS_VALUES.findall(_code(query.text)):
         values |= {single} if single else set(re.findall(r'"(\w+)"', listed))
     return values
+
+
+def stored_message(record: logging.LogRecord) -> str:
+    """What `traces.message` holds for a record: the worker formats it with logging's default
+    Formatter (no `extra`) and the host logs that text unchanged."""
+    return logging.Formatter().format(record)
+
+
+def logged_fields(message: str, prefix: str) -> dict[str, Any] | None:
+    """KQL's `parse_json(substring(message, strlen(prefix)))`, strictly: the JSON object after the
+    prefix, or None where Kusto would get no fields (parse_json of text that is not JSON is a string)."""
+    if not message.startswith(prefix):
+        return None
+    try:
+        parsed = json.loads(message[len(prefix) :])
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def _matches(operator: str, text: str, message: str) -> bool:
@@ -146,24 +185,38 @@ def _matches(operator: str, text: str, message: str) -> bool:
 
 
 def drift(queries: list[Query], records: list[logging.LogRecord]) -> list[str]:
-    """Each query's record and fields against the captured records: what a query reads that nobody logs."""
+    """Each query's record and fields against the captured records, as Azure stores them: what a query
+    reads that nobody logs, or reads in a way Azure does not fill."""
     poison = f"{_module_argument('poisonQueueName')}"
     host = {m.format(poison=poison) for m in HOST_MESSAGES}
+    messages = [stored_message(r) for r in records]
     found = []
     for query in queries:
         operator, text = message_filter(query)
+        columns = parsed_columns(query)
         if operator == "has" and text in host:
-            if fields(query):
-                found.append(f"{query.where}: reads customDimensions of a host record")
+            if custom_dimensions(query) or columns:
+                found.append(f"{query.where}: reads fields of a host record")
             continue
-        matching = [r for r in records if _matches(operator, text, r.getMessage())]
+        found += [
+            f"{query.where}: reads customDimensions.{f}, which the Python worker never fills (python-worker#1327)"
+            for f in sorted(custom_dimensions(query))
+        ]
+        matching = [m for m in messages if _matches(operator, text, m)]
         if not matching:
             found.append(f"{query.where}: no logged record has message {operator} {text!r}")
             continue
-        logged = set().union(*(getattr(r, "custom_dimensions", {}).keys() for r in matching))
-        found += [
-            f"{query.where}: customDimensions.{f} is not logged" for f in sorted(fields(query) - logged)
-        ]
+        for column, prefix in columns.items():
+            parsed = [logged_fields(m, prefix) for m in matching]
+            if any(p is None for p in parsed):
+                found.append(
+                    f"{query.where}: {column}: a matching message has no JSON object after {prefix!r}"
+                )
+                continue
+            logged = set().union(*(p.keys() for p in parsed if p is not None))
+            found += [
+                f"{query.where}: {column}.{f} is not logged" for f in sorted(fields(query, column) - logged)
+            ]
     return found
 
 
@@ -189,26 +242,75 @@ def logged(world, caplog) -> list[logging.LogRecord]:
 
 
 def _run_records(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
-    return [r.custom_dimensions for r in records if r.getMessage() == "contact sync run"]
+    found = [logged_fields(stored_message(r), "contact sync run ") for r in records]
+    return [f for f in found if f is not None]
 
 
 def test_every_field_the_workbook_and_alerts_query_is_logged(logged):
     queries = all_queries()
     assert len(workbook_queries()) >= 6 and len(alert_queries()) == 3
     assert drift(queries, logged) == []
+    read: dict[str, set[str]] = {}
+    for q in queries:
+        for column in parsed_columns(q):
+            read.setdefault(column, set()).update(fields(q, column))
+    assert {"status", "userHash", "dryRun", "bcThrottled"} <= read["run"] and "reason" in read["skip"]
 
 
-def test_the_drift_check_reports_a_renamed_field_and_an_unknown_record(logged):
+def test_the_drift_check_reports_a_renamed_field_an_unknown_record_and_what_azure_does_not_fill(logged):
+    run = 'traces\n| where message startswith "contact sync run {"\n'
     renamed = Query(
-        "t:renamed", 'traces\n| where message == "contact sync run"\n| project customDimensions.durationMs'
+        "t:renamed",
+        run
+        + '| extend run = parse_json(substring(message, strlen("contact sync run ")))\n| project run.durationMs',
     )
-    unknown = Query(
-        "t:unknown", 'traces\n| where message == "sync run finished"\n| project customDimensions.status'
+    unknown = Query("t:unknown", 'traces\n| where message == "sync run finished"\n| project message')
+    legacy = Query("t:legacy", run + "| project tostring(customDimensions.status)")
+    offset = Query(
+        "t:offset",
+        run + '| extend run = parse_json(substring(message, strlen("contact sync ")))\n| project run.status',
     )
-    assert drift([renamed, unknown], logged) == [
-        "t:renamed: customDimensions.durationMs is not logged",
+    assert drift([renamed, unknown, legacy, offset], logged) == [
+        "t:renamed: run.durationMs is not logged",
         "t:unknown: no logged record has message == 'sync run finished'",
+        "t:legacy: reads customDimensions.status, which the Python worker never fills (python-worker#1327)",
+        "t:offset: run: a matching message has no JSON object after 'contact sync '",
     ]
+
+
+def test_run_records_reach_traces_as_one_line_of_event_and_json(logged):
+    """The message is all Azure keeps: one line, the event, one space, a JSON object, and nothing in
+    `extra` that a reader might expect to find in customDimensions."""
+    runs = [r for r in logged if stored_message(r).startswith("contact sync run {")]
+    assert len(runs) == 2
+    for record in logged:
+        assert not hasattr(record, "custom_dimensions"), record.getMessage()
+    for record in runs:
+        message = stored_message(record)
+        assert "\n" not in message and message == record.getMessage()
+        fields_ = logged_fields(message, "contact sync run ")
+        assert fields_ is not None and message.endswith("}")
+        assert set(fields_) >= {"runId", "userHash", "mode", "dryRun", "status", "durationSeconds"}
+
+
+def test_skip_warnings_stop_at_twenty_and_a_summary_counts_the_rest(world, caplog):
+    """Each structured line is `event {JSON}` too: 22 skipped contacts give 20 `contact skipped` lines
+    with their run and reason, then one `more contacts skipped` line that counts the two not logged."""
+    caplog.set_level(logging.INFO)
+    for i in range(22):
+        world.cloud.bc.seed_contact(
+            world.company, type="Company", displayName=f"Company {i:02d}", email=f"c{i}@example.com"
+        )
+    world.user(ALICE)
+    report = world.sync(ALICE, mode="full")
+    assert report.counts["skipped"] == 22
+    messages = [stored_message(r) for r in caplog.records]
+    skips = [logged_fields(m, "contact skipped ") for m in messages if m.startswith("contact skipped {")]
+    assert len(skips) == 20
+    assert all(s and s["runId"] == report.runId and s["userHash"] == user_hash(ALICE) for s in skips)
+    (more,) = [logged_fields(m, "more contacts skipped ") for m in messages if m.startswith("more contacts")]
+    assert more is not None and (more["notLogged"], more["skipped"]) == (2, 22)
+    assert sum(more["reasons"].values()) == 22 and ALICE not in "\n".join(messages)
 
 
 def test_status_values_in_queries_are_run_report_statuses():
@@ -258,7 +360,7 @@ def test_no_mailbox_address_reaches_the_records_the_queries_read(logged):
     """The failed run's warning quoted Graph's error, which names the mailbox; logs name users by hash."""
     read = [r for q in all_queries() for r in logged if _matches(*message_filter(q), r.getMessage())]
     assert any(r.getMessage().startswith("contact sync run failed: ") for r in read)
-    text = "\n".join(r.getMessage() + json.dumps(getattr(r, "custom_dimensions", {})) for r in read)
+    text = "\n".join(stored_message(r) for r in read)
     assert ALICE not in text.lower() and GHOST not in text.lower() and "%40" not in text
     assert f"<user {user_hash(GHOST)}>" in text
 

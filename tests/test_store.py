@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -235,19 +234,12 @@ def test_links_upsert_in_transactions_and_idempotent_delete(store):
 
 
 @pytest.mark.slow
-def test_twenty_thousand_links_round_trip(store):
-    links = _links(20_000)
-    t0 = time.perf_counter()
+def test_links_round_trip_across_pages_and_transactions(store):
+    """Links span Table Storage's 1,000-entity query pages and 100-operation transactions: every one
+    comes back exactly as written. (How long this takes is the benchmark's business, not a test's.)"""
+    links = _links(2_345)
     store.upsert_links(ALICE, links)
-    t1 = time.perf_counter()
-    stored = store.get_links(ALICE)
-    t2 = time.perf_counter()
-    print(f"\n20,000 links: upsert {t1 - t0:.1f} s, get_links {t2 - t1:.2f} s")
-    assert _no_etag(stored) == {link.bc_id: link for link in links}
-    # Every run reads all links, so reading is what must stay fast. Writing them all happens once per
-    # user (first full sync) and is not timed: Azurite looks rows up by scanning the partition, so its
-    # write cost grows with the partition (about 60 s here) in a way real Table Storage's does not.
-    assert t2 - t1 < 3
+    assert _no_etag(store.get_links(ALICE)) == {link.bc_id: link for link in links}
 
 
 # --- state ----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ to the services' injectable `sleep` (recorded, not slept).
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -19,7 +20,7 @@ from urllib.parse import quote
 import pytest
 
 from shared import services as app_services
-from shared.model import WRITE_ACTIONS
+from shared.model import WRITE_ACTIONS, user_hash
 
 ALICE = "alice@contoso.example"
 BOB = "bob@contoso.example"
@@ -227,9 +228,10 @@ def test_a_foreign_link_in_an_answer_is_refused_unsent_and_other_users_are_unaff
     assert writes(sync(client, ALICE)) == 0
 
 
-def test_a_stored_delta_link_to_a_foreign_host_is_not_used(client, world):
+def test_a_stored_delta_link_to_a_foreign_host_is_not_used(client, world, caplog):
     """A delta link in Table Storage that points elsewhere (tampered, or from another cloud) is
-    refused without a request: the run does a full sync instead and says why; nothing is lost."""
+    refused without a request: the run does a full sync instead and says why, in the report and in a
+    `stored delta link refused {JSON}` warning that names the run and the user's hash; nothing is lost."""
     people = {world.person(f"Person {i}")["email"] for i in range(3)}
     put_user(client, world, ALICE)
     assert sync(client, mode="full")["status"] == "succeeded"
@@ -243,6 +245,12 @@ def test_a_stored_delta_link_to_a_foreign_host_is_not_used(client, world):
     assert report["status"] == "succeeded", report
     assert report["mode"] == "full" and "delta link was not used" in report["message"]
     assert f"127.0.0.1:{foreign.port}" in report["message"]
+    (refused,) = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("stored delta link refused")
+    ]
+    fields = json.loads(refused.removeprefix("stored delta link refused "))
+    assert fields["runId"] == report["runId"] and fields["userHash"] == user_hash(ALICE)
+    assert f"127.0.0.1:{foreign.port}" in fields["error"] and ALICE not in refused
     assert_each_once(world, people)
     assert writes(sync(client)) == 0
 

@@ -843,3 +843,27 @@ def test_injected_faults(world):
     assert unavailable.status_code == 503 and unavailable.json()["error"]["code"] == "ServiceUnavailable"
     assert html.status_code == 502 and html.headers["Content-Type"].startswith("text/html")
     assert healthy.status_code == 200
+
+
+def test_json_batch_is_answered_in_json_unless_the_tenant_switch_answers_multipart(world):
+    """Documented: a `$batch` sent as JSON with `Accept: application/json` is answered with a JSON
+    body of `responses` (BC 17.1 and later). The switch `json_batch_answers = False` stands for a
+    tenant that answers OData multipart/mixed instead (the conformance check must notice).
+    Sources: "Using OData transactional $batch requests",
+    https://learn.microsoft.com/dynamics365/business-central/dev-itpro/webservices/use-odata-batch ;
+    OData Version 4.01 Part 1: Protocol, §11.7 Batch Requests,
+    https://docs.oasis-open.org/odata/odata/v4.01/odata-v4.01-part1-protocol.html
+    """
+    ops = [{"id": "1", "method": "GET", "url": f"companies({world.company})?$select=id"}]
+    as_json = batch(world, ops, Accept="application/json")
+    assert as_json.headers["Content-Type"].startswith("application/json")
+    assert [r["status"] for r in as_json.json()["responses"]] == [200]
+
+    world.bc.json_batch_answers = False
+    multipart = batch(world, ops, Accept="application/json")
+    assert multipart.status_code == 200
+    ctype = multipart.headers["Content-Type"]
+    assert ctype.startswith("multipart/mixed; boundary=")
+    boundary = ctype.split("boundary=", 1)[1]
+    assert multipart.text.count(f"--{boundary}") == 2 and multipart.text.rstrip().endswith(f"--{boundary}--")
+    assert "HTTP/1.1 200 OK" in multipart.text and world.company in multipart.text

@@ -912,3 +912,25 @@ def test_counters_record_calls_and_operations_per_mailbox(client: GraphClient, g
     assert alice.http_count("GET", "contacts.list") == 0  # inside the batch: items, not calls
     assert graph.mailbox_counters[BOB].http_total == 1
     assert graph.counters.http_total == 3 and graph.counters.item_count("GET", "contacts.list") == 3
+
+
+# --------------------------------------------------------------------------- conformance switches
+def test_immutable_id_preference_is_honoured_unless_the_tenant_switch_turns_it_off(
+    client: GraphClient, graph: GraphService
+):
+    """Documented: `Prefer: IdType="ImmutableId"` makes Graph answer immutable ids, distinct from the
+    default (REST) ids, and it says so in `Preference-Applied`. The switch `honour_immutable_ids =
+    False` stands for a tenant that ignores the preference (the conformance check must notice).
+    Source: "Obtain immutable identifiers for Outlook resources", https://learn.microsoft.com/graph/outlook-immutable-id
+    """
+    fid = make_folder(client)
+    immutable_client = client.with_immutable_ids()
+    created = immutable_client.post(
+        f"/users/{ALICE}/contactFolders/{fid}/contacts", json={"displayName": "Ann"}
+    )
+    plain_id = client.get(f"/users/{ALICE}/contacts/{created.json()['id']}").json()["id"]
+    assert created.json()["id"] != plain_id and "ImmutableId" in created.headers["Preference-Applied"]
+
+    graph.honour_immutable_ids = False
+    ignored = immutable_client.get(f"/users/{ALICE}/contacts/{plain_id}")
+    assert ignored.json()["id"] == plain_id and "Preference-Applied" not in ignored.headers

@@ -1,0 +1,471 @@
+"""The sync rules, tested where they live: hand-built snapshots in, the planner's decision out.
+
+`shared/planner.py` is pure, so its rules (BEHAVIOUR §4.3) are checked here without Azurite or the
+sandbox: one row per case of the decision table in `plan()`'s docstring, one per answer of
+`needs()`, and the decision after a BC write. The end-to-end tests (tests/test_sync_*.py,
+tests/reliability/) stay the acceptance layer; this file is where a new rule gets its row first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+
+from shared.executor import route_of
+from shared.filters import ContactFilter, parse_filter
+from shared.mapping import DEFAULT_CONTEXT, bc_to_outlook, bc_view, fingerprint, normalize_email, outlook_view
+from shared.model import ACTIONS, WRITE_ACTIONS, ActionKind, Link, UserSettings
+from shared.planner import (
+    FULL,
+    INCREMENTAL,
+    SAFETY_MIN,
+    Action,
+    Needs,
+    Plan,
+    Snapshot,
+    after_bc_write,
+    needs,
+    plan,
+)
+
+USER = UserSettings(user="alice@contoso.example")
+NO_REMOVE = replace(USER, remove_from_outlook=False)
+PULL_EDITS = replace(USER, pull_edits_from_outlook=True)
+NO_PULL_NEW = replace(USER, pull_new_from_outlook=False)
+OSLO_ONLY = parse_filter({"city": "Oslo"})
+EVERYONE = parse_filter({})
+
+
+def bc(bc_id: str, name: str = "Ada Lovelace", email: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A BC contact as the API returns it (the fields the mapping reads)."""
+    return {
+        "id": bc_id,
+        "type": "Person",
+        "displayName": name,
+        "email": email if email is not None else f"{bc_id}@example.com",
+        "lastModifiedDateTime": "2026-01-01T00:00:00Z",
+        "@odata.etag": f'W/"{bc_id}"',
+        **fields,
+    }
+
+
+def outlook(outlook_id: str, of: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    """An Outlook contact as the planner holds it (tag stripped): BC's values by default."""
+    contact = bc_to_outlook(of or bc("x"))
+    contact.pop("singleValueExtendedProperties", None)
+    return {**contact, "id": outlook_id, **fields}
+
+
+def link(bc_record: dict[str, Any], contact: dict[str, Any]) -> Link:
+    """The link a run leaves after writing `bc_record` as `contact`."""
+    return Link(
+        bc_id=bc_record["id"],
+        outlook_id=contact["id"],
+        bc_hash=fingerprint(bc_view(bc_record)),
+        outlook_hash=fingerprint(outlook_view(contact)),
+        email=bc_record["email"],
+    )
+
+
+@dataclass
+class Sides:
+    """A snapshot, spelled the way a test thinks of it."""
+
+    read: list[dict[str, Any]] = field(default_factory=list)  # BC records read this run
+    unread: list[dict[str, Any]] = field(default_factory=list)  # in BC, unchanged, not read
+    contacts: list[dict[str, Any]] = field(default_factory=list)  # Outlook contacts known this run
+    removed: set[str] = field(default_factory=set)  # Outlook ids delta reported removed
+    links: list[Link] = field(default_factory=list)
+    tags: dict[str, str | None] = field(default_factory=dict)  # unlisted known contacts: untagged
+    unknown_tags: set[str] = field(default_factory=set)  # contacts whose tag was not read yet
+    mode: str = INCREMENTAL
+    complete: bool | None = None  # default: a full run has read the whole folder
+
+    def snapshot(self) -> Snapshot:
+        tags: dict[str, str | None] = {c["id"]: None for c in self.contacts}
+        tags.update(self.tags)
+        for outlook_id in self.unknown_tags:
+            tags.pop(outlook_id, None)
+        return Snapshot(
+            mode=self.mode,
+            bc={r["id"]: r for r in self.read},
+            bc_index={r["id"]: normalize_email(r["email"]) for r in [*self.read, *self.unread]},
+            outlook={c["id"]: c for c in self.contacts},
+            outlook_removed=set(self.removed),
+            links={item.bc_id: item for item in self.links},
+            tags=tags,
+            outlook_complete=self.mode == FULL if self.complete is None else self.complete,
+        )
+
+
+def decided(result: Plan) -> list[tuple[str, str | None, str | None, str]]:
+    """The plan as a reader checks it: what happens to which contact, and why."""
+    actions = [(a.kind.value, a.bc_id, a.outlook_id, a.reason) for a in result.actions]
+    skipped = [("skipped", i.bcId, i.outlookId, i.reason or "") for i in result.skipped]
+    return actions + skipped
+
+
+ADA = bc("b1", "Ada Lovelace", "ada@example.com")
+ADA_IN_OUTLOOK = outlook("o1", ADA)
+ADA_LINK = link(ADA, ADA_IN_OUTLOOK)
+ADA_CHANGED = {**ADA, "jobTitle": "Analyst", "lastModifiedDateTime": "2026-02-01T00:00:00Z"}
+ADA_EDITED_IN_OUTLOOK = {**ADA_IN_OUTLOOK, "jobTitle": "Countess"}
+ADA_IN_OSLO = {**ADA, "city": "Oslo"}
+BOB = bc("b2", "Bob Baker", "bob@example.com")
+NEW_IN_OUTLOOK = outlook("o9", bc("n", "Nia New", "nia@example.com"))
+NO_MAIL = outlook("o8", bc("n", "Nemo Nomail", "x@example.com"), emailAddresses=[])
+
+Row = tuple[Sides, UserSettings, ContactFilter, list[tuple[str, str | None, str | None, str]]]
+
+# fmt: off
+PLAN_CASES: dict[str, Row] = {
+    # Linked pair ---------------------------------------------------------------------------------
+    "linked/deleted in BC: removed from Outlook": (
+        Sides(contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK]), USER, EVERYONE,
+        [("delete_outlook", "b1", "o1", "deleted in Business Central")]),
+    "linked/deleted in BC, removeFromOutlook off: unlinked, left in Outlook": (
+        Sides(contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK]), NO_REMOVE, EVERYONE,
+        [("unlink", "b1", "o1", "deleted in BC; removeFromOutlook is off")]),
+    "linked/deleted on both sides: unlinked": (
+        Sides(removed={"o1"}, links=[ADA_LINK]), USER, EVERYONE,
+        [("unlink", "b1", "o1", "deleted on both sides")]),
+    "linked/unchanged in BC, not read: nothing": (
+        Sides(unread=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK]), USER, EVERYONE,
+        []),
+    "linked/out of scope: removed from Outlook": (
+        Sides(read=[ADA], links=[ADA_LINK]), USER, OSLO_ONLY,
+        [("delete_outlook", "b1", "o1", "no longer synced: does not match your filter")]),
+    "linked/out of scope, removeFromOutlook off: unlinked": (
+        Sides(read=[ADA], links=[ADA_LINK]), NO_REMOVE, OSLO_ONLY,
+        [("unlink", "b1", "o1", "does not match your filter; removeFromOutlook is off")]),
+    "linked/out of scope and gone from Outlook: unlinked": (
+        Sides(read=[ADA], removed={"o1"}, links=[ADA_LINK]), USER, OSLO_ONLY,
+        [("unlink", "b1", "o1", "does not match your filter")]),
+    "linked/deleted in Outlook: recreated": (
+        Sides(read=[ADA], removed={"o1"}, links=[ADA_LINK]), USER, EVERYONE,
+        [("recreate_outlook", "b1", None, "deleted in Outlook, kept in Business Central")]),
+    "linked/missing from a complete folder: recreated": (
+        Sides(read=[ADA], links=[ADA_LINK], mode=FULL), USER, EVERYONE,
+        [("recreate_outlook", "b1", None, "deleted in Outlook, kept in Business Central")]),
+    "linked/deleted in Outlook, a tagged stand-in is there: adopted": (
+        Sides(read=[ADA], contacts=[outlook("o2", ADA)], removed={"o1"}, links=[ADA_LINK],
+              tags={"o2": "b1"}), USER, EVERYONE,
+        [("link", "b1", "o2", "deleted in Outlook; the folder has another contact for it (same BC id tag "
+          "or email), which is adopted instead of recreating one")]),
+    "linked/deleted in Outlook, the user's own contact has its email: adopted": (
+        Sides(read=[ADA], contacts=[outlook("o2", ADA)], removed={"o1"}, links=[ADA_LINK]), USER, EVERYONE,
+        [("link", "b1", "o2", "deleted in Outlook; the folder has another contact for it (same BC id tag "
+          "or email), which is adopted instead of recreating one")]),
+    "linked/changed in BC: Outlook updated": (
+        Sides(read=[ADA_CHANGED], contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK]), USER, EVERYONE,
+        [("update_outlook", "b1", "o1", "changed in Business Central")]),
+    "linked/changed in BC, Outlook contact not read (dry run): Outlook updated": (
+        Sides(read=[ADA_CHANGED], links=[ADA_LINK]), USER, EVERYONE,
+        [("update_outlook", "b1", "o1", "changed in Business Central")]),
+    "linked/edited in Outlook, incremental: ignored": (
+        Sides(read=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK]), USER, EVERYONE,
+        []),
+    "linked/edited in Outlook, full: BC wins": (
+        Sides(read=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK], mode=FULL), USER, EVERYONE,
+        [("update_outlook", "b1", "o1", "edited in Outlook; Business Central wins")]),
+    "linked/edited in Outlook, pullEditsFromOutlook: BC updated": (
+        Sides(read=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK]), PULL_EDITS, EVERYONE,
+        [("update_bc", "b1", "o1", "edited in Outlook")]),
+    "linked/both sides agree again: link refreshed": (
+        Sides(read=[ADA_CHANGED], contacts=[outlook("o1", ADA_CHANGED)], links=[ADA_LINK]), USER, EVERYONE,
+        [("refresh_link", "b1", "o1", "")]),
+    "linked/never tagged (interrupted run): tagged": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], links=[replace(ADA_LINK, outlook_hash="")]),
+        USER, EVERYONE,
+        [("update_outlook", "b1", "o1",
+          "tagged with its Business Central id (an earlier run was interrupted)")]),
+    "linked/in step: nothing": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK], mode=FULL), USER, EVERYONE,
+        []),
+    # Unlinked Outlook contact ----------------------------------------------------------------------
+    "unlinked/tagged: adopted": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), USER, EVERYONE,
+        [("link", "b1", "o1", "found by its Business Central id tag")]),
+    "unlinked/tagged duplicate of a linked contact: removed": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK, outlook("o2", ADA)], links=[ADA_LINK],
+              tags={"o2": "b1"}), NO_REMOVE, EVERYONE,
+        [("delete_outlook", "b1", "o2", "duplicate of a contact already synced from Business Central")]),
+    "unlinked/tagged, deleted in BC: removed": (
+        Sides(contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), USER, EVERYONE,
+        [("delete_outlook", "b1", "o1", "deleted in Business Central")]),
+    "unlinked/tagged, deleted in BC, removeFromOutlook off: skipped": (
+        Sides(contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), NO_REMOVE, EVERYONE,
+        [("skipped", "b1", "o1", "deleted in BC; removeFromOutlook is off")]),
+    "unlinked/tagged, out of scope: removed": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), USER, OSLO_ONLY,
+        [("delete_outlook", "b1", "o1", "no longer synced: does not match your filter"),
+         ("skipped", "b1", None, "does not match your filter")]),  # the BC contact's own row
+    "unlinked/tagged, out of scope, removeFromOutlook off: skipped": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), NO_REMOVE, OSLO_ONLY,
+        [("skipped", "b1", "o1", "does not match your filter; removeFromOutlook is off"),
+         ("skipped", "b1", None, "does not match your filter")]),
+    "unlinked/tagged, BC record not read: skipped": (
+        Sides(unread=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), USER, EVERYONE,
+        [("skipped", "b1", "o1", "Business Central record not read in this run")]),
+    "unlinked/not eligible: skipped": (
+        Sides(contacts=[NO_MAIL]), USER, EVERYONE,
+        [("skipped", None, "o8", "no email address")]),
+    "unlinked/email in BC: adopted, BC's data kept": (
+        Sides(read=[ADA], contacts=[outlook("o5", ADA, jobTitle="Countess")]), NO_PULL_NEW, EVERYONE,
+        [("link", "b1", "o5", "matched a Business Central contact by email; BC's data kept")]),
+    "unlinked/email in BC, that contact out of scope: skipped": (
+        Sides(read=[ADA], contacts=[outlook("o5", ADA)]), USER, OSLO_ONLY,
+        [("skipped", None, "o5", "Business Central already has this email, but that contact is not "
+          "synced to you (does not match your filter)"),
+         ("skipped", "b1", None, "does not match your filter")]),
+    "unlinked/email already synced to this folder: skipped": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK, outlook("o5", ADA)], links=[ADA_LINK]), USER, EVERYONE,
+        [("skipped", None, "o5", "a contact with this email is already synced to this folder")]),
+    "unlinked/new: goes to BC": (
+        Sides(contacts=[NEW_IN_OUTLOOK]), USER, EVERYONE,
+        [("create_bc", None, "o9", "new in Outlook")]),
+    "unlinked/new, pullNewFromOutlook off: skipped": (
+        Sides(contacts=[NEW_IN_OUTLOOK]), NO_PULL_NEW, EVERYONE,
+        [("skipped", None, "o9", "new Outlook contact not sent to BC: pullNewFromOutlook is off")]),
+    "unlinked/two new with one email: the first goes to BC": (
+        Sides(contacts=[NEW_IN_OUTLOOK, {**NEW_IN_OUTLOOK, "id": "o99"}]), USER, EVERYONE,
+        [("create_bc", None, "o9", "new in Outlook"),
+         ("skipped", None, "o99", "another new Outlook contact with the same email goes to BC in this run")]),
+    # BC contact without a pair -------------------------------------------------------------------
+    "bc only/new in BC: created in Outlook": (
+        Sides(read=[BOB]), USER, EVERYONE,
+        [("create_outlook", "b2", None, "new in Business Central")]),
+    "bc only/full run: created in Outlook": (
+        Sides(read=[BOB], mode=FULL), USER, EVERYONE,
+        [("create_outlook", "b2", None, "missing in Outlook")]),
+    "bc only/out of scope: skipped": (
+        Sides(read=[BOB, {**ADA_IN_OSLO, "type": "Company"}]), USER, OSLO_ONLY,
+        [("skipped", "b1", None, "type is Company, only Person contacts are synchronized"),
+         ("skipped", "b2", None, "does not match your filter")]),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("sides, settings, contact_filter, expected", PLAN_CASES.values(), ids=PLAN_CASES)
+def test_plan_decides_each_case_of_the_table(
+    sides: Sides, settings: UserSettings, contact_filter: ContactFilter, expected: list[Any]
+) -> None:
+    result = plan(sides.snapshot(), settings, contact_filter)
+    assert decided(result) == expected
+    assert result.safety_stop is None
+
+
+def test_an_adopted_contact_that_already_has_bcs_values_is_not_written() -> None:
+    result = plan(Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}).snapshot(), USER, EVERYONE)
+    [adopt] = result.actions
+    assert (adopt.kind, adopt.body) == (ActionKind.LINK, None)
+    assert route_of(adopt) == "store"
+
+
+def test_a_pulled_outlook_edit_is_sent_with_bcs_etag() -> None:
+    sides = Sides(read=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK])
+    [update] = plan(sides.snapshot(), PULL_EDITS, EVERYONE).actions
+    assert update.etag == ADA["@odata.etag"]
+    assert update.body == {"jobTitle": "Countess"}
+
+
+def many_linked(count: int) -> Sides:
+    records = [bc(f"b{i:02}") for i in range(count)]
+    contacts = [outlook(f"o{i:02}", r) for i, r in enumerate(records)]
+    return Sides(
+        read=records, contacts=contacts, links=[link(r, c) for r, c in zip(records, contacts, strict=True)]
+    )
+
+
+@pytest.mark.parametrize(
+    "count, force, stopped",
+    [
+        pytest.param(SAFETY_MIN + 1, False, True, id="more than half and more than ten: stopped"),
+        pytest.param(SAFETY_MIN + 1, True, False, id="forced: goes ahead"),
+        pytest.param(SAFETY_MIN, False, False, id="ten or fewer: goes ahead"),
+    ],
+)
+def test_mass_removal_guard(count: int, force: bool, stopped: bool) -> None:
+    result = plan(many_linked(count).snapshot(), USER, OSLO_ONLY, force=force)
+    assert result.count(ActionKind.DELETE_OUTLOOK) == count
+    assert (result.safety_stop is not None) is stopped
+    if stopped:
+        assert f"would remove {count} of {count} synced contacts" in str(result.safety_stop)
+
+
+# needs() ----------------------------------------------------------------------------------------------
+
+NEEDS_CASES: dict[str, tuple[Sides, UserSettings, Needs]] = {
+    "nothing missing: asks nothing": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK]),
+        USER,
+        Needs(),
+    ),
+    "unlinked contact with an unknown tag: its tag first": (
+        Sides(read=[ADA], contacts=[NEW_IN_OUTLOOK], unknown_tags={"o9"}),
+        USER,
+        Needs(tags={"o9"}),
+    ),
+    "tagged contact whose BC record was not read: that record": (
+        Sides(unread=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}),
+        USER,
+        Needs(bc={"b1"}),
+    ),
+    "tagged contact, its BC id's linked contact unknown: that contact": (
+        Sides(read=[ADA], contacts=[outlook("o2", ADA)], links=[ADA_LINK], tags={"o2": "b1"}),
+        USER,
+        Needs(outlook={"o1"}),
+    ),
+    "user's contact with an email BC has: that BC record": (
+        Sides(unread=[ADA], contacts=[outlook("o5", ADA)]),
+        USER,
+        Needs(bc={"b1"}),
+    ),
+    "linked pair gone from Outlook, BC not read: the record to recreate it": (
+        Sides(unread=[ADA], removed={"o1"}, links=[ADA_LINK]),
+        USER,
+        Needs(bc={"b1"}),
+    ),
+    "linked pair never tagged: both sides": (
+        Sides(unread=[ADA], links=[replace(ADA_LINK, outlook_hash="")]),
+        USER,
+        Needs(bc={"b1"}, outlook={"o1"}),
+    ),
+    "Outlook edit to pull, BC not read: the BC record and its etag": (
+        Sides(unread=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK]),
+        PULL_EDITS,
+        Needs(bc={"b1"}),
+    ),
+    "Outlook edit not pulled: nothing": (
+        Sides(unread=[ADA], contacts=[ADA_EDITED_IN_OUTLOOK], links=[ADA_LINK]),
+        USER,
+        Needs(),
+    ),
+    "changed in BC, Outlook contact not read: the Outlook contact": (
+        Sides(read=[ADA_CHANGED], links=[ADA_LINK]),
+        USER,
+        Needs(outlook={"o1"}),
+    ),
+    "a create in an incremental run: the whole folder": (Sides(read=[BOB]), USER, Needs(whole_folder=True)),
+    "a recreate in an incremental run: the whole folder": (
+        Sides(read=[ADA], removed={"o1"}, links=[ADA_LINK]),
+        USER,
+        Needs(whole_folder=True),
+    ),
+    "a create in a full run: nothing, the folder is read": (Sides(read=[BOB], mode=FULL), USER, Needs()),
+}
+
+
+@pytest.mark.parametrize("sides, settings, expected", NEEDS_CASES.values(), ids=NEEDS_CASES)
+def test_needs_asks_for_what_the_plan_lacks(sides: Sides, settings: UserSettings, expected: Needs) -> None:
+    assert needs(sides.snapshot(), settings, EVERYONE) == expected
+
+
+def test_gone_from_outlook_is_one_rule() -> None:
+    incremental = Sides(contacts=[ADA_IN_OUTLOOK], removed={"o2"}).snapshot()
+    complete = Sides(contacts=[ADA_IN_OUTLOOK], mode=FULL).snapshot()
+    assert [incremental.gone_from_outlook(i) for i in ("o1", "o2", "o3")] == [False, True, False]
+    assert [complete.gone_from_outlook(i) for i in ("o1", "o2", "o3")] == [False, True, True]
+
+
+# After a BC write --------------------------------------------------------------------------------------
+
+
+def created_from(contact: dict[str, Any]) -> Action:
+    return Action(ActionKind.CREATE_BC, None, contact["id"], {}, outlook=contact, reason="new in Outlook")
+
+
+AFTER_CASES: dict[str, tuple[Action, dict[str, Any], UserSettings, ContactFilter, tuple[str, str] | None]] = {
+    "created in BC: Outlook contact tagged": (
+        created_from(ADA_IN_OUTLOOK),
+        ADA,
+        USER,
+        EVERYONE,
+        ("tag_outlook", "tagged with its BC id"),
+    ),
+    "created in BC outside the filter: removed from the folder": (
+        created_from(ADA_IN_OUTLOOK),
+        ADA,
+        USER,
+        OSLO_ONLY,
+        (
+            "delete_outlook",
+            "in Business Central now; removed from the sync folder: does not match your filter",
+        ),
+    ),
+    "created outside the filter, removeFromOutlook off: tagged": (
+        created_from(ADA_IN_OUTLOOK),
+        ADA,
+        NO_REMOVE,
+        OSLO_ONLY,
+        ("tag_outlook", "tagged with its BC id"),
+    ),
+    "updated in BC, BC answers what Outlook has: nothing": (
+        replace(created_from(ADA_IN_OUTLOOK), kind=ActionKind.UPDATE_BC, bc_id="b1"),
+        ADA,
+        USER,
+        EVERYONE,
+        None,
+    ),
+    "updated in BC, BC answers other values: Outlook aligned": (
+        replace(created_from(ADA_IN_OUTLOOK), kind=ActionKind.UPDATE_BC, bc_id="b1"),
+        ADA_CHANGED,
+        USER,
+        EVERYONE,
+        ("tag_outlook", "tagged with its BC id"),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "written, answer, settings, contact_filter, expected", AFTER_CASES.values(), ids=AFTER_CASES
+)
+def test_after_a_bc_write_the_planner_decides_the_outlook_follow_up(
+    written: Action,
+    answer: dict[str, Any],
+    settings: UserSettings,
+    contact_filter: ContactFilter,
+    expected: tuple[str, str] | None,
+) -> None:
+    follow_up = after_bc_write(written, answer, settings, contact_filter, DEFAULT_CONTEXT)
+    if expected is None:
+        assert follow_up is None
+        return
+    assert follow_up is not None
+    assert (follow_up.kind.value, follow_up.reason) == expected
+    assert (follow_up.bc_id, follow_up.outlook_id) == ("b1", "o1")
+    if follow_up.kind is ActionKind.TAG_OUTLOOK:
+        assert follow_up.kind.report_key == ""  # counted with the BC write, not again
+
+
+# Action kinds ------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_action_kind_is_refused_before_the_executor() -> None:
+    with pytest.raises(ValueError, match="unknown action kind 'update_everything'"):
+        Action("update_everything", "b1", "o1")  # type: ignore[arg-type]
+    assert Action("delete_outlook", "b1", "o1").kind is ActionKind.DELETE_OUTLOOK  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", list(ActionKind), ids=[k.value for k in ActionKind])
+def test_the_executor_has_a_way_for_every_kind(kind: ActionKind) -> None:
+    action = Action(kind, "b1", "o1", body={"displayName": "x"})
+    assert route_of(action) in ("store", "bc", "graph")
+    assert kind.writes is (route_of(action) != "store")
+
+
+def test_report_counts_keep_their_keys_and_order() -> None:
+    assert ACTIONS == (
+        "outlookCreated",
+        "outlookUpdated",
+        "outlookDeleted",
+        "outlookRecreated",
+        "bcCreated",
+        "bcUpdated",
+        "linked",
+        "skipped",
+        "failed",
+    )
+    assert ACTIONS[:6] == WRITE_ACTIONS
