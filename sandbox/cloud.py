@@ -34,6 +34,9 @@ class Cloud:
         self.entra = EntraService()
         self.entra.add_tenant(self.tenant_id)
         self.entra.register_app(self.tenant_id, self.client_id, self.client_secret)
+        # The same app registration exposes the API people call (scope access_as_user, app role
+        # ContactSync.Admin) and is the page's single-page-application client (BEHAVIOUR §7.7).
+        self.entra.expose_api(self.tenant_id, self.client_id)
         self.bc = BusinessCentralService(self.entra.validate, self.tenant_id, environment)
         self.bc.register_entra_app(self.client_id)
         self.graph = GraphService(self.entra.validate)
@@ -71,6 +74,23 @@ class Cloud:
             "SYNC_TABLE_PREFIX": table_prefix,
             "REQUESTS_CA_BUNDLE": str(self.tls.ca_bundle),
         }
+
+    def add_person(self, upn: str, display_name: str | None = None, admin: bool = False) -> tuple[str, str]:
+        """A colleague with a mailbox who can sign in; returns (object id, throwaway password)."""
+        oid = self.graph.add_mailbox(upn, display_name=display_name)
+        password = "sandbox-" + secrets.token_urlsafe(9)
+        self.entra.add_user(self.tenant_id, upn, oid, display_name, password=password)
+        if admin:
+            self.entra.assign_app_role(self.tenant_id, self.client_id, oid, "ContactSync.Admin")
+        return oid, password
+
+    def allow_redirect(self, uri: str) -> None:
+        """Register the page's address as a single-page-application redirect URI of the app."""
+        self.entra.add_redirect_uri(self.tenant_id, self.client_id, uri)
+
+    @property
+    def authority(self) -> str:
+        return f"{self.entra.base_url}/{self.tenant_id}"
 
     def reset_counters(self) -> None:
         for s in (self.entra, self.bc, self.graph):

@@ -5,7 +5,9 @@
    "Business Central" folder already holds some contacts of their own;
 3. PUT the salesperson's settings and validate the connection (function_users_http);
 4. POST a full sync, then an incremental one (function_sync_http) and print both reports;
-5. change things on both sides as people would, and run an incremental sync again.
+5. change things on both sides as people would, and run an incremental sync again;
+6. with --serve, keep the self-service page up (the function app on http://127.0.0.1:7071) and print
+   the colleagues who can sign in to it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +27,9 @@ import azure.functions as func
 from sandbox.bindings import Collector
 
 USER = "alice@contoso.example"
+COLLEAGUE = "bob@contoso.example"
+ADMIN = "ada@contoso.example"
+PAGE_PORT = 7071  # where `func start` serves a function app locally
 
 
 def call(main, method: str, route: str, body: dict | None = None, **kwargs):
@@ -46,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--contacts", type=int, default=300, help="BC person contacts to seed")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
+    parser.add_argument(
+        "--serve", action="store_true", help="keep the self-service page up after the syncs (Ctrl-C stops it)"
+    )
+    parser.add_argument("--port", type=int, default=PAGE_PORT, help="local port of the page with --serve")
     args = parser.parse_args(argv)
     # The app's log records are for Application Insights; the demo prints the reports instead. Without a
     # handler, Python's last-resort handler would print each warning (every skipped contact) to stderr.
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Sandbox up: Entra {cloud.entra.base_url}, BC {cloud.bc.base_url}, Graph {cloud.graph.base_url}"
         )
         contacts = seed_bc(cloud.bc, cloud.company_id, persons=args.contacts)
-        cloud.graph.add_mailbox(USER)
+        _, password = cloud.add_person(USER, "Alice Andersen")
         folder_id = seed_outlook(cloud.graph, USER, "Business Central", contacts)
         print(
             f"Seeded {len(contacts)} BC contacts and {len(cloud.graph.folder_contacts(USER, folder_id))} "
@@ -131,8 +141,39 @@ def main(argv: list[str] | None = None) -> int:
             f"{USER} deleted {victim['displayName']} and added Olav Trygg."
         )
         sync("incremental", "3. Incremental sync after the changes")
+        if args.serve:
+            serve_page(cloud, args.port, {USER: password})
+        else:
+            print("\nThe self-service page: ./scripts/demo.sh --serve keeps it up and says how to sign in.")
         reset_services()
     return 0
+
+
+def serve_page(cloud, port: int, people: dict[str, str]) -> None:
+    """Serve the function app's HTTP routes on 127.0.0.1:`port` until Ctrl-C, with people to sign in."""
+    from tests.local_host import LocalHost  # the repository's stand-in for the Functions host
+
+    _, people[COLLEAGUE] = cloud.add_person(COLLEAGUE, "Bjørn Berg")
+    _, people[ADMIN] = cloud.add_person(ADMIN, "Ada Admin", admin=True)
+    with LocalHost().serve(port) as base:
+        page = f"{base}/api/selfservice"
+        cloud.allow_redirect(page)
+        print(f"\n=== The self-service page: {page} ===")
+        print("Sign in (sandbox Entra ID) as one of:")
+        roles = {USER: "salesperson, set up above", COLLEAGUE: "salesperson, no sync yet", ADMIN: "admin"}
+        for upn, secret in people.items():
+            print(f"  {upn:<24} password {secret:<24} {roles[upn]}")
+        print(
+            "The sandbox's certificate comes from a throwaway CA, so tell the browser to trust it, e.g.\n"
+            f"  chromium --user-data-dir=$(mktemp -d) "
+            f"--ignore-certificate-errors-spki-list={cloud.tls.spki_sha256} {page}\n"
+            f"or import {cloud.tls.ca_bundle} as a trusted authority in a browser profile of its own.\n"
+            "Ctrl-C stops the demo."
+        )
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("\nStopped.")
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _handle
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = _handle
 
 
 class _Server(ThreadingHTTPServer):

@@ -7,6 +7,8 @@ to trust that CA through the standard `REQUESTS_CA_BUNDLE` variable, never by tu
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,9 @@ import trustme
 class SandboxTls:
     ca_bundle: Path  # PEM file to point REQUESTS_CA_BUNDLE at
     server_context: ssl.SSLContext
+    # base64 SHA-256 of the server certificate's public key (SubjectPublicKeyInfo): what Chromium's
+    # --ignore-certificate-errors-spki-list takes to trust exactly this certificate and nothing else.
+    spki_sha256: str = ""
 
 
 def make_tls(directory: Path) -> SandboxTls:
@@ -28,4 +33,18 @@ def make_tls(directory: Path) -> SandboxTls:
     cert.configure_cert(ctx)
     bundle = directory / "sandbox-ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
-    return SandboxTls(ca_bundle=bundle, server_context=ctx)
+    return SandboxTls(
+        ca_bundle=bundle, server_context=ctx, spki_sha256=_spki_sha256(cert.cert_chain_pems[0].bytes())
+    )
+
+
+def _spki_sha256(cert_pem: bytes) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = (
+        x509.load_pem_x509_certificate(cert_pem)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")

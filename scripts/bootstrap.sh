@@ -37,6 +37,18 @@ if [ "$(cat .venv-infra/.stamp 2>/dev/null)" != "$CHECKOV_PIN" ]; then
   echo "$CHECKOV_PIN" > .venv-infra/.stamp
 fi
 
+# The browser test (tests/test_page_browser.py) drives the OS's Chromium, never a downloaded build.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "bootstrap: installing Chromium (apt-get) for the browser test"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "bootstrap: /usr/bin/chromium is missing and cannot be installed here (needs root and apt-get);" \
+      "the browser test will be skipped. Install it with: sudo apt-get install chromium" >&2
+  fi
+fi
+
 want=$(stamp package.json package-lock.json)
 if [ ! -x node_modules/.bin/azurite ] || [ "$(cat node_modules/.stamp 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing Azurite (npm ci)"
@@ -46,4 +58,13 @@ if [ ! -x node_modules/.bin/azurite ] || [ "$(cat node_modules/.stamp 2>/dev/nul
     sleep 2
   done
   echo "$want" > node_modules/.stamp
+fi
+
+# The page's MSAL bundle is committed (deployment runs no npm); web/ locks the package it comes from,
+# and tests/test_page.py checks the committed bundle against it byte for byte.
+want=$(stamp web/package.json web/package-lock.json)
+if [ ! -d web/node_modules/@azure/msal-browser ] || [ "$(cat web/node_modules/.stamp 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing the page's locked MSAL package (npm ci in web/)"
+  (cd web && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$want" > web/node_modules/.stamp
 fi

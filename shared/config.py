@@ -61,6 +61,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Key of the poll tokens in 202 Location URLs, at least 32 characters (a Key Vault reference); "
         "when not set the app creates one and keeps it in its Table Storage",
     ),
+    Setting(
+        "SYNC_API_AUDIENCE",
+        False,
+        None,
+        "Audience of the access tokens people sign in with: the app's client id (what v2.0 tokens carry; "
+        "the default) or its Application ID URI",
+    ),
 )
 
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
@@ -101,6 +108,7 @@ class Config:
     inline_budget_seconds: float
     full_sync_hours: float
     poll_token_key: str | None = field(default=None, repr=False)
+    api_audience: str = ""
 
     @property
     def authority(self) -> str:
@@ -159,6 +167,7 @@ class Config:
             ),
             full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", read.value("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
             poll_token_key=poll_key,
+            api_audience=_audience(read.optional("SYNC_API_AUDIENCE"), client_id.lower()),
         )
 
 
@@ -253,6 +262,19 @@ def _storage_settings(read: _Reader) -> tuple[str | None, str | None, str | None
     if queue_uri:
         queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
     return conn, table_uri, queue_uri
+
+
+def _audience(value: str | None, client_id: str) -> str:
+    """The token audience: a client id (GUID) or an Application ID URI (api://…, https://…)."""
+    if not value:
+        return client_id
+    if _GUID.match(value):
+        return value.lower()
+    if re.match(r"^(api|https)://[^\s]+$", value):
+        return value
+    raise ConfigError(
+        "SYNC_API_AUDIENCE", "must be the app's client id (GUID) or its Application ID URI (api://…)"
+    )
 
 
 def _number(name: str, value: str, low: float, high: float) -> float:

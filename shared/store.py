@@ -71,6 +71,9 @@ _LEASE_RK = "lease"
 _APP_PK = "app"  # the app's own rows in State: never a user key (no '@', not a GUID)
 _HEAD_RK = "head"
 _SETTINGS_COLUMNS = frozenset(UserSettings.JSON_FIELDS) - {"user"}
+# The mailbox's Entra object id, looked up through Graph: the `oid` of the person who owns the row
+# (BEHAVIOUR §7.7). Kept beside the settings, never part of them: no API caller can set it.
+_OWNER_COLUMN = "objectId"
 _STATE_COLUMNS = {
     "bc_watermark": "bcWatermark",
     "delta_link": "deltaLink",
@@ -276,7 +279,7 @@ def _settings_from_entity(entity: dict[str, Any]) -> UserSettings:
         raise ValidationError("RowKey", f"must be {_SETTINGS_RK!r}")
     data: dict[str, Any] = {}
     for name, value in entity.items():
-        if name in ("PartitionKey", "RowKey"):
+        if name in ("PartitionKey", "RowKey", _OWNER_COLUMN):
             continue
         if name not in _SETTINGS_COLUMNS:
             raise ValidationError(name, f"unknown column (known: {', '.join(sorted(_SETTINGS_COLUMNS))})")
@@ -405,14 +408,40 @@ class Store:
                 self.table_names["Settings"], f"read settings of {user}", str(err)
             ) from None
 
-    def put_settings(self, settings: UserSettings) -> UserSettings:
+    def put_settings(self, settings: UserSettings, owner: str | None = None) -> UserSettings:
         """Last write wins: settings are edited by an admin, not raced by runs. The record is validated
-        again first (it may have been built without from_json), so nothing invalid is ever stored."""
+        again first (it may have been built without from_json), so nothing invalid is ever stored.
+
+        `owner` is the mailbox's Entra object id; without it the row keeps the owner it had."""
         settings = UserSettings.from_json(settings.to_json())
         client, table = self._client("Settings")
+        entity = _settings_entity(settings)
+        if owner is None:
+            owner = self.settings_owner(settings.user)
+        if owner:
+            entity[_OWNER_COLUMN] = owner.lower()
         with _storage_errors(table, f"write settings of {settings.user}"):
-            client.upsert_entity(_settings_entity(settings), mode=UpdateMode.REPLACE)
+            client.upsert_entity(entity, mode=UpdateMode.REPLACE)
         return settings
+
+    def settings_owner(self, user: str) -> str | None:
+        """The Entra object id remembered for the user's mailbox, if it was looked up yet."""
+        entity = self._get_entity("Settings", encode_key(user), _SETTINGS_RK, f"read settings of {user}")
+        value = entity.get(_OWNER_COLUMN) if entity is not None else None
+        return value if isinstance(value, str) and value else None
+
+    def user_of_owner(self, object_id: str) -> str | None:
+        """The settings row (user key) whose mailbox belongs to `object_id`, if any."""
+        client, table = self._client("Settings")
+        with _storage_errors(table, "find settings by owner"):
+            rows = client.query_entities(
+                f"{_OWNER_COLUMN} eq @oid and RowKey eq @rk",
+                parameters={"oid": object_id.lower(), "rk": _SETTINGS_RK},
+                select=["PartitionKey"],
+            )
+            for row in rows:
+                return decode_key(row["PartitionKey"])
+        return None
 
     def delete_settings(self, user: str) -> bool:
         """Stops the user's sync and forgets their sync state; returns whether settings existed.

@@ -218,9 +218,11 @@ class LocalHost:
 
     # Serving ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def serve(self) -> Iterator[str]:
-        """Serve on a free local port; yields the base URL (`http://127.0.0.1:PORT`)."""
-        server = make_server("127.0.0.1", 0, self, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    def serve(self, port: int = 0) -> Iterator[str]:
+        """Serve on a local port (a free one by default); yields the base URL (`http://127.0.0.1:PORT`)."""
+        server = make_server(
+            "127.0.0.1", port, self, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.02},

@@ -372,8 +372,10 @@ def test_function_json_matches_main(folder):
             assert b["queueName"] == QUEUE_NAME and b["connection"] == "AzureWebJobsStorage"
     returns = [b for b in folder.bindings if b["name"] == "$return"]
     if folder.trigger["type"] == "httpTrigger":
-        # Only the poll URL is anonymous at the host: its token is the authorization (BEHAVIOUR §7.6).
-        expected = "anonymous" if folder.name == "function_sync_poll" else "function"
+        # BEHAVIOUR §7.7: the host checks the function key, except on the page (static files, no data),
+        # on the people's door, whose code refuses every request without a valid Entra ID token, and on
+        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6).
+        expected = "anonymous" if folder.name in ANONYMOUS_BY_DESIGN else "function"
         assert folder.trigger["authLevel"] == expected
         assert [r["type"] for r in returns] == ["http"]
         assert _annotation_ok(returns[0], hints["return"], is_return=True)
@@ -381,9 +383,14 @@ def test_function_json_matches_main(folder):
         assert returns == [] and hints.get("return") is type(None)
 
 
-def test_the_functions_are_the_five_expected_with_their_triggers():
+ANONYMOUS_BY_DESIGN = ("function_selfservice", "function_signed_in_http", "function_sync_poll")
+
+
+def test_the_functions_are_the_seven_expected_with_their_triggers():
     triggers = {f.name: f.trigger for f in function_folders()}
     assert {k: t["type"] for k, t in triggers.items()} == {
+        "function_selfservice": "httpTrigger",
+        "function_signed_in_http": "httpTrigger",
         "function_sync_http": "httpTrigger",
         "function_sync_poll": "httpTrigger",
         "function_sync_timer": "timerTrigger",
@@ -398,6 +405,9 @@ def test_the_functions_are_the_five_expected_with_their_triggers():
     assert triggers["function_sync_poll"]["methods"] == ["get"]
     assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
     assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
+    assert triggers["function_signed_in_http"]["route"] == "signed-in/{*rest}"
+    assert triggers["function_selfservice"]["route"] == "selfservice/{*path}"
+    assert triggers["function_selfservice"]["methods"] == ["get"]
     host = host_json()
     assert host["version"] == "2.0" and host["extensions"]["http"]["routePrefix"] == "api"
     assert host["extensions"]["queues"]["messageEncoding"] == "base64"

@@ -35,6 +35,13 @@ class World:
         s = UserSettings.from_json({"user": upn, **settings})
         return self.services.store.put_settings(s)
 
+    def colleague(self, upn: str, admin: bool = False) -> str:
+        """A colleague who can sign in (a mailbox and an Entra user with the same object id); returns
+        the throwaway password. Call before `user(upn)`, which then uses this mailbox."""
+        _, password = self.cloud.add_person(upn, admin=admin)
+        self._mailboxes.add(upn.lower())
+        return password
+
     def person(self, name: str, email: str | None = None, **fields: Any) -> dict[str, Any]:
         if email is None:
             email = name.lower().replace(" ", ".") + "@example.com"

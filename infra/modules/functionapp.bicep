@@ -100,6 +100,9 @@ param syncInlineBudgetSeconds int
 @description('SYNC_FULL_SYNC_HOURS')
 param syncFullSyncHours int
 
+@description('SYNC_API_AUDIENCE: audience of people\'s access tokens (v2.0 tokens carry the client id)')
+param syncApiAudience string = syncClientId
+
 // Settings read by the Functions host and the app in both modes. The names must match shared/config.py
 // (tests/test_infra.py checks them); the host-owned ones are listed there with the reason for each.
 var baseAppSettings = {
@@ -125,6 +128,7 @@ var baseAppSettings = {
   SYNC_SCHEDULE: syncSchedule
   SYNC_INLINE_BUDGET_SECONDS: string(syncInlineBudgetSeconds)
   SYNC_FULL_SYNC_HOURS: string(syncFullSyncHours)
+  SYNC_API_AUDIENCE: syncApiAudience
 }
 
 // Client-secret mode: a Key Vault reference, resolved by the platform with keyVaultReferenceIdentity
