@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from shared.http_client import ApiError, BatchItem, ForeignUrlError, HttpClient, ItemResult
+from shared.http_client import (
+    AmbiguousWriteError,
+    ApiError,
+    BatchItem,
+    ForeignUrlError,
+    HttpClient,
+    ItemResult,
+)
 from shared.mapping import BC_ID_PROPERTY_ID
 
 IMMUTABLE_IDS = 'IdType="ImmutableId"'
@@ -141,19 +148,34 @@ class GraphClient:
 
     def create_folder(self, user: str, name: str) -> dict[str, Any]:
         """Create the folder under Contacts; if Exchange says it exists (409 ErrorFolderExists, e.g.
-        created meanwhile by Outlook or by a run of ours), use the existing one instead."""
+        created meanwhile by Outlook or by a run of ours), use the existing one instead. An answer that
+        does not say what happened (lost, unreadable, or a 2xx without the folder) is resolved the same
+        way, by looking the folder up, never by creating it again."""
         try:
-            return self.http.request(
+            body = self.http.request(
                 "POST", self._url(f"{self.user_path(user)}/contactFolders"), json_body={"displayName": name}
-            ).json_object()
+            ).body
+            if isinstance(body, dict) and body.get("id"):
+                return body
+            unknown: ApiError = AmbiguousWriteError(
+                "graph",
+                "POST",
+                "contactFolders",
+                None,
+                "NoFolderInAnswer",
+                "the answer did not hold the folder",
+            )
+        except AmbiguousWriteError as exc:
+            unknown = exc
         except ApiError as exc:
             if exc.status != 409:
                 raise
-            # By name, then by reading them all, in case a tenant's `eq` ever compared case-sensitively.
-            found = self.find_folder(user, name) or find_by_name(self.list_folders(user), name)
-            if found is None:
-                raise
-            return found
+            unknown = exc
+        # By name, then by reading them all, in case a tenant's `eq` ever compared case-sensitively.
+        found = self.find_folder(user, name) or find_by_name(self.list_folders(user), name)
+        if found is None:
+            raise unknown
+        return found
 
     def rename_folder(self, user: str, folder_id: str, name: str) -> dict[str, Any]:
         return self.http.request(

@@ -166,6 +166,24 @@ def test_a_write_batch_applied_with_an_unreadable_answer_is_not_sent_again(clien
     assert writes(sync(client)) == 0
 
 
+@pytest.mark.parametrize("status", [200, 201])
+def test_a_folder_created_with_an_unreadable_answer_is_found_not_created_twice(client, world, status):
+    """The first run creates the sync folder; Graph applies the POST and the answer is unreadable. The
+    app looks the folder up instead of creating a second one (or failing the run)."""
+    people = {world.person(f"Person {i}")["email"] for i in range(3)}
+    put_user(client, world, ALICE)
+    world.cloud.graph.faults.unreadable(count=1, status=status, method="POST", path_regex=r"/contactFolders$")
+
+    report = sync(client, mode="full")
+
+    assert world.cloud.graph.faults.fired["unreadable"] == 1
+    assert report["status"] == "succeeded", report
+    folders = world.cloud.graph.folders(ALICE)
+    assert [f["displayName"] for f in folders] == ["Business Central"]
+    assert_each_once(world, people)
+    assert writes(sync(client)) == 0
+
+
 # Item 9: BC's 429 without Retry-After -----------------------------------------------------------
 def test_bc_throttling_without_retry_after_backs_off_and_the_run_succeeds(client, world, monkeypatch):
     """BC's own 429s carry no Retry-After; the app backs off (full jitter) instead of failing, and a
