@@ -124,6 +124,8 @@ def test_salespeople_and_an_admin_use_the_page(world, client, browser):
     assert sorted(c["displayName"] for c in world.outlook(ALICE)) == ["Olga Oslo", "Trude Trondheim"]
     page.fill("#item-filter", "olga")
     assert page.locator("#items tbody tr").count() == 1
+    row = page.locator("#items tbody tr").first.locator("td").all_text_contents()
+    assert row[1:3] == ["Olga Oslo", "olga.oslo@example.com"]  # by name and email, never an id
     page.fill("#item-filter", "")
     page.screenshot(path=str(SHOTS / "4-report.png"), full_page=True)
     page.get_by_role("button", name="My recent runs").click()

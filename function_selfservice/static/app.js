@@ -27,7 +27,7 @@ const TEXT = {
     remove: "Remove from Outlook what leaves Business Central or the filter",
     save: "Save", saved: "Saved.", created: "Your sync is set up.", checkNow: "Check now", ok: "ok",
     syncNow: "Sync now", fullSync: "Full sync", dryRun: "Dry run", report: "Report", filterItems: "Filter the list",
-    itemsCaption: "Contacts in this run", colAction: "Action", colEmail: "Email", colReason: "Reason",
+    itemsCaption: "Contacts in this run", colAction: "Action", colName: "Contact", colEmail: "Email", colReason: "Reason",
     chartCaption: "Writes (bars) and duration in seconds (line) per run, oldest first",
     chartScale: "(top of the chart: {writes} writes, {seconds} s)",
     colStarted: "Started", colMode: "Mode", colStatus: "Status", colWrites: "Writes", colSeconds: "Seconds",
@@ -60,7 +60,7 @@ const TEXT = {
     remove: "Fjern fra Outlook det som forsvinner fra Business Central eller filteret",
     save: "Lagre", saved: "Lagret.", created: "Synkroniseringen din er satt opp.", checkNow: "Sjekk nå", ok: "ok",
     syncNow: "Synkroniser nå", fullSync: "Full synkronisering", dryRun: "Prøvekjøring", report: "Rapport", filterItems: "Filtrer listen",
-    itemsCaption: "Kontakter i denne kjøringen", colAction: "Handling", colEmail: "E-post", colReason: "Årsak",
+    itemsCaption: "Kontakter i denne kjøringen", colAction: "Handling", colName: "Kontakt", colEmail: "E-post", colReason: "Årsak",
     chartCaption: "Skrivinger (stolper) og varighet i sekunder (linje) per kjøring, eldste først",
     chartScale: "(toppen av diagrammet: {writes} skrivinger, {seconds} s)",
     colStarted: "Startet", colMode: "Type", colStatus: "Status", colWrites: "Skrivinger", colSeconds: "Sekunder",
@@ -298,7 +298,8 @@ function renderItems() {
   const body = $("items").tBodies[0];
   body.textContent = "";
   for (const i of items) {
-    const cells = [t(`actions.${i.action}`), i.email || i.bcId || "", i.reason || ""];
+    // People know contacts by name and email; ids mean nothing to them and are never shown.
+    const cells = [t(`actions.${i.action}`), i.name || "", i.email || "", i.reason || ""];
     if (needle && !cells.join(" ").toLowerCase().includes(needle)) continue;
     const tr = document.createElement("tr");
     tr.className = i.action;
