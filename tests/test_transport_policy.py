@@ -77,13 +77,26 @@ def test_a_throttled_write_batch_is_sent_again_and_applied_once(clients):
 def test_a_single_create_answered_2xx_unreadable_is_ambiguous_and_not_repeated(clients):
     world, _, graph, _, _ = clients
     world.cloud.graph.faults.unreadable(count=1, method="POST")
+    url = f"{graph.base}/users/{ALICE}/contactFolders"
 
     with pytest.raises(AmbiguousWriteError) as err:
-        graph.create_folder(ALICE, "Business Central")
+        graph.http.request("POST", url, json_body={"displayName": "Business Central"})
 
     assert err.value.code == "UnreadableAnswer" and "text/html" in str(err.value)
     assert world.cloud.graph.counters.http_count("POST") == 1
     assert world.cloud.graph.find_folder(ALICE, "Business Central") is not None  # it was applied
+
+
+def test_a_folder_create_answered_2xx_unreadable_is_resolved_by_looking_it_up(clients):
+    """The same ambiguity in the client's own create_folder: the folder is found, not created again."""
+    world, _, graph, _, _ = clients
+    world.cloud.graph.faults.unreadable(count=1, method="POST")
+
+    folder = graph.create_folder(ALICE, "Business Central")
+
+    assert folder["id"] == world.cloud.graph.find_folder(ALICE, "Business Central")["id"]
+    assert world.cloud.graph.counters.http_count("POST") == 1
+    assert [f["displayName"] for f in world.cloud.graph.folders(ALICE)] == ["Business Central"]
 
 
 def test_a_read_answered_2xx_unreadable_is_read_again(clients):
