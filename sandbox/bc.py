@@ -38,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from sandbox import bc_pictures
 from sandbox.httpd import CaseInsensitiveDict, ConnectionReset, Request, Response, Route, Service
 
 BC_AUDIENCE = "https://api.businesscentral.dynamics.com"
@@ -229,6 +230,7 @@ class ContactRow:
     values: dict[str, Any]
     modified: datetime
     rowversion: int
+    picture: Any = None  # sandbox.bc_pictures.Picture when the contact has one (the Image field)
 
     def view(self) -> dict[str, Any]:
         """Values as the query engine compares them."""
@@ -277,7 +279,8 @@ class Company:
 
     def copy(self) -> Company:
         rows = {
-            k: ContactRow(r.id, dict(r.values), r.modified, r.rowversion) for k, r in self.contacts.items()
+            k: ContactRow(r.id, dict(r.values), r.modified, r.rowversion, r.picture)
+            for k, r in self.contacts.items()
         }
         return replace(self, contacts=rows, numbers=dict(self.numbers), countries=dict(self.countries))
 
@@ -349,6 +352,7 @@ class BusinessCentralService(Service):
             "countries.list",
         )
         self.route("POST", rf"{p}/\$batch", self._batch, "$batch")
+        bc_pictures.register(self, p)  # issue 12: contact pictures
         self._known = list(self.routes)
         for method in ("GET", "POST", "PATCH", "PUT", "DELETE"):
             self.route(method, r"/.*", self._no_resource, "unknown")
@@ -440,6 +444,19 @@ class BusinessCentralService(Service):
             company.contacts[cid] = row
             company.numbers[values["number"]] = cid
             return self._render(row)
+
+    def set_picture(self, company_id: str, contact_id: str, data: bytes | None) -> None:
+        """Someone setting (or, with None, removing) a contact's picture in BC; modifies the contact."""
+        with self.lock:
+            row = self._row(self._company(company_id), contact_id)
+            row.picture = None if data is None else bc_pictures.parse_picture(data)
+            self._stamp(row)
+
+    def picture(self, company_id: str, contact_id: str) -> bytes | None:
+        """The contact's picture bytes as BC holds them, or None."""
+        with self.lock:
+            picture = self._row(self._company(company_id), contact_id).picture
+            return picture.data if picture else None
 
     def edit_contact(self, company_id: str, contact_id: str, **fields: Any) -> dict[str, Any]:
         """A person editing the contact in BC: no API validation, but the table's side effects."""

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from sandbox import graph_categories, graph_photos
 from sandbox.httpd import CaseInsensitiveDict, ConnectionReset, Counters, Request, Response, Route, Service
 
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
@@ -159,12 +160,18 @@ WRITE_KINDS = frozenset(
     }
 )
 
-_MAILBOX_PATH = re.compile(r"^/v1\.0/users/([^/]+)/(?:contactfolders|contacts)(?:/|$)", re.IGNORECASE)
+_MAILBOX_PATH = re.compile(r"^/v1\.0/users/([^/]+)/(?:contactfolders|contacts|outlook)(?:/|$)", re.IGNORECASE)
+# Route kinds added by sandbox/graph_photos.py and sandbox/graph_categories.py → the roles that allow them.
+EXTRA_KIND_ROLES: dict[str, frozenset[str]] = {}
 _ID_SHAPE = re.compile(r"^[A-Za-z0-9_\-=]{20,}$")
 _QUOTED = r"'((?:[^']|'')*)'"
 _FILTER_DISPLAY_NAME = re.compile(rf"^\s*displayName\s+eq\s+{_QUOTED}\s*$", re.IGNORECASE)
 _FILTER_EMAIL = re.compile(
     rf"^\s*emailAddresses/any\(\s*(\w+)\s*:\s*\1/address\s+eq\s+{_QUOTED}\s*\)\s*$", re.IGNORECASE
+)
+# query-parameters.md: "$filter=categories/any(a:a eq 'Red category')" (collections use lambda operators).
+_FILTER_CATEGORY = re.compile(
+    rf"^\s*categories/any\(\s*(\w+)\s*:\s*\1\s+eq\s+{_QUOTED}\s*\)\s*$", re.IGNORECASE
 )
 _FILTER_EXT = re.compile(
     rf"^\s*singleValueExtendedProperties/any\(\s*(\w+)\s*:\s*\1/id\s+eq\s+{_QUOTED}\s+and\s+\1/value\s+eq\s+"
@@ -209,6 +216,7 @@ class _Contact:
     # Property name → the mailbox seq of its last change, so a delta round can answer an updated item
     # with only what changed since the round's sync point (delta-query-overview.md).
     changed_at: dict[str, int] = field(default_factory=dict)
+    photo: Any = None  # sandbox.graph_photos.Photo when the contact has one
 
 
 @dataclass
@@ -241,6 +249,8 @@ class _Mailbox:
     history: dict[tuple[str, str], list[tuple[int, bool, str]]] = field(default_factory=dict)
     tokens: OrderedDict[str, _DeltaState] = field(default_factory=OrderedDict)
     generation: int = 0
+    # The master category list (sandbox.graph_categories): lower-case display name → category.
+    categories: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -537,6 +547,9 @@ class GraphService(Service):
                 ("PATCH", item, self._update_contact, "contacts.update"),
                 ("DELETE", item, self._delete_contact, "contacts.delete"),
             ]
+        # Issue 12: contact photos and the master category list live in their own modules.
+        routes += graph_photos.routes(self, (folder + r"/(?i:contacts)", user + r"/(?i:contacts)"))
+        routes += graph_categories.routes(self, user)
         routes.append(("POST", r"/v1\.0/\$batch", self._batch, "$batch"))
         routes += [(m, r"/v1\.0/(?i:me)(?:/.*)?", self._me, "me") for m in ("GET", "POST", "PATCH", "DELETE")]
         for method, pattern, handler, kind in routes:
@@ -564,6 +577,7 @@ class GraphService(Service):
             root = _new_id("AQMkA", seed)
             mailbox = _Mailbox(upn=upn, user_id=uid, root_id=root, deleted_items_id=_new_id("AQMkA", seed))
             mailbox.folders[root] = _Folder(root, "Contacts", _new_id("AQMkA", seed))
+            graph_categories.seed_defaults(mailbox)
             name = display_name or upn.split("@")[0].replace(".", " ").title()
             self._users[uid] = _User(uid, upn, name, mailbox)
             self._upn_index[upn.lower()] = uid
@@ -680,6 +694,19 @@ class GraphService(Service):
                 self._log(mailbox, dest.id, contact, present=True)
             return self._contact_json(contact, immutable=True, all_extended=True)
 
+    def set_contact_photo(self, upn: str, contact_id: str, data: bytes) -> None:
+        """A person adding a photo to a contact in Outlook (see sandbox.graph_photos)."""
+        graph_photos.set_photo(self, upn, contact_id, data)
+
+    def contact_photo(self, upn: str, contact_id: str) -> bytes | None:
+        return graph_photos.photo_of(self, upn, contact_id)
+
+    def master_categories(self, upn: str) -> list[dict[str, str]]:
+        return graph_categories.master_categories(self, upn)
+
+    def user_add_category(self, upn: str, display_name: str, color: str = "none") -> dict[str, str]:
+        return graph_categories.user_add_category(self, upn, display_name, color)
+
     def expire_delta_tokens(self, upn: str) -> None:
         """Evict every delta/skip token of the mailbox: the next use answers syncStateNotFound."""
         with self.lock:
@@ -780,6 +807,8 @@ class GraphService(Service):
             )
         needed = CONTACT_WRITE_ROLES if route.kind in WRITE_KINDS else CONTACT_READ_ROLES
         if (route.kind in READ_KINDS or route.kind in WRITE_KINDS) and not roles & needed:
+            return self.error_response(403, "ErrorAccessDenied", MSG_ACCESS_DENIED)
+        if route.kind in EXTRA_KIND_ROLES and not roles & EXTRA_KIND_ROLES[route.kind]:
             return self.error_response(403, "ErrorAccessDenied", MSG_ACCESS_DENIED)
         return None
 
@@ -1547,6 +1576,9 @@ def _contact_filter(value: str | None) -> Callable[[_Contact], bool]:
     if match := _FILTER_DISPLAY_NAME.match(value):
         wanted = _unquote_literal(match.group(1)).lower()
         return lambda c: (c.props.get("displayName") or "").lower() == wanted
+    if match := _FILTER_CATEGORY.match(value):
+        wanted = _unquote_literal(match.group(2)).lower()
+        return lambda c: any(v.lower() == wanted for v in c.props.get("categories") or [])
     raise GraphError(400, "ErrorInvalidUrlQueryFilter", MSG_BAD_FILTER)
 
 

@@ -26,6 +26,9 @@ TOKENS: dict[str, dict] = {
     "tok-read": {"roles": ["Contacts.Read"]},
     "tok-none": {"roles": []},
     "tok-other-app": {"roles": ["Contacts.ReadWrite"], "appid": OTHER_APP_ID},
+    # Master categories need MailboxSettings.* (outlookuser-list-mastercategories.md).
+    "tok-settings": {"roles": ["Contacts.ReadWrite", "MailboxSettings.ReadWrite"]},
+    "tok-settings-read": {"roles": ["Contacts.ReadWrite", "MailboxSettings.Read"]},
 }
 
 
