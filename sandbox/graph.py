@@ -509,6 +509,9 @@ class GraphService(Service):
         self._app_scopes: dict[str, frozenset[str]] = {}
         self._ctxs: dict[int, _Ctx] = {}
         self._tls = threading.local()
+        # Hook for change notifications (sandbox/graph_subscriptions.py): called under the data lock
+        # with (mailbox user id, folder id, contact, "created" | "updated" | "deleted").
+        self.contact_listeners: list[Callable[[str, str, _Contact, str], None]] = []
         self._register_routes()
 
     def _register_routes(self) -> None:
@@ -1021,6 +1024,7 @@ class GraphService(Service):
         mailbox.contacts[contact.key] = contact
         mailbox.rest_index[contact.rest_id] = contact.key
         self._log(mailbox, folder_id, contact, present=True)
+        self._changed(mailbox, folder_id, contact, "created")
         return contact
 
     def _modify_contact(self, mailbox: _Mailbox, contact: _Contact, write: _ContactWrite) -> None:
@@ -1032,11 +1036,17 @@ class GraphService(Service):
         for name in RENDER_ORDER:
             if before.get(name) != after.get(name):
                 contact.changed_at[name] = mailbox.seq
+        self._changed(mailbox, contact.folder_id, contact, "updated")
 
     def _remove_contact(self, mailbox: _Mailbox, contact: _Contact) -> None:
         del mailbox.contacts[contact.key]
         mailbox.rest_index.pop(contact.rest_id, None)
         self._log(mailbox, contact.folder_id, contact, present=False)
+        self._changed(mailbox, contact.folder_id, contact, "deleted")
+
+    def _changed(self, mailbox: _Mailbox, folder_id: str, contact: _Contact, change: str) -> None:
+        for listener in self.contact_listeners:
+            listener(mailbox.user_id, folder_id, contact, change)
 
     def _apply(self, contact: _Contact, write: _ContactWrite, creating: bool) -> None:
         contact.props.update(write.props)
