@@ -7,7 +7,8 @@ and the subscriptions API pages it links; tests/sandbox/test_bc_webhooks.py pins
 - ``POST .../api/v2.0/subscriptions`` with ``notificationUrl``, ``resource`` and optional ``clientState``;
   BC then POSTs to ``notificationUrl?validationToken=...`` and registers the subscription only when
   the answer is 200 with the token in the body (201 and the subscription). ``PATCH
-  subscriptions('{id}')`` (``If-Match`` required) renews it with the same handshake; ``DELETE`` removes it.
+  subscriptions('{id}')`` (``If-Match`` required) renews it with the same handshake; ``DELETE``
+  (``If-Match`` required too) removes it.
 - A subscription expires three days after creation or its last renewal (``expirationDateTime``).
 - Notifications are not sent at once: BC waits 30 seconds after the first change, so several changes
   to one record become one notification; if more than 1,000 records changed in that window, one
@@ -33,6 +34,7 @@ import re
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -112,7 +114,7 @@ class BcWebhooks:
         bc.contact_listeners.append(self._on_change)
         p = r"/v2\.0/(?P<tenant>[^/]+)/(?P<env>[^/]+)/api"
         one = rf"{p}/v2\.0/subscriptions\('?(?P<sid>[^)']*)'?\)"
-        routes = [
+        routes: list[tuple[str, str, Callable[..., Response], str]] = [
             ("GET", rf"{p}/v2\.0/subscriptions", self._list, "subscriptions.list"),
             ("POST", rf"{p}/v2\.0/subscriptions", self._create, "subscriptions.create"),
             ("GET", one, self._get, "subscriptions.get"),
@@ -158,7 +160,7 @@ class BcWebhooks:
         self.deliverer.stop()
 
     # ------------------------------------------------------------------ handlers
-    def _guard(self, handler: Any) -> Any:
+    def _guard(self, handler: Callable[..., Response]) -> Callable[..., Response]:
         def run(req: Request, **groups: str) -> Response:
             groups.pop("tenant", None)
             groups.pop("env", None)
@@ -219,6 +221,7 @@ class BcWebhooks:
 
     def _delete(self, req: Request, sid: str) -> Response:
         sub = self._find(sid)
+        self._check_if_match(req, sub)  # If-Match "Required" (dynamics_subscriptions_delete.md)
         with self.bc.lock:
             self.subscriptions.pop(sub.id, None)
         return Response(204)
@@ -357,7 +360,7 @@ def _retryable(status: int | None) -> bool:
     return status is None or status in (408, 429) or 500 <= status <= 599
 
 
-def _object(req: Request) -> dict:
+def _object(req: Request) -> dict[str, Any]:
     try:
         body = req.json()
     except ValueError:

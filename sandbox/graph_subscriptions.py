@@ -191,7 +191,7 @@ class GraphSubscriptions:
 
         return run
 
-    def _create(self, req: Request, claims: dict) -> Response:
+    def _create(self, req: Request, claims: dict[str, Any]) -> Response:
         body = _object(req)
         if not set(claims.get("roles") or ()) & CONTACT_READ_ROLES:
             # "Creating a subscription requires read scope to the resource" (Contacts.Read).
@@ -207,6 +207,7 @@ class GraphSubscriptions:
         lifecycle_url = self._url(body, "lifecycleNotificationUrl", required=False)
         client_state = _client_state(body.get("clientState"))
         expiration = self._expiration(body.get("expirationDateTime"), required=True)
+        assert expiration is not None  # required=True refuses a missing value
         for url in filter(None, (notification_url, lifecycle_url)):
             self._validate(url)
         sub = GraphSubscription(
@@ -226,7 +227,7 @@ class GraphSubscriptions:
             self.subscriptions[sub.id] = sub
         return Response(201, sub.json())
 
-    def _list(self, req: Request, claims: dict) -> Response:
+    def _list(self, req: Request, claims: dict[str, Any]) -> Response:
         subs = [s.json() for s in self.active() if s.application_id == str(claims.get("appid", ""))]
         for s in subs:
             s.pop("@odata.context")
@@ -234,10 +235,10 @@ class GraphSubscriptions:
             200, {"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#subscriptions", "value": subs}
         )
 
-    def _get(self, req: Request, claims: dict, sid: str) -> Response:
+    def _get(self, req: Request, claims: dict[str, Any], sid: str) -> Response:
         return Response(200, self._find(sid).json())
 
-    def _update(self, req: Request, claims: dict, sid: str) -> Response:
+    def _update(self, req: Request, claims: dict[str, Any], sid: str) -> Response:
         body = _object(req)
         sub = self._find(sid)
         unknown = set(body) - {"expirationDateTime", "notificationUrl"}
@@ -259,13 +260,13 @@ class GraphSubscriptions:
                 sub.notification_url = url
         return Response(200, sub.json())
 
-    def _delete(self, req: Request, claims: dict, sid: str) -> Response:
+    def _delete(self, req: Request, claims: dict[str, Any], sid: str) -> Response:
         sub = self._find(sid)
         with self.graph.lock:
             self.subscriptions.pop(sub.id, None)
         return Response(204)
 
-    def _reauthorize(self, req: Request, claims: dict, sid: str) -> Response:
+    def _reauthorize(self, req: Request, claims: dict[str, Any], sid: str) -> Response:
         sub = self._find(sid)
         with self.graph.lock:
             sub.paused = False  # reauthorize "without extending its expiration date"
@@ -294,7 +295,7 @@ class GraphSubscriptions:
                 raise _Refused(404, "ResourceNotFound", f"Resource '{resource}' does not exist.")
             return user.id, folder_id
 
-    def _url(self, body: dict, name: str, required: bool) -> str | None:
+    def _url(self, body: dict[str, Any], name: str, required: bool) -> str | None:
         url = body.get(name)
         if url is None and not required:
             return None
@@ -386,7 +387,7 @@ class GraphSubscriptions:
             self.deliverer.submit(Job(sub.notification_url, body, self._policy(), self._settled))
 
 
-def _object(req: Request) -> dict:
+def _object(req: Request) -> dict[str, Any]:
     try:
         body = req.json()
     except ValueError:
