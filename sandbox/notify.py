@@ -109,7 +109,8 @@ class Deliverer:
         target = f"{url}{sep}{urlencode({'validationToken': token})}"
         started = time.monotonic()
         try:
-            resp = self._session.post(
+            # A session of its own: this runs on the request's thread, the shared one on the delivery thread.
+            resp = requests.post(
                 target,
                 data=b"",
                 headers={"Content-Type": "text/plain; charset=utf-8"},
