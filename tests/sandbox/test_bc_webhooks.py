@@ -15,7 +15,7 @@ import pytest
 
 from sandbox.bc import parse_datetime
 from sandbox.bc_webhooks import BcWebhooks
-from tests.sandbox.test_bc import T0, World, make_world, world
+from tests.sandbox.test_bc import T0, World, batch, make_world, world
 from tests.sandbox.webhook_listener import Listener, echo_validation, listener
 
 __all__ = ["listener", "make_world", "world"]  # fixtures used by name
@@ -233,3 +233,30 @@ def test_renewal_needs_if_match_and_a_new_handshake_expiry_and_delete(env: Env) 
         env.world.http.delete(env.one(other), headers={"If-Match": other["@odata.etag"]}).status_code == 204
     )
     assert env.world.http.get(env.subscriptions_url).json()["value"] == []
+
+
+def test_a_change_undone_with_its_batch_is_not_notified(env: Env) -> None:
+    """A `$batch` with `Isolation: snapshot` that fails is rolled back whole, so its creates never happened
+    and nothing is notified; the batch that commits is.
+
+    Sources: "Working with webhooks" (notifications are for changed records); "Using OData batch"
+    (https://learn.microsoft.com/dynamics365/business-central/dev-itpro/developer/devenv-connect-apps-tips,
+    Isolation: snapshot), as pinned for the sandbox in tests/sandbox/test_bc.py.
+    """
+    env.subscribe()
+    url = f"companies({env.world.company})/contacts"
+    failed = batch(
+        env.world,
+        [
+            {"id": "1", "method": "POST", "url": url, "body": {"displayName": "First"}},
+            {"id": "2", "method": "POST", "url": url, "body": {"displayName": "Bad", "email": "nope"}},
+        ],
+        Isolation="snapshot",
+    )
+    assert [r["status"] for r in failed.json()["responses"]] == [201, 400]
+    assert env.deliver() == []
+    ok = batch(
+        env.world, [{"method": "POST", "url": url, "body": {"displayName": "Kept"}}], Isolation="snapshot"
+    )
+    assert [r["status"] for r in ok.json()["responses"]] == [201]
+    assert [e["changeType"] for e in env.deliver()] == ["created"]
