@@ -315,9 +315,10 @@ class BcWebhooks:
             self._timer.start()
 
     def _entries(self, sub: BcSubscription) -> list[dict[str, Any]]:
-        # BC writes its notification records in the change's own transaction, so a change undone with
-        # its $batch is never notified. The sandbox checks at send time instead: a "created" or
-        # "updated" record that no longer exists, or a "deleted" one that still does, was rolled back.
+        # Inference, not documented: BC's pending notifications are table rows written in the change's
+        # own transaction, so a change undone with its $batch is never notified. The sandbox checks at
+        # send time instead: a "created" or "updated" record that no longer exists, or a "deleted" one
+        # that still does, was rolled back.
         company = self.bc.companies.get(sub.company_id)
         present = company.contacts if company is not None else {}
         for contact_id in [

@@ -239,9 +239,10 @@ def test_a_change_undone_with_its_batch_is_not_notified(env: Env) -> None:
     """A `$batch` with `Isolation: snapshot` that fails is rolled back whole, so its creates never happened
     and nothing is notified; the batch that commits is.
 
-    Sources: "Working with webhooks" (notifications are for changed records); "Using OData batch"
-    (https://learn.microsoft.com/dynamics365/business-central/dev-itpro/developer/devenv-connect-apps-tips,
-    Isolation: snapshot), as pinned for the sandbox in tests/sandbox/test_bc.py.
+    Sources: "Working with webhooks" (notifications are for records that changed); "Using OData $batch
+    requests" (Isolation: snapshot is all or nothing; pinned for the sandbox in tests/sandbox/test_bc.py).
+    That BC skips rolled-back changes is an inference (its pending notifications are table rows written
+    in the change's transaction), not a documented sentence.
     """
     env.subscribe()
     url = f"companies({env.world.company})/contacts"
