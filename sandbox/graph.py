@@ -675,12 +675,14 @@ class GraphService(Service):
             dest = self._user_folder(mailbox, dest_folder_id)
             if dest.id != contact.folder_id:
                 self._log(mailbox, contact.folder_id, contact, present=False)
+                self._changed(mailbox, contact.folder_id, contact, "deleted")  # gone from that folder
                 del mailbox.rest_index[contact.rest_id]
                 contact.rest_id = _new_id("AAMkA", contact.key.encode()[:8])
                 mailbox.rest_index[contact.rest_id] = contact.key
                 contact.folder_id = dest.id
                 contact.change_key, contact.modified = _change_key(), _now()
                 self._log(mailbox, dest.id, contact, present=True)
+                self._changed(mailbox, dest.id, contact, "created")
             return self._contact_json(contact, immutable=True, all_extended=True)
 
     def expire_delta_tokens(self, upn: str) -> None:

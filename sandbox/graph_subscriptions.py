@@ -25,6 +25,9 @@ cite the pages):
   (the subscription is gone), ``missed``.
 - Expiry: a subscription past its ``expirationDateTime`` no longer delivers and is no longer found.
 
+Inference, not documented: a contact moved between folders is notified as ``deleted`` to a
+subscription on the folder it left and ``created`` to one on the folder it entered (what delta shows).
+
 Sandbox allowances (not in the real service): ``http://`` URLs on loopback (sandbox/notify.py), and
 the control API (``send_lifecycle``, ``clock``, ``deliverer.wait``) that tests use to drive time.
 """

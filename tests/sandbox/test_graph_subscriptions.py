@@ -293,3 +293,22 @@ def test_renewal_by_patch_and_expiry_and_delete(env: Env) -> None:
     other = env.subscribe(expirationDateTime=format_datetime(env.subs.clock.now() + timedelta(hours=2)))
     assert env.client.delete(f"/subscriptions/{other['id']}").status_code == 204
     assert env.client.get(f"/subscriptions/{other['id']}").status_code == 404
+
+
+def test_a_move_out_of_the_folder_is_a_deletion_there_and_a_creation_in_the_other(env: Env) -> None:
+    """A folder subscription hears of a contact dragged out as `deleted` and of one dragged in as `created`
+    (inference, matching what the folder's delta reports; Graph's pages do not say).
+
+    Sources: "Receive change notifications through webhooks"
+    (https://learn.microsoft.com/graph/change-notifications-delivery-webhooks); "contact: delta"
+    (https://learn.microsoft.com/graph/api/contact-delta).
+    """
+    folder = env.subs.graph.user_create_folder(ALICE, "Business Central")["id"]
+    env.subscribe(resource=f"users/{env.alice_id}/contactFolders/{folder}/contacts")
+    outside = env.subs.graph.user_create_contact(ALICE, None, {"givenName": "Comes In"})
+    inside = env.subs.graph.user_create_contact(ALICE, folder, {"givenName": "Goes Out"})
+    env.subs.graph.user_move_contact(ALICE, outside["id"], folder)
+    env.subs.graph.user_move_contact(ALICE, inside["id"], None)
+    env.settle()
+    changes = [r.json()["value"][0]["changeType"] for r in env.listener.notifications()]
+    assert changes == ["created", "created", "deleted"]
