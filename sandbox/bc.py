@@ -332,6 +332,9 @@ class BusinessCentralService(Service):
         # ("Working with API limits": retry "while providing a cool off period", with regular,
         # incremental, exponential or random intervals), so by default they do not.
         self.throttle_sends_retry_after: bool = False
+        # Hook for webhooks (sandbox/bc_webhooks.py): called under the data lock with
+        # (company id, contact id, "created" | "updated" | "deleted", lastModifiedDateTime).
+        self.contact_listeners: list[Callable[[str, str, str, datetime], None]] = []
 
         p = r"/v2\.0/(?P<tenant>[^/]+)/(?P<env>[^/]+)/api/v2\.0"
         self.route("GET", rf"{p}/companies", self._list_companies, "companies.list")
@@ -443,6 +446,7 @@ class BusinessCentralService(Service):
                 row.modified = _as_datetime(modified)
             company.contacts[cid] = row
             company.numbers[values["number"]] = cid
+            self._changed(company, cid, "created")
             return self._render(row)
 
     def set_picture(self, company_id: str, contact_id: str, data: bytes | None) -> None:
@@ -837,6 +841,7 @@ class BusinessCentralService(Service):
         self._stamp(row)
         company.contacts[row.id] = row
         company.numbers[row.values["number"]] = row.id
+        self._changed(company, row.id, "created")
         return row
 
     def _apply_patch(self, company: Company, row: ContactRow, body: dict[str, Any]) -> None:
@@ -1043,6 +1048,7 @@ class BusinessCentralService(Service):
 
     def _modify(self, company: Company, row: ContactRow, old: dict[str, Any]) -> None:
         self._stamp(row)
+        self._changed(company, row.id, "updated")
         v = row.values
         if v["type"] == "Company" and v["displayName"] != old["displayName"]:
             # Contact.OnModify for a company rewrites the company name on each of its persons.
@@ -1050,6 +1056,7 @@ class BusinessCentralService(Service):
                 if person.values["type"] == "Person" and person.values["companyNumber"] == v["number"]:
                     person.values["companyName"] = v["displayName"]
                     self._stamp(person)
+                    self._changed(company, person.id, "updated")
 
     def _rename(self, company: Company, row: ContactRow, old_number: str) -> None:
         company.numbers.pop(old_number, None)
@@ -1069,7 +1076,13 @@ class BusinessCentralService(Service):
                     and person.values["companyNumber"] == row.values["number"]
                 ):
                     self._drop(company, person)
+                    self._changed(company, person.id, "deleted")
         self._drop(company, row)
+        self._changed(company, row.id, "deleted")
+
+    def _changed(self, company: Company, contact_id: str, change: str) -> None:
+        for listener in self.contact_listeners:
+            listener(company.id, contact_id, change, self.clock.now())
 
     @staticmethod
     def _drop(company: Company, row: ContactRow) -> None:

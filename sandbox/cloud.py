@@ -13,8 +13,10 @@ import uuid
 from pathlib import Path
 
 from sandbox.bc import BusinessCentralService
+from sandbox.bc_webhooks import BcWebhooks
 from sandbox.entra import EntraService
 from sandbox.graph import GraphService
+from sandbox.graph_subscriptions import GraphSubscriptions
 from sandbox.httpd import SandboxServer
 from sandbox.tls import make_tls
 
@@ -41,6 +43,10 @@ class Cloud:
         self.bc.register_entra_app(self.client_id)
         self.graph = GraphService(self.entra.validate)
         self.company_id = self.bc.add_company("CRONUS International Ltd.")
+        # Change notifications (issue 15): Graph subscriptions and BC webhooks, delivered from
+        # background threads; plain http is accepted for loopback listeners only (sandbox/notify.py).
+        self.graph_subscriptions = GraphSubscriptions(self.graph, self.tenant_id, str(self.tls.ca_bundle))
+        self.bc_webhooks = BcWebhooks(self.bc, str(self.tls.ca_bundle))
         self._servers = [SandboxServer(s, self.tls.server_context) for s in (self.entra, self.bc, self.graph)]
 
     def start(self) -> Cloud:
@@ -51,6 +57,8 @@ class Cloud:
     def stop(self) -> None:
         for s in self._servers:
             s.stop()
+        self.graph_subscriptions.stop()
+        self.bc_webhooks.stop()
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

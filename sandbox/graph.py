@@ -519,6 +519,9 @@ class GraphService(Service):
         self._app_scopes: dict[str, frozenset[str]] = {}
         self._ctxs: dict[int, _Ctx] = {}
         self._tls = threading.local()
+        # Hook for change notifications (sandbox/graph_subscriptions.py): called under the data lock
+        # with (mailbox user id, folder id, contact, "created" | "updated" | "deleted").
+        self.contact_listeners: list[Callable[[str, str, _Contact, str], None]] = []
         self._register_routes()
 
     def _register_routes(self) -> None:
@@ -686,12 +689,14 @@ class GraphService(Service):
             dest = self._user_folder(mailbox, dest_folder_id)
             if dest.id != contact.folder_id:
                 self._log(mailbox, contact.folder_id, contact, present=False)
+                self._changed(mailbox, contact.folder_id, contact, "deleted")  # gone from that folder
                 del mailbox.rest_index[contact.rest_id]
                 contact.rest_id = _new_id("AAMkA", contact.key.encode()[:8])
                 mailbox.rest_index[contact.rest_id] = contact.key
                 contact.folder_id = dest.id
                 contact.change_key, contact.modified = _change_key(), _now()
                 self._log(mailbox, dest.id, contact, present=True)
+                self._changed(mailbox, dest.id, contact, "created")
             return self._contact_json(contact, immutable=True, all_extended=True)
 
     def set_contact_photo(self, upn: str, contact_id: str, data: bytes) -> None:
@@ -1050,6 +1055,7 @@ class GraphService(Service):
         mailbox.contacts[contact.key] = contact
         mailbox.rest_index[contact.rest_id] = contact.key
         self._log(mailbox, folder_id, contact, present=True)
+        self._changed(mailbox, folder_id, contact, "created")
         return contact
 
     def _modify_contact(self, mailbox: _Mailbox, contact: _Contact, write: _ContactWrite) -> None:
@@ -1061,11 +1067,17 @@ class GraphService(Service):
         for name in RENDER_ORDER:
             if before.get(name) != after.get(name):
                 contact.changed_at[name] = mailbox.seq
+        self._changed(mailbox, contact.folder_id, contact, "updated")
 
     def _remove_contact(self, mailbox: _Mailbox, contact: _Contact) -> None:
         del mailbox.contacts[contact.key]
         mailbox.rest_index.pop(contact.rest_id, None)
         self._log(mailbox, contact.folder_id, contact, present=False)
+        self._changed(mailbox, contact.folder_id, contact, "deleted")
+
+    def _changed(self, mailbox: _Mailbox, folder_id: str, contact: _Contact, change: str) -> None:
+        for listener in self.contact_listeners:
+            listener(mailbox.user_id, folder_id, contact, change)
 
     def _apply(self, contact: _Contact, write: _ContactWrite, creating: bool) -> None:
         contact.props.update(write.props)
