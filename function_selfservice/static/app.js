@@ -282,10 +282,13 @@ function showReport(r) {
   const counts = $("counts");
   counts.textContent = "";
   for (const [k, v] of Object.entries(r.counts || {})) {
+    // One group per count, so a label and its number stay together however the grid wraps.
+    const group = document.createElement("div");
     const dt = document.createElement("dt"); dt.textContent = t(`actions.${k}`);
     const dd = document.createElement("dd"); dd.textContent = v;
     dd.dataset.count = k;
-    counts.append(dt, dd);
+    group.append(dt, dd);
+    counts.append(group);
   }
   renderItems();
 }
