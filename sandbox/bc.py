@@ -1244,26 +1244,33 @@ class BusinessCentralService(Service):
         return row
 
     def _check_if_match(self, req: Request, row: ContactRow) -> None:
-        # If-Match is "Required" for PATCH and DELETE (api-reference/v2.0/api/dynamics_contact_update.md,
-        # _delete.md). Without it BC answers BadRequest_InvalidToken (MicrosoftDocs/dynamics365smb-devitpro-pb
-        # issue #813); a stale tag is the OData conflict Request_EntityChanged (dynamics_error_codes.md).
-        header = req.headers.get("If-Match", "").strip()
-        if not header:
-            raise BcError(
-                400,
-                "BadRequest_InvalidToken",
-                "Could not validate the client concurrency token required by the service. Please provide a "
-                "valid token in the client request.",
-            )
-        offered = [t.strip() for t in header.split(",")]
-        if "*" not in offered and self._etag(row) not in offered:
-            raise BcError(412, "Request_EntityChanged", "Another user has already changed the record.")
+        check_if_match(req, self._etag(row))
 
     def _answer(self, run: Callable[[], Response]) -> Response:
         try:
             return run()
         except BcError as exc:
             return self._fail(exc)
+
+
+def check_if_match(req: Request, etag: str) -> None:
+    """BC's optimistic concurrency, for every entity that has an etag.
+
+    If-Match is "Required" for PATCH and DELETE (api-reference/v2.0/api/dynamics_contact_update.md,
+    _delete.md). Without it BC answers BadRequest_InvalidToken (MicrosoftDocs/dynamics365smb-devitpro-pb
+    issue #813); a stale tag is the OData conflict Request_EntityChanged (dynamics_error_codes.md).
+    """
+    header = req.headers.get("If-Match", "").strip()
+    if not header:
+        raise BcError(
+            400,
+            "BadRequest_InvalidToken",
+            "Could not validate the client concurrency token required by the service. Please provide a "
+            "valid token in the client request.",
+        )
+    offered = [t.strip() for t in header.split(",")]
+    if "*" not in offered and etag not in offered:
+        raise BcError(412, "Request_EntityChanged", "Another user has already changed the record.")
 
 
 def _wants_json(accept: str | None) -> bool:

@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from sandbox.bc import BcError, BusinessCentralService, format_datetime
+from sandbox.bc import BcError, BusinessCentralService, check_if_match, format_datetime
 from sandbox.httpd import Request, Response, Route
 from sandbox.notify import Deliverer, DeliveryPolicy, Job, url_problem
 
@@ -268,17 +268,7 @@ class BcWebhooks:
             )
 
     def _check_if_match(self, req: Request, sub: BcSubscription) -> None:
-        header = req.headers.get("If-Match", "").strip()
-        if not header:
-            raise BcError(
-                400,
-                "BadRequest_InvalidToken",
-                "Could not validate the client concurrency token required by the service. Please provide a "
-                "valid token in the client request.",
-            )
-        offered = [t.strip() for t in header.split(",")]
-        if "*" not in offered and sub.etag not in offered:
-            raise BcError(412, "Request_EntityChanged", "Another user has already changed the record.")
+        check_if_match(req, sub.etag)
 
     def _find(self, sid: str) -> BcSubscription:
         with self.bc.lock:
