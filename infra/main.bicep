@@ -119,6 +119,9 @@ param syncTablePrefix string = 'ContactSync'
 @description('SYNC_SCHEDULE: NCRONTAB schedule of the timer (six fields, seconds first).')
 param syncSchedule string = '0 */15 * * * *'
 
+@description('SYNC_CHANGE_POLL_SCHEDULE: NCRONTAB schedule of the change poll, one BC request per company (six fields).')
+param syncChangePollSchedule string = '0 * * * * *'
+
 @description('SYNC_INLINE_BUDGET_SECONDS: how long POST /api/sync waits before answering 202.')
 @minValue(1)
 @maxValue(230)
@@ -262,6 +265,7 @@ module functionApp './modules/functionapp.bicep' = {
     graphBaseUrl: graphBaseUrl
     syncTablePrefix: syncTablePrefix
     syncSchedule: syncSchedule
+    syncChangePollSchedule: syncChangePollSchedule
     syncInlineBudgetSeconds: syncInlineBudgetSeconds
     syncFullSyncHours: syncFullSyncHours
   }

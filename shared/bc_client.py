@@ -171,6 +171,17 @@ class BcClient:
             params["$filter"] = f"lastModifiedDateTime gt {modified_after}"
         return self._get_all(f"{self.root}/{self._contacts_path(company_id)}", params)
 
+    def contacts_changed_since(self, company_id: str, since: str) -> bool:
+        """Whether any contact of the company changed after `since`: one request, one id at most.
+
+        The change poll's whole question (BEHAVIOUR §8.1); deletions are invisible to it, because
+        the API keeps no tombstones.
+        """
+        params = {"$filter": f"lastModifiedDateTime gt {since}", "$top": "1", "$select": "id"}
+        resp = self.http.request("GET", f"{self.root}/{self._contacts_path(company_id)}", params=params)
+        value = resp.json_object().get("value")
+        return isinstance(value, list) and len(value) > 0
+
     def get_contacts(self, company_id: str, ids: list[str]) -> list[dict[str, Any]]:
         """Full records for the given ids (OR-ed id filters, a few dozen per request)."""
         out: list[dict[str, Any]] = []

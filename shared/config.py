@@ -50,6 +50,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AzureWebJobsStorage__clientId", False, None, "Client id of the identity used for Storage"),
     Setting("SYNC_TABLE_PREFIX", False, "ContactSync", "Prefix of the Table Storage tables"),
     Setting("SYNC_SCHEDULE", False, "0 */15 * * * *", "NCRONTAB schedule of the timer"),
+    Setting(
+        "SYNC_CHANGE_POLL_SCHEDULE",
+        False,
+        "0 * * * * *",
+        "NCRONTAB schedule of the change poll: one BC request per company asking whether any contact "
+        "changed (turn it off with AzureWebJobs.function_change_poll.Disabled=true)",
+    ),
     Setting("SYNC_INLINE_BUDGET_SECONDS", False, "90", "How long POST /api/sync waits before answering 202"),
     Setting(
         "SYNC_FULL_SYNC_HOURS", False, "24", "Hours between automatic full reconciles per user (0 = never)"
@@ -109,6 +116,7 @@ class Config:
     full_sync_hours: float
     poll_token_key: str | None = field(default=None, repr=False)
     api_audience: str = ""
+    change_poll_schedule: str = "0 * * * * *"
 
     @property
     def authority(self) -> str:
@@ -145,6 +153,11 @@ class Config:
             _NCRONTAB.match,
             "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
         )
+        change_poll = read.matching(
+            "SYNC_CHANGE_POLL_SCHEDULE",
+            _NCRONTAB.match,
+            "must be an NCRONTAB expression with six fields, e.g. 0 * * * * * (every minute)",
+        )
         poll_key = _poll_token_key(read)
         return cls(
             tenant_id=tenant,
@@ -168,6 +181,7 @@ class Config:
             full_sync_hours=_number("SYNC_FULL_SYNC_HOURS", read.value("SYNC_FULL_SYNC_HOURS"), 0, 24 * 31),
             poll_token_key=poll_key,
             api_audience=_audience(read.optional("SYNC_API_AUDIENCE"), client_id.lower()),
+            change_poll_schedule=change_poll,
         )
 
 

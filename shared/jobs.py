@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 QUEUE_NAME = "contact-sync-jobs"
 MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the two equal)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_JOB_REASONS = ("schedule", "http", "continuation")
+_JOB_REASONS = ("schedule", "http", "continuation", "poll")
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Job:
     runId: str | None = None
     dryRun: bool = False
     force: bool = False
-    reason: str = "schedule"  # schedule | http | continuation
+    reason: str = "schedule"  # schedule | http | continuation | poll (the change poll, §8.1)
 
     def to_message(self) -> str:
         return json.dumps(self.__dict__)
@@ -131,7 +131,7 @@ def _settings(store: Store, job: Job) -> UserSettings | None:
         )
         _give_up(store, job, f"the stored settings are invalid ({exc.detail}); fix them with PUT /api/users")
         return None  # retrying cannot fix it
-    if settings is None or (not settings.enabled and job.reason == "schedule"):
+    if settings is None or (not settings.enabled and job.reason in ("schedule", "poll")):
         log.info("job for a removed or disabled user skipped")
         if settings is None:
             _give_up(store, job, "the user's sync settings were deleted before the run started")
@@ -140,15 +140,33 @@ def _settings(store: Store, job: Job) -> UserSettings | None:
 
 
 def work(msg: func.QueueMessage) -> RunReport | None:
-    """Run one queued job. Raising makes the queue retry it, then move it to the poison queue."""
+    """Run one queued job. Raising makes the queue retry it, then move it to the poison queue.
+
+    A job the change poll queued clears its mark once the worker is done with it for good (ran,
+    dropped or given up), so the poll may queue the user's next one (BEHAVIOUR §8.1).
+    """
     try:
         job = Job.from_message(msg.get_body().decode("utf-8"))
     except (ValueError, TypeError, ValidationError) as exc:
         log.error("dropping an unreadable job message: %s", exc)
         return None  # retrying cannot fix it
+    attempt = int(getattr(msg, "dequeue_count", 1) or 1)
+    if job.reason != "poll" or not job.runId:
+        return _work(job, attempt)
+    store = get_services().store
+    try:
+        report = _work(job, attempt)
+    except Exception:
+        if attempt >= MAX_DEQUEUE:
+            store.clear_change_poll_mark(job.user, job.runId)
+        raise
+    store.clear_change_poll_mark(job.user, job.runId)
+    return report
+
+
+def _work(job: Job, attempt: int) -> RunReport | None:
     services = get_services()
     store = services.store
-    attempt = int(getattr(msg, "dequeue_count", 1) or 1)
     settings = _settings(store, job)
     if settings is None:
         return None
@@ -166,6 +184,7 @@ def work(msg: func.QueueMessage) -> RunReport | None:
             dry_run=job.dryRun,
             force=job.force,
             run_id=job.runId,
+            # Not for poll jobs: a read cached before the change the poll saw would hide it.
             reader=services.bc_reader if job.reason == "schedule" else None,
             resume=resume,
         )
@@ -173,9 +192,12 @@ def work(msg: func.QueueMessage) -> RunReport | None:
         if job.reason == "schedule":
             log.info("scheduled run skipped: %s", exc)
             return None
+        if job.reason == "poll" and attempt >= MAX_DEQUEUE:
+            log.info("change-poll run dropped, another run kept the lease: %s", exc)
+            return None  # the next tick asks again: the other run's watermark shows what it missed
         if attempt >= MAX_DEQUEUE:
             _give_up(store, job, f"gave up after {attempt} attempts: {exc}")
-        raise  # an on-demand run waits its turn through the queue's retry
+        raise  # an on-demand or change-poll run waits its turn through the queue's retry
     if report.status == RunStatus.FAILED:
         if attempt >= MAX_DEQUEUE:
             report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"

@@ -67,6 +67,7 @@ _KEY_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 
 _SETTINGS_RK = "settings"
 _STATE_RK = "state"
+_CHANGE_POLL_RK = "changePoll"  # the run the change poll queued and that has not finished yet
 _LEASE_RK = "lease"
 _APP_PK = "app"  # the app's own rows in State: never a user key (no '@', not a GUID)
 _HEAD_RK = "head"
@@ -454,7 +455,11 @@ class Store:
         finishes a clean-up that was interrupted.
         """
         existed = self._get_entity("Settings", encode_key(user), _SETTINGS_RK, f"delete settings of {user}")
-        for kind, rk, what in (("Settings", _SETTINGS_RK, "settings"), ("State", _STATE_RK, "state")):
+        for kind, rk, what in (
+            ("Settings", _SETTINGS_RK, "settings"),
+            ("State", _STATE_RK, "state"),
+            ("State", _CHANGE_POLL_RK, "poll mark"),
+        ):
             client, table = self._client(kind)
             with _storage_errors(table, f"delete {what} of {user}"):
                 client.delete_entity(encode_key(user), rk)
@@ -597,6 +602,35 @@ class Store:
             except _WriteLost as lost:
                 raise ConcurrencyError(table, operation, lost.detail, lost.status) from lost.__cause__
         return replace(state, etag=etag)
+
+    # --- the change poll's pending job (BEHAVIOUR §8.1) ---------------------------------------------
+
+    def get_change_poll_mark(self, user: str) -> tuple[str, datetime] | None:
+        """The run id and time of the job the change poll queued for `user` that has not finished, if
+        any: while it is there, the poll queues nothing more for the user (coalescing)."""
+        entity = self._get_entity("State", encode_key(user), _CHANGE_POLL_RK, f"read poll mark of {user}")
+        if entity is None:
+            return None
+        run_id, queued = entity.get("runId"), entity.get("queuedAt")
+        if not isinstance(run_id, str) or not isinstance(queued, datetime):
+            return None  # an unreadable mark must not block the user's poll runs for ever
+        return run_id, _as_utc(queued)
+
+    def set_change_poll_mark(self, user: str, run_id: str, queued_at: datetime) -> None:
+        client, table = self._client("State")
+        entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _CHANGE_POLL_RK}
+        entity.update(runId=run_id, queuedAt=_as_utc(queued_at))
+        with _storage_errors(table, f"save poll mark of {user}"):
+            client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def clear_change_poll_mark(self, user: str, run_id: str) -> None:
+        """Removes the mark if it is still the one of `run_id` (a newer mark stays)."""
+        mark = self.get_change_poll_mark(user)
+        if mark is None or mark[0] != run_id:
+            return
+        client, table = self._client("State")
+        with _storage_errors(table, f"delete poll mark of {user}"):
+            client.delete_entity(encode_key(user), _CHANGE_POLL_RK)
 
     # --- the app's own secrets (BEHAVIOUR §7.6: the poll-token key) ----------------------------------
 

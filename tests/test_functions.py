@@ -386,9 +386,10 @@ def test_function_json_matches_main(folder):
 ANONYMOUS_BY_DESIGN = ("function_selfservice", "function_signed_in_http", "function_sync_poll")
 
 
-def test_the_functions_are_the_seven_expected_with_their_triggers():
+def test_the_functions_are_the_eight_expected_with_their_triggers():
     triggers = {f.name: f.trigger for f in function_folders()}
     assert {k: t["type"] for k, t in triggers.items()} == {
+        "function_change_poll": "timerTrigger",
         "function_selfservice": "httpTrigger",
         "function_signed_in_http": "httpTrigger",
         "function_sync_http": "httpTrigger",
@@ -399,6 +400,12 @@ def test_the_functions_are_the_seven_expected_with_their_triggers():
     }
     assert triggers["function_sync_timer"]["schedule"] == "%SYNC_SCHEDULE%"
     assert triggers["function_sync_timer"].get("runOnStartup", False) is False
+    assert triggers["function_change_poll"]["schedule"] == "%SYNC_CHANGE_POLL_SCHEDULE%"
+    assert triggers["function_change_poll"].get("runOnStartup", False) is False
+    outputs = {f.name: f.out_bindings for f in function_folders()}
+    assert (
+        outputs["function_change_poll"] == outputs["function_sync_timer"]
+    )  # the same queue the worker drains
     assert triggers["function_sync_http"]["route"] == "sync/{*rest}"
     assert triggers["function_users_http"]["route"] == "users/{*rest}"
     assert triggers["function_sync_poll"]["route"] == "poll/{runId}"

@@ -94,6 +94,9 @@ param syncTablePrefix string
 @description('SYNC_SCHEDULE (NCRONTAB, six fields)')
 param syncSchedule string
 
+@description('SYNC_CHANGE_POLL_SCHEDULE (NCRONTAB, six fields): the change poll, BEHAVIOUR §8.1')
+param syncChangePollSchedule string
+
 @description('SYNC_INLINE_BUDGET_SECONDS')
 param syncInlineBudgetSeconds int
 
@@ -126,6 +129,7 @@ var baseAppSettings = {
   GRAPH_BASE_URL: graphBaseUrl
   SYNC_TABLE_PREFIX: syncTablePrefix
   SYNC_SCHEDULE: syncSchedule
+  SYNC_CHANGE_POLL_SCHEDULE: syncChangePollSchedule
   SYNC_INLINE_BUDGET_SECONDS: string(syncInlineBudgetSeconds)
   SYNC_FULL_SYNC_HOURS: string(syncFullSyncHours)
   SYNC_API_AUDIENCE: syncApiAudience

@@ -1,0 +1,122 @@
+"""The change poll (BEHAVIOUR §8.1): a second timer that asks each Business Central company one cheap
+question and queues incremental runs only for that company's users when the answer is yes.
+
+BC → Outlook edits then arrive within about a minute instead of at the next quarter hour, while an
+idle tick costs one BC request per company and nothing else. Microsoft's documented list of
+webhook-supported BC entities does not include contacts, so this poll is what works on every tenant.
+
+The question, `lastModifiedDateTime gt <oldest watermark>` with `$top=1&$select=id`, sees creations
+and edits but not deletions (the API keeps no tombstones): those still arrive with the regular
+schedule's id listing. Coalescing: a queued poll job leaves a mark (run id, time) in the user's State
+partition until the worker has finished with it; while it is there the poll queues nothing more for the
+user, so a burst of ticks is one job, and a user whose run is in progress gets one follow-up at most.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import azure.functions as func
+
+from shared.bc_client import BcClient
+from shared.http_client import RequestCounter
+from shared.jobs import Job
+from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash, utcnow
+from shared.planner import INCREMENTAL
+from shared.services import Services, get_services
+
+log = logging.getLogger(__name__)
+
+# A mark older than this no longer blocks: its message was lost, or the worker died with it. Longer
+# than the queue's retries of one job (5 attempts, 30 s visibility timeout, host.json) take.
+MARK_EXPIRES = timedelta(minutes=10)
+
+
+@dataclass
+class PollTick:
+    """What one tick did, for its log record and for tests."""
+
+    companies: int = 0
+    asked: int = 0
+    changed: int = 0
+    failed: int = 0
+    queued: int = 0
+    coalesced: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+def _by_company(services: Services, users: list[UserSettings]) -> dict[str, list[UserSettings]]:
+    groups: dict[str, list[UserSettings]] = defaultdict(list)
+    for u in users:
+        if u.enabled:
+            groups[(u.company_id or services.config.bc_company_id).lower()].append(u)
+    return groups
+
+
+def _watermarks(services: Services, users: list[UserSettings]) -> dict[str, str]:
+    """Each user's BC watermark; users without one are left out (their first run is the scheduled one)."""
+    marks = {u.user: services.store.get_state(u.user).bc_watermark for u in users}
+    return {user: mark for user, mark in marks.items() if mark}
+
+
+def _queue(services: Services, users: list[str], tick: PollTick) -> None:
+    """One incremental job per user, unless the user's previous poll job has not finished yet."""
+    now = utcnow()
+    for user in users:
+        mark = services.store.get_change_poll_mark(user)
+        if mark is not None and now - mark[1] < MARK_EXPIRES:
+            tick.coalesced += 1
+            continue
+        run_id = uuid.uuid4().hex
+        services.store.set_change_poll_mark(user, run_id, now)
+        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, "poll").to_message())
+        tick.queued += 1
+
+
+def _ask(services: Services, bc: BcClient, company: str, users: list[UserSettings], tick: PollTick) -> None:
+    watermarks = _watermarks(services, users)
+    if not watermarks:
+        return
+    oldest = min(watermarks.values(), key=parse_iso)
+    tick.asked += 1
+    try:
+        changed = bc.contacts_changed_since(company, oldest)
+    except Exception as exc:  # one company's failure must not stop the others
+        tick.failed += 1
+        detail = str(exc)
+        for user in watermarks:
+            detail = redact(detail, user)
+        log.warning(
+            "change poll could not ask a company %s", log_fields({"company": company, "error": detail})
+        )
+        return
+    if changed:
+        tick.changed += 1
+        _queue(services, sorted(watermarks), tick)
+
+
+def poll(timer: Any, jobs: func.Out[list[str]]) -> PollTick:
+    """One tick: one question per company with enabled users, jobs only where the answer is yes."""
+    services = get_services()
+    users, bad = services.store.list_settings_checked()
+    for key, _err in bad:
+        log.warning(
+            "change poll skips a user with invalid settings %s", log_fields({"userHash": user_hash(key)})
+        )
+    tick = PollTick()
+    counter = RequestCounter()
+    bc, _graph = services.clients(counter)
+    for company, members in sorted(_by_company(services, users).items()):
+        tick.companies += 1
+        _ask(services, bc, company, members, tick)
+    jobs.set(tick.messages)
+    summary = {k: v for k, v in tick.__dict__.items() if k != "messages"}
+    summary["bcRequests"] = counter.counts.get("bc", 0)
+    summary["pastDue"] = bool(getattr(timer, "past_due", False))
+    log.info("change poll %s", log_fields(summary))
+    return tick
