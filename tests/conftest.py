@@ -54,3 +54,26 @@ def client(env):
 
     with api_client(LocalHost()) as c:
         yield c
+
+
+@pytest.fixture
+def clients(world):
+    """The app's BC and Graph clients for one mailbox, with waits recorded instead of slept:
+    (world, bc, graph, waits, counter)."""
+    from shared.http_client import RequestCounter
+
+    world.cloud.graph.add_mailbox("alice@contoso.example")
+    waits: list[float] = []
+    world.services.sleep = waits.append
+    counter = RequestCounter()
+    bc, graph = world.services.clients(counter)
+    return world, bc, graph, waits, counter
+
+
+@pytest.fixture
+def queue(azurite, env):
+    """The jobs queue on Azurite, as the timer, the change poll and the worker bindings see it."""
+    from shared.jobs import QUEUE_NAME
+    from tests.local_host import QueueHost
+
+    return QueueHost(azurite.connection_string, QUEUE_NAME)

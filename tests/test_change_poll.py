@@ -20,20 +20,13 @@ import function_sync_timer
 import function_sync_worker
 from sandbox.bindings import Collector
 from shared.config import Config, ConfigError
-from shared.jobs import QUEUE_NAME
 from shared.model import utcnow
 from shared.sync import LEASE_SECONDS, RunInProgress
-from tests.local_host import QueueHost
 
 ALICE = "alice@contoso.example"
 BOB = "bob@contoso.example"
 CAROL = "carol@contoso.example"
 DAVE = "dave@contoso.example"
-
-
-@pytest.fixture
-def queue(azurite, env) -> QueueHost:
-    return QueueHost(azurite.connection_string, QUEUE_NAME)
 
 
 def _tick() -> list[str]:

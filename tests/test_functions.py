@@ -29,17 +29,12 @@ from shared.jobs import MAX_DEQUEUE, QUEUE_NAME
 from shared.model import RunReport, iso, utcnow
 from shared.services import get_services, reset_services
 from shared.sync import LEASE_SECONDS, user_hash
-from tests.local_host import ROOT, Collector, QueueHost, function_folders, host_json
+from tests.local_host import ROOT, Collector, function_folders, host_json
 from tests.world import tag
 
 ALICE = "alice@contoso.example"
 BOB = "bob@contoso.example"
 CAROL = "carol@contoso.example"
-
-
-@pytest.fixture
-def queue(azurite, env) -> QueueHost:
-    return QueueHost(azurite.connection_string, QUEUE_NAME)
 
 
 def _people(world, n: int, prefix: str = "Person") -> list[dict]:

@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared.http_client import AmbiguousWriteError, ApiError, BatchItem, RequestCounter
+from shared.http_client import AmbiguousWriteError, ApiError, BatchItem
 
 ALICE = "alice@contoso.example"
-
-
-@pytest.fixture
-def clients(world):
-    world.cloud.graph.add_mailbox(ALICE)
-    waits: list[float] = []
-    world.services.sleep = waits.append
-    counter = RequestCounter()
-    bc, graph = world.services.clients(counter)
-    return world, bc, graph, waits, counter
 
 
 def test_retry_after_is_honoured_for_429_and_503(clients):

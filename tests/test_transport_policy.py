@@ -14,21 +14,15 @@ from shared.http_client import (
     Backoff,
     ForeignUrlError,
     HttpClient,
-    RequestCounter,
 )
 
 ALICE = "alice@contoso.example"
 
 
-@pytest.fixture
-def clients(world):
-    world.cloud.graph.add_mailbox(ALICE)
-    waits: list[float] = []
-    world.services.sleep = waits.append
-    world.services.backoff_base = 0.5  # the product's default (the World fixture shortens it)
-    counter = RequestCounter()
-    bc, graph = world.services.clients(counter)
-    return world, bc, graph, waits, counter
+@pytest.fixture(autouse=True)
+def product_backoff(world):
+    """The product's backoff base (the World fixture shortens it), set before `clients` builds them."""
+    world.services.backoff_base = 0.5
 
 
 def test_backoff_is_full_jitter_under_a_growing_ceiling_within_the_budget():
