@@ -42,6 +42,8 @@ INTERRUPT_GRACE_SECONDS = 20.0
 _SYNC_FIELDS = {"user", "mode", "dryRun", "force", "wait"}
 # The poll URL of a 202 (function_sync_poll, authLevel anonymous: the token is the authorization).
 POLL_ROUTE = "poll"
+# People's door (shared/signed_in.py): the same routes under /api/signed-in, authorized by a bearer token.
+SIGNED_IN_ROUTE = "signed-in"
 POLL_TOKEN_PARAM = "token"
 
 
@@ -142,6 +144,15 @@ def _settings_or_error(store: Store, user: str) -> UserSettings:
     return settings
 
 
+def _api_root(req: func.HttpRequest) -> tuple[str, str]:
+    """(scheme://host of the caller's URL, the first path segment after /api/)."""
+    base = req.url.split("?", 1)[0].split("#", 1)[0]
+    if "/api/" not in base:
+        return base.rstrip("/"), ""
+    root, rest = base.split("/api/", 1)
+    return root, rest.split("/", 1)[0]
+
+
 def _location(req: func.HttpRequest, run_id: str, token: str) -> str:
     """The absolute poll URL of the run, on the host the caller used: `/api/poll/{runId}?token=`.
 
@@ -149,15 +160,21 @@ def _location(req: func.HttpRequest, run_id: str, token: str) -> str:
     keeps the `Location` in the flow's run history, and a key there would open the whole API to anyone
     who can read that history. The token opens this run's status and report only, until it expires.
     """
-    base = req.url.split("?", 1)[0].split("#", 1)[0]
-    root = base.split("/api/", 1)[0] if "/api/" in base else base.rstrip("/")
+    root, _ = _api_root(req)
     return f"{root}/api/{POLL_ROUTE}/{run_id}?{urlencode({POLL_TOKEN_PARAM: token})}"
 
 
 def _accepted(req: func.HttpRequest, report: RunReport, token: str | None = None) -> func.HttpResponse:
-    """202 with the poll URL; a poll passes its own token on, so the `Location` stays the same URL."""
-    token = token or get_services().poll_tokens().issue(report.runId)
-    headers = {"Location": _location(req, report.runId, token), "Retry-After": str(POLL_AFTER_SECONDS)}
+    """202 with the poll URL; a poll passes its own token on, so the `Location` stays the same URL.
+
+    A request through the people's door polls back at that door with the same bearer token, so it
+    gets no poll token (and none is issued)."""
+    root, door = _api_root(req)
+    if door == SIGNED_IN_ROUTE:
+        location = f"{root}/api/{SIGNED_IN_ROUTE}/sync/runs/{report.runId}"
+    else:
+        location = _location(req, report.runId, token or get_services().poll_tokens().issue(report.runId))
+    headers = {"Location": location, "Retry-After": str(POLL_AFTER_SECONDS)}
     return json_response(202, report.to_json(), headers)
 
 

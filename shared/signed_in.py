@@ -32,7 +32,7 @@ from shared.services import get_services
 
 log = logging.getLogger(__name__)
 
-PREFIX = "signed-in"
+PREFIX = api.SIGNED_IN_ROUTE
 RUNS_LISTED = 20
 _ADMIN_ONLY_FIELDS = ("enabled", "companyId")
 
@@ -144,17 +144,6 @@ def _forward(req: func.HttpRequest, rest: str, body: bytes | None = None) -> fun
     )
 
 
-def _signed_in_location(resp: func.HttpResponse) -> func.HttpResponse:
-    """The 202's Location must point at this door, so the poller keeps using its token (the key door's
-    poll URL, `/api/poll/{runId}?token=`, is for automation that holds no token)."""
-    location = resp.headers.get("Location")
-    if location and f"/api/{api.POLL_ROUTE}/" in location:
-        root, rest = location.split(f"/api/{api.POLL_ROUTE}/", 1)
-        run_id = rest.split("?", 1)[0]
-        resp.headers["Location"] = f"{root}/api/{PREFIX}/sync/runs/{run_id}"
-    return resp
-
-
 @api.guarded
 def handle(req: func.HttpRequest, jobs: func.Out[str]) -> func.HttpResponse:
     """Route of function_signed_in_http: /api/signed-in/{me|users…|sync…}."""
@@ -263,10 +252,10 @@ def _sync(
                     _require_admin(principal, "force (past the mass-delete guard)")
                 if "user" in data:
                     _require_own(principal, normalize_user(data.get("user")), req.method)
-        return _signed_in_location(api.handle_sync(_forward(req, ""), jobs))
+        return api.handle_sync(_forward(req, ""), jobs)
     reading_a_run = len(parts) == 2 and parts[0] == "runs" and req.method == "GET"
     if reading_a_run and not principal.is_admin and RUN_ID.match(parts[1]):
         report = get_services().store.get_report(parts[1])
         if report is not None:
             _require_own(principal, report.user, req.method)
-    return _signed_in_location(api.handle_sync(_forward(req, "/".join(parts)), jobs))
+    return api.handle_sync(_forward(req, "/".join(parts)), jobs)
