@@ -297,6 +297,38 @@ class GraphClient:
                 raise ApiError("graph", "GET", cid, res.status, "BatchItemFailed", res.error or "")
         return found, missing
 
+    # Contact photos (Graph "Get profilePhoto" / "Update profilePhoto") --------------------
+    def _photo_url(self, user: str, folder_id: str, contact_id: str) -> str:
+        return self._url(
+            f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/"
+            f"{quote(contact_id, safe='')}/photo/$value"
+        )
+
+    def get_photo(self, user: str, folder_id: str, contact_id: str) -> bytes | None:
+        """The contact's photo bytes, or None when it has none (Graph answers 404 then)."""
+        resp = self.http.request(
+            "GET",
+            self._photo_url(user, folder_id, contact_id),
+            headers={"Accept": "*/*"},
+            allow_status=(404,),
+            raw=True,
+        )
+        if resp.status == 404 or not resp.body:
+            return None
+        data: bytes = resp.body
+        return data
+
+    def put_photo(self, user: str, folder_id: str, contact_id: str, data: bytes, content_type: str) -> None:
+        """Set the contact's photo: PUT .../photo/$value with the image bytes (200, no body)."""
+        self.http.request(
+            "PUT",
+            self._photo_url(user, folder_id, contact_id),
+            content=data,
+            content_type=content_type,
+            headers={"Accept": "*/*"},
+            raw=True,
+        )
+
     # Writing contacts -------------------------------------------------------------------
     def contact_op(
         self,

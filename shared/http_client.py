@@ -302,11 +302,16 @@ class HttpClient:
         idempotent: bool | None = None,
         operations: int = 1,
         xml: bool = False,
+        content: bytes | None = None,
+        content_type: str | None = None,
+        raw: bool = False,
     ) -> HttpResponse:
         """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise.
 
         `idempotent` overrides what the method says, e.g. for a `$batch` POST that only reads.
         `xml`: a 2xx XML answer (an OData `$metadata` document) is returned as text.
+        `content`/`content_type`: a binary body (a photo) instead of JSON. `raw`: a 2xx answer's body
+        is returned as bytes, whatever its type (a photo's `$value`); errors are still read as JSON.
         """
         method = method.upper()
         self.check_target(url)  # before any token is fetched or any byte is sent
@@ -320,8 +325,12 @@ class HttpClient:
                     method,
                     url,
                     params=params,
-                    data=None if json_body is None else json.dumps(json_body),
-                    headers=self._headers_for(headers, json_body is not None),
+                    data=content
+                    if content is not None
+                    else None
+                    if json_body is None
+                    else json.dumps(json_body),
+                    headers=self._headers_for(headers, json_body is not None, content_type),
                     timeout=self._timeout,
                 )
             except requests.exceptions.RequestException as exc:
@@ -334,6 +343,8 @@ class HttpClient:
             body, text = self._parse(resp)
             if xml and 200 <= status < 300 and "xml" in _ctype(resp):
                 return HttpResponse(status, dict(resp.headers), text)
+            if raw and (200 <= status < 300 or status in allow_status):
+                return HttpResponse(status, dict(resp.headers), resp.content)
             if 200 <= status < 300 or status in allow_status:
                 if body is not _NOT_JSON:
                     return HttpResponse(status, dict(resp.headers), body)
@@ -348,13 +359,17 @@ class HttpClient:
             log.info("%s %s → %s, retrying in %.1fs", self.service, method, status, delay)
             self._wait(call, delay)
 
-    def _headers_for(self, headers: dict[str, str] | None, has_body: bool) -> dict[str, str]:
+    def _headers_for(
+        self, headers: dict[str, str] | None, has_body: bool, content_type: str | None = None
+    ) -> dict[str, str]:
         """The client's headers, the call's, a fresh token; `Prefer` values of both are combined."""
         merged = {**self._headers, **(headers or {}), "Authorization": f"Bearer {self._token()}"}
         if "Prefer" in self._headers and headers and "Prefer" in headers:
             merged["Prefer"] = f"{self._headers['Prefer']}, {headers['Prefer']}"
         if has_body:
             merged["Content-Type"] = "application/json"
+        elif content_type:
+            merged["Content-Type"] = content_type
         return merged
 
     def _wait(self, call: _Call, delay: float) -> None:
