@@ -26,9 +26,10 @@ with "Get picture", "Update picture" and "Delete picture" in the same reference)
   `picture`), and BC's API pages take OData's `$expand` on navigation properties. [inferred: the
   docs show no `contacts?$expand=picture` example] Nested options (`picture($select=…)`) are refused.
 
-What it does not simulate: pictures of customers, vendors, items or employees; size limits on pictures (none is documented for this endpoint beyond the request limits);
-picture operations inside `$batch`; and the v2.0 doc's `Content-Type: application/json` for the
-binary PATCH (taken to be a documentation slip; any content type is accepted).
+What it does not simulate: pictures of customers, vendors, items or employees; size limits on
+pictures (none is documented for this endpoint beyond the request limits); picture operations inside
+`$batch`; and the v2.0 doc's `Content-Type: application/json` for the binary PATCH (taken to be a
+documentation slip; any content type is accepted).
 """
 
 from __future__ import annotations
