@@ -1,0 +1,319 @@
+"""Contact pictures (`syncPhotos`, BEHAVIOUR §4.6): BC's picture → the Outlook contact's photo, and an
+Outlook photo → BC when BC has none. A step of its own after the contact writes (`sync._run`), so
+the contact decision table stays about fields, and a photo problem never fails a contact.
+
+What tells a picture changed, without reading it:
+- Business Central: writing a contact's picture modifies the contact record (its Image field), so its
+  `lastModifiedDateTime` moves; the contacts read with `$expand=picture` also say whether it has one
+  (width, height, contentType, no bytes). The link keeps BC's `lastModifiedDateTime` as of the last
+  picture check (`Link.photo_stamp`): a contact whose stamp did not move costs no picture request.
+- Outlook: a photo set on a contact changes the contact item, so the folder's delta reports it. Only
+  contacts the delta reports (incremental runs), contacts the sync has not checked yet and Outlook
+  contacts it adopts are read.
+- The link keeps the hash of the picture both sides last agreed on (`Link.photo`), so a picture read
+  that shows nothing new writes nothing.
+
+Rules: BC wins when both sides have a picture and they differ. A picture deleted on one side is not
+deleted on the other: Graph v1.0 documents no delete for a contact's photo, and BC is the source; an
+Outlook photo the sync copied from BC is never sent back to BC after BC removed its picture (its hash
+is the one the link holds). Limits: Outlook takes JPEG or PNG under 4 MB ("Update profilePhoto");
+BC takes JPEG, PNG or GIF. A picture that cannot be copied is a report item (`photoSkipped`) with the
+reason, noted once per picture, never a failed contact.
+
+Cost: one request per picture read and per picture written (neither API documents binary bodies in
+`$batch`), plus, after pictures written to BC, one BC list request per 40 of them for their new
+`lastModifiedDateTime` (so the next run knows those changes were its own). A run that finds nothing
+new sends none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shared.bc_client import BcClient
+from shared.graph_client import GraphClient
+from shared.http_client import ApiError
+from shared.model import Link, ReportItem, RunReport, redact
+
+log = logging.getLogger(__name__)
+
+OUTLOOK_MAX_BYTES = 4 * 1024 * 1024  # "Update profilePhoto": the photo must be under 4 MB
+OUTLOOK_TYPES = ("image/jpeg", "image/png")
+BC_TYPES = ("image/jpeg", "image/png", "image/gif")
+NONE = "none"  # Link.photo: checked, and no picture on either side
+BC_LOOKUP_CHUNK = 40  # BcClient.get_contacts: ids per request
+SKIPPED = "photoSkipped"  # the report item of a picture not copied
+
+
+def photo_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def image_type(data: bytes) -> str | None:
+    """The image type from its first bytes (what both services go by), or None if not an image."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data.startswith(b"BM"):
+        return "image/bmp"
+    return None
+
+
+def why_not_for_outlook(data: bytes) -> str | None:
+    """Why Outlook cannot take this picture as a contact photo, in words a person understands."""
+    kind = image_type(data)
+    if kind not in OUTLOOK_TYPES:
+        what = kind.removeprefix("image/").upper() if kind else "not an image Outlook can read"
+        return f"the Business Central picture is {what}; Outlook takes JPEG or PNG photos"
+    if len(data) >= OUTLOOK_MAX_BYTES:
+        return (
+            f"the Business Central picture is {len(data) / 1048576:.1f} MB; Outlook takes photos under 4 MB"
+        )
+    return None
+
+
+def why_not_for_bc(data: bytes) -> str | None:
+    kind = image_type(data)
+    if kind not in BC_TYPES:
+        return "the Outlook photo is not a JPEG, PNG or GIF picture, which Business Central takes"
+    return None
+
+
+def bc_has_picture(record: dict[str, Any]) -> bool:
+    """From the contact's `$expand=picture` metadata: an empty picture has no content type and a width of 0."""
+    picture = record.get("picture") or {}
+    return bool(picture.get("contentType")) or int(picture.get("width") or 0) > 0
+
+
+@dataclass
+class PhotoRun:
+    """What the photo step of one run works with."""
+
+    user: str
+    folder_id: str
+    company_id: str
+    bc: BcClient
+    graph: GraphClient
+    report: RunReport
+    links_before: dict[str, Link]  # by BC id, as the run started
+    links_now: dict[str, Link]  # by BC id, after the contact writes
+    bc_records: dict[str, dict[str, Any]]  # BC records read this run (with `picture` metadata)
+    outlook_changed: set[str]  # Outlook ids the delta reported (incremental runs only)
+    outlook_created: set[str]  # Outlook ids this run created (they have no photo)
+
+
+@dataclass
+class PhotoOutcome:
+    """What the run's watermark and delta decisions need to know about the photo step."""
+
+    links: dict[str, Link] = field(default_factory=dict)  # by BC id: links whose photo state changed
+    outlook_written: dict[str, str] = field(default_factory=dict)  # Outlook id → its view's fingerprint
+    hold_bc_from: str | None = None  # a BC picture that could not be read or written for a passing reason
+    hold_delta: bool = False  # an Outlook photo that could not be read or copied for a passing reason
+
+
+@dataclass
+class _Case:
+    link: Link  # the link with the photo state carried over from before the run
+    outlook_new: bool  # the Outlook contact was created this run
+    outlook_unknown: bool  # Outlook may hold a photo the sync has not seen (reported, or newly linked)
+
+
+def sync_photos(run: PhotoRun) -> PhotoOutcome:
+    """Copy the pictures that changed since the last run, in both directions; see the module doc."""
+    outcome = PhotoOutcome()
+    cases = _cases(run)
+    missing = [bc_id for bc_id in cases if bc_id not in run.bc_records]
+    records = dict(run.bc_records)
+    if missing:
+        records.update(_read_bc_records(run, missing, outcome))
+    to_bc: list[tuple[_Case, dict[str, Any], bytes]] = []
+    for bc_id, case in cases.items():
+        bc = records.get(bc_id)
+        if bc is None:
+            continue
+        try:
+            pending = _decide(run, case, bc, outcome)
+        except ApiError as exc:
+            _transient(run, case, bc, outcome, str(exc), towards_outlook=True)
+            continue
+        if pending is not None:
+            to_bc.append((case, bc, pending))
+    if to_bc:
+        _write_to_bc(run, to_bc, outcome)
+    _keep_state(run, outcome)
+    return outcome
+
+
+def _keep_state(run: PhotoRun, outcome: PhotoOutcome) -> None:
+    """A link the contact writes stored anew lost its photo state in the store: put it back."""
+    for bc_id, now in run.links_now.items():
+        before = run.links_before.get(bc_id)
+        if bc_id in outcome.links or before is None or before.outlook_id != now.outlook_id:
+            continue
+        if (now.photo, now.photo_stamp) == ("", "") and (before.photo or before.photo_stamp):
+            _remember(outcome, now, before.photo, before.photo_stamp)
+
+
+def _cases(run: PhotoRun) -> dict[str, _Case]:
+    """Every link whose picture may have changed on either side, with its photo state."""
+    cases: dict[str, _Case] = {}
+    for bc_id, now in run.links_now.items():
+        before = run.links_before.get(bc_id)
+        same_contact = before is not None and before.outlook_id == now.outlook_id
+        link = now
+        if same_contact and before is not None and not now.photo and not now.photo_stamp:
+            # The contact write stored the link anew; the photo state is still the one from before.
+            link = replace(now, photo=before.photo, photo_stamp=before.photo_stamp)
+        created = now.outlook_id in run.outlook_created
+        unknown = not created and (not same_contact or now.outlook_id in run.outlook_changed)
+        bc = run.bc_records.get(bc_id)
+        bc_moved = bc is not None and (bc.get("lastModifiedDateTime") or "") != link.photo_stamp
+        if created or unknown or bc_moved or (bc is not None and not link.photo):
+            cases[bc_id] = _Case(link, created, unknown)
+    return cases
+
+
+def _decide(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcome) -> bytes | None:
+    """One contact: BC's picture to Outlook, or the Outlook photo to return for BC (written in bulk)."""
+    link = case.link
+    stamp = bc.get("lastModifiedDateTime") or ""
+    bc_moved = stamp != link.photo_stamp or not link.photo
+    if bc_has_picture(bc):
+        if bc_moved or case.outlook_new:
+            data = run.bc.get_picture(run.company_id, link.bc_id)
+            if data is None:  # removed between the list and this read
+                _remember(outcome, link, link.photo or NONE, stamp)
+                return None
+            agreed = photo_hash(data)
+            if agreed != link.photo or case.outlook_new or _outlook_differs(run, case, agreed):
+                _to_outlook(run, link, data, outcome)
+            _remember(outcome, link, agreed, stamp)
+        elif case.outlook_unknown and _outlook_differs(run, case, link.photo):
+            data = run.bc.get_picture(run.company_id, link.bc_id)
+            if data is not None:
+                _to_outlook(run, link, data, outcome)
+                _remember(outcome, link, photo_hash(data), stamp)
+        return None
+    # BC has no picture. One the sync copied to Outlook before stays there and is not sent back.
+    check_outlook = not case.outlook_new and (case.outlook_unknown or not link.photo)
+    state = link.photo or NONE
+    if check_outlook:
+        data = run.graph.get_photo(run.user, run.folder_id, link.outlook_id)
+        if data is not None and photo_hash(data) != link.photo:
+            why = why_not_for_bc(data)
+            if why is None:
+                return data
+            _skip(run, link, why)
+            state = photo_hash(data)
+    if state != link.photo or stamp != link.photo_stamp:
+        _remember(outcome, link, state, stamp)
+    return None
+
+
+def _outlook_differs(run: PhotoRun, case: _Case, agreed: str) -> bool:
+    """Only for an Outlook contact that may hold a photo the sync has not seen: is it not `agreed`?"""
+    if not case.outlook_unknown:
+        return False
+    data = run.graph.get_photo(run.user, run.folder_id, case.link.outlook_id)
+    return data is None or photo_hash(data) != agreed
+
+
+def _to_outlook(run: PhotoRun, link: Link, data: bytes, outcome: PhotoOutcome) -> None:
+    why = why_not_for_outlook(data)
+    if why is not None:
+        _skip(run, link, why)
+        return
+    kind = image_type(data) or "image/jpeg"
+    try:
+        run.graph.put_photo(run.user, run.folder_id, link.outlook_id, data, kind)
+    except ApiError as exc:
+        if exc.status is None or exc.status == 429 or exc.status >= 500:
+            raise  # passing: the caller holds the watermark so the next run tries again
+        _skip(run, link, f"Outlook refused the Business Central picture ({exc.status} {exc.code})")
+        return
+    run.report.photos["toOutlook"] = run.report.photos.get("toOutlook", 0) + 1
+    # The photo changes the contact item, so the next delta reports it: an echo of this run's own write.
+    outcome.outlook_written[link.outlook_id] = link.outlook_hash
+
+
+def _write_to_bc(
+    run: PhotoRun, pending: list[tuple[_Case, dict[str, Any], bytes]], outcome: PhotoOutcome
+) -> None:
+    """Outlook photos to BC contacts without a picture: If-Match the record read just now (a 412 means
+    BC changed meanwhile: BC wins, the next run sees its change), then their new stamps."""
+    fresh = _read_bc_records(run, [case.link.bc_id for case, _, _ in pending], outcome)
+    written: dict[str, tuple[Link, str]] = {}
+    for case, _, data in pending:
+        link = case.link
+        bc = fresh.get(link.bc_id)
+        if bc is None or bc_has_picture(bc):
+            continue  # gone, or BC got a picture meanwhile: the next run copies that one to Outlook
+        try:
+            run.bc.put_picture(
+                run.company_id, link.bc_id, data, image_type(data) or "image/jpeg", bc["@odata.etag"]
+            )
+        except ApiError as exc:
+            if exc.status == 412:
+                _skip(
+                    run,
+                    link,
+                    "not copied to Business Central: the contact changed there meanwhile; Business Central wins",
+                )
+            elif exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+                _skip(run, link, f"Business Central refused the Outlook photo ({exc.status} {exc.code})")
+                _remember(outcome, link, photo_hash(data), bc.get("lastModifiedDateTime") or "")
+            else:
+                _skip(run, link, f"not copied to Business Central: {redact(str(exc), run.user)}")
+                outcome.hold_delta = True
+            continue
+        run.report.photos["toBc"] = run.report.photos.get("toBc", 0) + 1
+        written[link.bc_id] = (link, photo_hash(data))
+    if written:
+        stamps = _read_bc_records(run, list(written), outcome)
+        for bc_id, (link, agreed) in written.items():
+            _remember(outcome, link, agreed, (stamps.get(bc_id) or {}).get("lastModifiedDateTime") or "")
+
+
+def _read_bc_records(run: PhotoRun, ids: Iterable[str], outcome: PhotoOutcome) -> dict[str, dict[str, Any]]:
+    try:
+        return {c["id"]: c for c in run.bc.get_contacts(run.company_id, sorted(set(ids)), pictures=True)}
+    except ApiError as exc:
+        log.info("photo step: could not read BC contacts (%s)", redact(str(exc), run.user))
+        outcome.hold_delta = True
+        return {}
+
+
+def _remember(outcome: PhotoOutcome, link: Link, photo: str, stamp: str) -> None:
+    outcome.links[link.bc_id] = replace(link, photo=photo, photo_stamp=stamp)
+
+
+def _skip(run: PhotoRun, link: Link, reason: str) -> None:
+    run.report.photos["notCopied"] = run.report.photos.get("notCopied", 0) + 1
+    run.report.items.append(
+        ReportItem(SKIPPED, link.bc_id, link.outlook_id, link.email or None, f"photo: {reason}")
+    )
+
+
+def _transient(
+    run: PhotoRun,
+    case: _Case,
+    bc: dict[str, Any],
+    outcome: PhotoOutcome,
+    error: str,
+    *,
+    towards_outlook: bool,
+) -> None:
+    """A picture read or write that failed for a passing reason: noted, and looked at again next run."""
+    _skip(run, case.link, f"not copied this time: {redact(error, run.user)}")
+    modified = bc.get("lastModifiedDateTime")
+    if towards_outlook and modified and (outcome.hold_bc_from is None or modified < outcome.hold_bc_from):
+        outcome.hold_bc_from = modified
+    outcome.hold_delta = outcome.hold_delta or case.outlook_unknown
