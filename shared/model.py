@@ -224,7 +224,7 @@ class Link:
     email: str = ""
     etag: str | None = None  # Table Storage etag, for conditional writes
     # Photos (shared/photos.py): the hash of the picture both sides last agreed on ("" never checked,
-    # "none" no picture), and BC's lastModifiedDateTime when that was known, so an unchanged contact
+    # "none" no picture), and the BC contact's etag when that was known, so an unchanged contact
     # costs no picture request.
     photo: str = ""
     photo_stamp: str = ""

@@ -4,9 +4,11 @@ the contact decision table stays about fields, and a photo problem never fails a
 
 What tells a picture changed, without reading it:
 - Business Central: writing a contact's picture modifies the contact record (its Image field), so its
-  `lastModifiedDateTime` moves; the contacts read with `$expand=picture` also say whether it has one
-  (width, height, contentType, no bytes). The link keeps BC's `lastModifiedDateTime` as of the last
-  picture check (`Link.photo_stamp`): a contact whose stamp did not move costs no picture request.
+  `lastModifiedDateTime` and its etag move (the picture's etag is the contact's); the contacts read
+  with `$expand=picture` also say whether it has one (width, height, contentType, no bytes). The
+  link keeps the contact's etag as of the last picture check (`Link.photo_stamp`; an etag, not the
+  millisecond timestamp, so two changes within one millisecond are still told apart): a contact
+  whose etag did not move costs no picture request.
 - Outlook: a photo set on a contact changes the contact item, so the folder's delta reports it. Only
   contacts the delta reports (incremental runs), contacts the sync has not checked yet and Outlook
   contacts it adopts are read.
@@ -22,7 +24,7 @@ reason, noted once per picture, never a failed contact.
 
 Cost: one request per picture read and per picture written (neither API documents binary bodies in
 `$batch`), plus, after pictures written to BC, one BC list request per 40 of them for their new
-`lastModifiedDateTime` (so the next run knows those changes were its own). A run that finds nothing
+etags (so the next run knows those changes were its own). A run that finds nothing
 new sends none.
 """
 
@@ -84,6 +86,11 @@ def why_not_for_bc(data: bytes) -> str | None:
     if kind not in BC_TYPES:
         return "the Outlook photo is not a JPEG, PNG or GIF picture, which Business Central takes"
     return None
+
+
+def _stamp(bc: dict[str, Any]) -> str:
+    """What tells the contact (and so its picture) changed: its etag, else its timestamp."""
+    return str(bc.get("@odata.etag") or bc.get("lastModifiedDateTime") or "")
 
 
 def bc_has_picture(record: dict[str, Any]) -> bool:
@@ -175,7 +182,7 @@ def _cases(run: PhotoRun) -> dict[str, _Case]:
         created = now.outlook_id in run.outlook_created
         unknown = not created and (not same_contact or now.outlook_id in run.outlook_changed)
         bc = run.bc_records.get(bc_id)
-        bc_moved = bc is not None and (bc.get("lastModifiedDateTime") or "") != link.photo_stamp
+        bc_moved = bc is not None and _stamp(bc) != link.photo_stamp
         if created or unknown or bc_moved or (bc is not None and not link.photo):
             cases[bc_id] = _Case(link, created, unknown)
     return cases
@@ -184,7 +191,7 @@ def _cases(run: PhotoRun) -> dict[str, _Case]:
 def _decide(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcome) -> bytes | None:
     """One contact: BC's picture to Outlook, or the Outlook photo to return for BC (written in bulk)."""
     link = case.link
-    stamp = bc.get("lastModifiedDateTime") or ""
+    stamp = _stamp(bc)
     bc_moved = stamp != link.photo_stamp or not link.photo
     if bc_has_picture(bc):
         if bc_moved or case.outlook_new:
@@ -269,7 +276,7 @@ def _write_to_bc(
                 )
             elif exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                 _skip(run, link, f"Business Central refused the Outlook photo ({exc.status} {exc.code})")
-                _remember(outcome, link, photo_hash(data), bc.get("lastModifiedDateTime") or "")
+                _remember(outcome, link, photo_hash(data), _stamp(bc))
             else:
                 _skip(run, link, f"not copied to Business Central: {redact(str(exc), run.user)}")
                 outcome.hold_delta = True
@@ -279,7 +286,7 @@ def _write_to_bc(
     if written:
         stamps = _read_bc_records(run, list(written), outcome)
         for bc_id, (link, agreed) in written.items():
-            _remember(outcome, link, agreed, (stamps.get(bc_id) or {}).get("lastModifiedDateTime") or "")
+            _remember(outcome, link, agreed, _stamp(stamps.get(bc_id) or {}))
 
 
 def _read_bc_records(run: PhotoRun, ids: Iterable[str], outcome: PhotoOutcome) -> dict[str, dict[str, Any]]:
