@@ -234,9 +234,8 @@ class BcClient:
         self.http.request(
             "PATCH",
             f"{self._picture_url(company_id, contact_id)}/pictureContent",
-            content=data,
-            content_type=content_type,
-            headers={"If-Match": etag, "Accept": "*/*"},
+            json_body=data,
+            headers={"If-Match": etag, "Accept": "*/*", "Content-Type": content_type},
             raw=True,
         )
 

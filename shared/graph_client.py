@@ -318,14 +318,28 @@ class GraphClient:
         data: bytes = resp.body
         return data
 
+    def photo_etags(self, user: str, folder_id: str, ids: list[str]) -> dict[str, str | None]:
+        """Each contact's photo `@odata.mediaEtag` ("Get profilePhoto" metadata, JSON, so 20 to a
+        `$batch` call), or None for a contact without a photo (404). Tells a changed photo without
+        reading its bytes."""
+        results = self._batch([self.contact_op(user, folder_id, "GET", i, query="/photo") for i in ids])
+        out: dict[str, str | None] = {}
+        for contact_id, res in zip(ids, results, strict=True):
+            if res.ok and isinstance(res.body, dict):
+                out[contact_id] = str(res.body.get("@odata.mediaEtag") or "")
+            elif res.status == 404:
+                out[contact_id] = None
+            else:
+                raise ApiError("graph", "GET", contact_id, res.status, "BatchItemFailed", res.error or "")
+        return out
+
     def put_photo(self, user: str, folder_id: str, contact_id: str, data: bytes, content_type: str) -> None:
         """Set the contact's photo: PUT .../photo/$value with the image bytes (200, no body)."""
         self.http.request(
             "PUT",
             self._photo_url(user, folder_id, contact_id),
-            content=data,
-            content_type=content_type,
-            headers={"Accept": "*/*"},
+            json_body=data,
+            headers={"Accept": "*/*", "Content-Type": content_type},
             raw=True,
         )
 

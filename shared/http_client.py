@@ -302,18 +302,15 @@ class HttpClient:
         idempotent: bool | None = None,
         operations: int = 1,
         xml: bool = False,
-        content: bytes | None = None,
-        content_type: str | None = None,
         raw: bool = False,
     ) -> HttpResponse:
         """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise.
 
         `idempotent` overrides what the method says, e.g. for a `$batch` POST that only reads.
-        `xml`: a 2xx XML answer (an OData `$metadata` document) is returned as text.
-        `content`/`content_type`: a binary body (a photo) instead of JSON. `raw`: a 2xx answer's body
-        is returned as bytes, whatever its type (a photo's `$value`); errors are still read as JSON.
+        `xml`/`raw`: a 2xx XML answer as text / an accepted answer as bytes; a bytes `json_body` goes as is.
         """
         method = method.upper()
+        data, as_json = _encode(json_body)
         self.check_target(url)  # before any token is fetched or any byte is sent
         call = _Call(method, url, method in _IDEMPOTENT if idempotent is None else idempotent)
         while True:
@@ -325,12 +322,8 @@ class HttpClient:
                     method,
                     url,
                     params=params,
-                    data=content
-                    if content is not None
-                    else None
-                    if json_body is None
-                    else json.dumps(json_body),
-                    headers=self._headers_for(headers, json_body is not None, content_type),
+                    data=data,
+                    headers=self._headers_for(headers, as_json),
                     timeout=self._timeout,
                 )
             except requests.exceptions.RequestException as exc:
@@ -341,11 +334,10 @@ class HttpClient:
             status = resp.status_code
             self.counter.add(self.service, throttled=status == 429)
             body, text = self._parse(resp)
-            if xml and 200 <= status < 300 and "xml" in _ctype(resp):
-                return HttpResponse(status, dict(resp.headers), text)
-            if raw and (200 <= status < 300 or status in allow_status):
-                return HttpResponse(status, dict(resp.headers), resp.content)
-            if 200 <= status < 300 or status in allow_status:
+            accepted = 200 <= status < 300 or status in allow_status
+            if accepted and (raw or (xml and "xml" in _ctype(resp))):
+                return HttpResponse(status, dict(resp.headers), resp.content if raw else text)
+            if accepted:
                 if body is not _NOT_JSON:
                     return HttpResponse(status, dict(resp.headers), body)
                 self._raise_for_unreadable(call, resp)
@@ -359,17 +351,13 @@ class HttpClient:
             log.info("%s %s → %s, retrying in %.1fs", self.service, method, status, delay)
             self._wait(call, delay)
 
-    def _headers_for(
-        self, headers: dict[str, str] | None, has_body: bool, content_type: str | None = None
-    ) -> dict[str, str]:
+    def _headers_for(self, headers: dict[str, str] | None, has_body: bool) -> dict[str, str]:
         """The client's headers, the call's, a fresh token; `Prefer` values of both are combined."""
         merged = {**self._headers, **(headers or {}), "Authorization": f"Bearer {self._token()}"}
         if "Prefer" in self._headers and headers and "Prefer" in headers:
             merged["Prefer"] = f"{self._headers['Prefer']}, {headers['Prefer']}"
         if has_body:
             merged["Content-Type"] = "application/json"
-        elif content_type:
-            merged["Content-Type"] = content_type
         return merged
 
     def _wait(self, call: _Call, delay: float) -> None:
@@ -598,6 +586,14 @@ def _origin_of(url: str) -> tuple[str, str]:
     except ValueError:
         port = None
     return f"{scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.rstrip("/")
+
+
+def _encode(body: Any) -> tuple[Any, bool]:
+    """A request's body as sent, and whether it is JSON: bytes (a photo) go as they are, with the
+    Content-Type the caller gives."""
+    if body is None or isinstance(body, bytes):
+        return body, False
+    return json.dumps(body), True
 
 
 def _ctype(resp: requests.Response) -> str:

@@ -228,6 +228,7 @@ class Link:
     # costs no picture request.
     photo: str = ""
     photo_stamp: str = ""
+    photo_etag: str = ""  # the Outlook photo's media etag when the hash was agreed ("" unknown)
 
 
 @dataclass

@@ -131,6 +131,11 @@ class _Case:
     link: Link  # the link with the photo state carried over from before the run
     outlook_new: bool  # the Outlook contact was created this run
     outlook_unknown: bool  # Outlook may hold a photo the sync has not seen (reported, or newly linked)
+    etag: str | None = ""  # the Outlook photo's media etag as read this run (None: no photo, "" not read)
+
+    def inspects_outlook(self) -> bool:
+        """Whether this run must look at the Outlook photo (its media etag first, in `$batch`)."""
+        return not self.outlook_new and (self.outlook_unknown or not self.link.photo)
 
 
 def sync_photos(run: PhotoRun) -> PhotoOutcome:
@@ -141,18 +146,18 @@ def sync_photos(run: PhotoRun) -> PhotoOutcome:
     records = dict(run.bc_records)
     if missing:
         records.update(_read_bc_records(run, missing, outcome))
-    to_bc: list[tuple[_Case, dict[str, Any], bytes]] = []
+    cases = {bc_id: case for bc_id, case in cases.items() if bc_id in records}
+    _read_etags(run, [case for case in cases.values() if case.inspects_outlook()])
+    to_bc: list[tuple[_Case, bytes]] = []
     for bc_id, case in cases.items():
-        bc = records.get(bc_id)
-        if bc is None:
-            continue
+        bc = records[bc_id]
         try:
             pending = _decide(run, case, bc, outcome)
         except ApiError as exc:
-            _transient(run, case, bc, outcome, str(exc), towards_outlook=True)
+            _transient(run, case, bc, outcome, str(exc))
             continue
         if pending is not None:
-            to_bc.append((case, bc, pending))
+            to_bc.append((case, pending))
     if to_bc:
         _write_to_bc(run, to_bc, outcome)
     _keep_state(run, outcome)
@@ -165,8 +170,8 @@ def _keep_state(run: PhotoRun, outcome: PhotoOutcome) -> None:
         before = run.links_before.get(bc_id)
         if bc_id in outcome.links or before is None or before.outlook_id != now.outlook_id:
             continue
-        if (now.photo, now.photo_stamp) == ("", "") and (before.photo or before.photo_stamp):
-            _remember(outcome, now, before.photo, before.photo_stamp)
+        if not (now.photo or now.photo_stamp) and (before.photo or before.photo_stamp):
+            _remember(outcome, now, before.photo, before.photo_stamp, before.photo_etag)
 
 
 def _cases(run: PhotoRun) -> dict[str, _Case]:
@@ -178,66 +183,83 @@ def _cases(run: PhotoRun) -> dict[str, _Case]:
         link = now
         if same_contact and before is not None and not now.photo and not now.photo_stamp:
             # The contact write stored the link anew; the photo state is still the one from before.
-            link = replace(now, photo=before.photo, photo_stamp=before.photo_stamp)
+            link = replace(
+                now, photo=before.photo, photo_stamp=before.photo_stamp, photo_etag=before.photo_etag
+            )
         created = now.outlook_id in run.outlook_created
         unknown = not created and (not same_contact or now.outlook_id in run.outlook_changed)
         bc = run.bc_records.get(bc_id)
-        bc_moved = bc is not None and _stamp(bc) != link.photo_stamp
-        if created or unknown or bc_moved or (bc is not None and not link.photo):
+        bc_moved = bc is not None and (_stamp(bc) != link.photo_stamp or not link.photo)
+        if created or unknown or bc_moved:
             cases[bc_id] = _Case(link, created, unknown)
     return cases
 
 
-def _decide(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcome) -> bytes | None:
-    """One contact: BC's picture to Outlook, or the Outlook photo to return for BC (written in bulk)."""
+def _read_etags(run: PhotoRun, cases: list[_Case]) -> None:
+    """The media etags of the Outlook photos this run must look at, 20 to a `$batch` call. Unread
+    (a failure), a photo is read whole instead."""
+    if not cases:
+        return
+    try:
+        etags = run.graph.photo_etags(run.user, run.folder_id, [case.link.outlook_id for case in cases])
+    except ApiError as exc:
+        log.info("photo step: could not read photo metadata (%s)", redact(str(exc), run.user))
+        return
+    for case in cases:
+        case.etag = etags.get(case.link.outlook_id, "")
+
+
+def _outlook_photo(run: PhotoRun, case: _Case) -> tuple[str, bytes | None]:
+    """The Outlook photo's hash (NONE without one) and its bytes when they had to be read: not when
+    its media etag is the one the link agreed on."""
     link = case.link
-    stamp = _stamp(bc)
-    bc_moved = stamp != link.photo_stamp or not link.photo
+    if case.outlook_new or case.etag is None:
+        return NONE, None
+    if case.etag and case.etag == link.photo_etag and link.photo:
+        return link.photo, None
+    data = run.graph.get_photo(run.user, run.folder_id, link.outlook_id)
+    return (photo_hash(data) if data else NONE), data
+
+
+def _decide(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcome) -> bytes | None:
+    """One contact: BC's picture to Outlook here, or the Outlook photo returned to be written to BC."""
+    link, stamp = case.link, _stamp(bc)
+    etag = link.photo_etag if case.etag == "" else (case.etag or "")
     if bc_has_picture(bc):
-        if bc_moved or case.outlook_new:
+        data: bytes | None = None
+        agreed = link.photo
+        if stamp != link.photo_stamp or not link.photo or case.outlook_new:
             data = run.bc.get_picture(run.company_id, link.bc_id)
-            if data is None:  # removed between the list and this read
-                _remember(outcome, link, link.photo or NONE, stamp)
-                return None
-            agreed = photo_hash(data)
-            if agreed != link.photo or case.outlook_new or _outlook_differs(run, case, agreed):
-                _to_outlook(run, link, data, outcome)
-            _remember(outcome, link, agreed, stamp)
-        elif case.outlook_unknown and _outlook_differs(run, case, link.photo):
+            agreed = photo_hash(data) if data else NONE
+        seen = case.inspects_outlook() or case.outlook_new
+        outlook = _outlook_photo(run, case)[0] if seen else link.photo
+        if data is not None and outlook != agreed:
+            etag = "" if _to_outlook(run, link, data, outcome) else etag
+        elif data is None and outlook != agreed and agreed != NONE:
             data = run.bc.get_picture(run.company_id, link.bc_id)
-            if data is not None:
-                _to_outlook(run, link, data, outcome)
-                _remember(outcome, link, photo_hash(data), stamp)
+            etag = "" if data and _to_outlook(run, link, data, outcome) else etag
+        _remember(outcome, link, agreed, stamp, etag)
         return None
     # BC has no picture. One the sync copied to Outlook before stays there and is not sent back.
-    check_outlook = not case.outlook_new and (case.outlook_unknown or not link.photo)
     state = link.photo or NONE
-    if check_outlook:
-        data = run.graph.get_photo(run.user, run.folder_id, link.outlook_id)
-        if data is not None and photo_hash(data) != link.photo:
+    if case.inspects_outlook():
+        outlook, data = _outlook_photo(run, case)
+        if data is not None and outlook not in (NONE, link.photo):
             why = why_not_for_bc(data)
             if why is None:
                 return data
             _skip(run, link, why)
-            state = photo_hash(data)
-    if state != link.photo or stamp != link.photo_stamp:
-        _remember(outcome, link, state, stamp)
+            state = outlook
+    _remember(outcome, link, state, stamp, etag)
     return None
 
 
-def _outlook_differs(run: PhotoRun, case: _Case, agreed: str) -> bool:
-    """Only for an Outlook contact that may hold a photo the sync has not seen: is it not `agreed`?"""
-    if not case.outlook_unknown:
-        return False
-    data = run.graph.get_photo(run.user, run.folder_id, case.link.outlook_id)
-    return data is None or photo_hash(data) != agreed
-
-
-def _to_outlook(run: PhotoRun, link: Link, data: bytes, outcome: PhotoOutcome) -> None:
+def _to_outlook(run: PhotoRun, link: Link, data: bytes, outcome: PhotoOutcome) -> bool:
+    """Write BC's picture as the Outlook photo; False when Outlook cannot take it (noted)."""
     why = why_not_for_outlook(data)
     if why is not None:
         _skip(run, link, why)
-        return
+        return False
     kind = image_type(data) or "image/jpeg"
     try:
         run.graph.put_photo(run.user, run.folder_id, link.outlook_id, data, kind)
@@ -245,20 +267,19 @@ def _to_outlook(run: PhotoRun, link: Link, data: bytes, outcome: PhotoOutcome) -
         if exc.status is None or exc.status == 429 or exc.status >= 500:
             raise  # passing: the caller holds the watermark so the next run tries again
         _skip(run, link, f"Outlook refused the Business Central picture ({exc.status} {exc.code})")
-        return
+        return False
     run.report.photos["toOutlook"] = run.report.photos.get("toOutlook", 0) + 1
     # The photo changes the contact item, so the next delta reports it: an echo of this run's own write.
     outcome.outlook_written[link.outlook_id] = link.outlook_hash
+    return True
 
 
-def _write_to_bc(
-    run: PhotoRun, pending: list[tuple[_Case, dict[str, Any], bytes]], outcome: PhotoOutcome
-) -> None:
+def _write_to_bc(run: PhotoRun, pending: list[tuple[_Case, bytes]], outcome: PhotoOutcome) -> None:
     """Outlook photos to BC contacts without a picture: If-Match the record read just now (a 412 means
     BC changed meanwhile: BC wins, the next run sees its change), then their new stamps."""
-    fresh = _read_bc_records(run, [case.link.bc_id for case, _, _ in pending], outcome)
-    written: dict[str, tuple[Link, str]] = {}
-    for case, _, data in pending:
+    fresh = _read_bc_records(run, [case.link.bc_id for case, _ in pending], outcome)
+    written: dict[str, tuple[_Case, str]] = {}
+    for case, data in pending:
         link = case.link
         bc = fresh.get(link.bc_id)
         if bc is None or bc_has_picture(bc):
@@ -276,17 +297,17 @@ def _write_to_bc(
                 )
             elif exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                 _skip(run, link, f"Business Central refused the Outlook photo ({exc.status} {exc.code})")
-                _remember(outcome, link, photo_hash(data), _stamp(bc))
+                _remember(outcome, link, photo_hash(data), _stamp(bc), case.etag or "")
             else:
                 _skip(run, link, f"not copied to Business Central: {redact(str(exc), run.user)}")
                 outcome.hold_delta = True
             continue
         run.report.photos["toBc"] = run.report.photos.get("toBc", 0) + 1
-        written[link.bc_id] = (link, photo_hash(data))
+        written[link.bc_id] = (case, photo_hash(data))
     if written:
         stamps = _read_bc_records(run, list(written), outcome)
-        for bc_id, (link, agreed) in written.items():
-            _remember(outcome, link, agreed, _stamp(stamps.get(bc_id) or {}))
+        for bc_id, (case, agreed) in written.items():
+            _remember(outcome, case.link, agreed, _stamp(stamps.get(bc_id) or {}), case.etag or "")
 
 
 def _read_bc_records(run: PhotoRun, ids: Iterable[str], outcome: PhotoOutcome) -> dict[str, dict[str, Any]]:
@@ -298,8 +319,9 @@ def _read_bc_records(run: PhotoRun, ids: Iterable[str], outcome: PhotoOutcome) -
         return {}
 
 
-def _remember(outcome: PhotoOutcome, link: Link, photo: str, stamp: str) -> None:
-    outcome.links[link.bc_id] = replace(link, photo=photo, photo_stamp=stamp)
+def _remember(outcome: PhotoOutcome, link: Link, photo: str, stamp: str, etag: str) -> None:
+    """The photo state a link keeps for the next run (stored by `sync` after this step)."""
+    outcome.links[link.bc_id] = replace(link, photo=photo, photo_stamp=stamp, photo_etag=etag)
 
 
 def _skip(run: PhotoRun, link: Link, reason: str) -> None:
@@ -309,18 +331,11 @@ def _skip(run: PhotoRun, link: Link, reason: str) -> None:
     )
 
 
-def _transient(
-    run: PhotoRun,
-    case: _Case,
-    bc: dict[str, Any],
-    outcome: PhotoOutcome,
-    error: str,
-    *,
-    towards_outlook: bool,
-) -> None:
-    """A picture read or write that failed for a passing reason: noted, and looked at again next run."""
+def _transient(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcome, error: str) -> None:
+    """A picture read or write that failed for a passing reason: noted, and looked at again next run
+    (the BC watermark is held before this contact, and the delta link when Outlook was involved)."""
     _skip(run, case.link, f"not copied this time: {redact(error, run.user)}")
     modified = bc.get("lastModifiedDateTime")
-    if towards_outlook and modified and (outcome.hold_bc_from is None or modified < outcome.hold_bc_from):
+    if modified and (outcome.hold_bc_from is None or modified < outcome.hold_bc_from):
         outcome.hold_bc_from = modified
     outcome.hold_delta = outcome.hold_delta or case.outlook_unknown

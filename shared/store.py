@@ -87,7 +87,7 @@ _STATE_COLUMNS = {
     "last_status": "lastStatus",
     "writing_run": "writingRun",
 }
-_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email", "photo", "photoStamp"]
+_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email", "photo", "photoStamp", "photoEtag"]
 
 T = TypeVar("T")
 
@@ -513,6 +513,7 @@ class Store:
                     etag=entity.metadata.get("etag"),
                     photo=entity.get("photo") or "",
                     photo_stamp=entity.get("photoStamp") or "",
+                    photo_etag=entity.get("photoEtag") or "",
                 )
         return links
 
@@ -539,6 +540,7 @@ class Store:
                     "email": link.email,
                     "photo": link.photo,
                     "photoStamp": link.photo_stamp,
+                    "photoEtag": link.photo_etag,
                 },
                 {"mode": UpdateMode.REPLACE},
             )

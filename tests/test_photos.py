@@ -196,3 +196,46 @@ def test_sync_photos_must_be_true_or_false(client, world):
     assert resp.status_code == 400
     assert "syncPhotos" in resp.json()["error"]["message"]
     assert client("GET", f"users/{ALICE}").status_code == 404
+
+
+def test_an_outlook_edit_that_leaves_the_photo_alone_reads_no_photo(client, world):
+    ada = world.person("Ada Lovelace")  # no picture in BC
+    _setup(client, world)
+    _sync(client, "full")
+    outlook_id = _outlook_id(world, ada["email"])
+    world.cloud.graph.set_contact_photo(ALICE, outlook_id, make_jpeg(40, 40))
+    _sync(client)  # the photo goes to BC; the link learns the Outlook photo's media etag
+    world.cloud.graph.user_update_contact(ALICE, world.folder_id(ALICE), outlook_id, jobTitle="Poet")
+
+    world.cloud.reset_counters()
+    report = _sync(client)
+
+    # The edit is seen; the photo's metadata (one $batch) shows it unchanged, so no photo is read.
+    assert _photo_requests(world) == {"graph": 0, "bc": 0}
+    assert world.cloud.graph.counters.item_count(kind="photos.get") == 1
+    assert report["photos"] == {"toOutlook": 0, "toBc": 0, "notCopied": 0}
+
+
+def test_the_users_own_contact_adopted_by_email_brings_its_photo_to_bc(client, world):
+    ada = world.person("Ada Lovelace")  # no picture in BC
+    world.cloud.graph.add_mailbox(ALICE)
+    folder = world.cloud.graph.user_create_folder(ALICE, "Business Central")["id"]
+    own = world.cloud.graph.user_create_contact(
+        ALICE,
+        folder,
+        {
+            "displayName": "Ada Lovelace",
+            "emailAddresses": [{"address": ada["email"], "name": "Ada Lovelace"}],
+        },
+    )
+    photo = make_png(60, 60)
+    world.cloud.graph.set_contact_photo(ALICE, own["id"], photo)
+    assert client("PUT", f"users/{ALICE}", {"user": ALICE}).status_code == 201
+
+    report = _sync(client, "full")
+
+    assert report["counts"]["linked"] == 1 and report["counts"]["outlookCreated"] == 0
+    assert world.cloud.bc.picture(world.company, ada["id"]) == photo
+    assert report["photos"]["toBc"] == 1
+    world.cloud.reset_counters()
+    assert _sync(client)["requests"] == {"bc": 2, "graph": 2}
