@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,6 +51,11 @@ BC_TYPES = ("image/jpeg", "image/png", "image/gif")
 NONE = "none"  # Link.photo: checked, and no picture on either side
 BC_LOOKUP_CHUNK = 40  # BcClient.get_contacts: ids per request
 SKIPPED = "photoSkipped"  # the report item of a picture not copied
+# Pictures are single requests, so they go side by side: 4 per mailbox (Graph's concurrency per
+# mailbox), and at most 5 BC picture requests at once in this process (BC processes 5 requests of a
+# principal at once and queues the rest), however many users run in parallel.
+MAILBOX_PARALLEL = 4
+_BC_SLOTS = threading.BoundedSemaphore(5)
 
 
 def photo_hash(data: bytes) -> str:
@@ -114,6 +121,7 @@ class PhotoRun:
     bc_records: dict[str, dict[str, Any]]  # BC records read this run (with `picture` metadata)
     outlook_changed: set[str]  # Outlook ids the delta reported (incremental runs only)
     outlook_created: set[str]  # Outlook ids this run created (they have no photo)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the report and outcome, across workers
 
 
 @dataclass
@@ -148,16 +156,18 @@ def sync_photos(run: PhotoRun) -> PhotoOutcome:
         records.update(_read_bc_records(run, missing, outcome))
     cases = {bc_id: case for bc_id, case in cases.items() if bc_id in records}
     _read_etags(run, [case for case in cases.values() if case.inspects_outlook()])
-    to_bc: list[tuple[_Case, bytes]] = []
-    for bc_id, case in cases.items():
-        bc = records[bc_id]
+
+    def one(bc_id: str) -> tuple[_Case, bytes] | None:
+        case, bc = cases[bc_id], records[bc_id]
         try:
             pending = _decide(run, case, bc, outcome)
         except ApiError as exc:
             _transient(run, case, bc, outcome, str(exc))
-            continue
-        if pending is not None:
-            to_bc.append((case, pending))
+            return None
+        return None if pending is None else (case, pending)
+
+    with ThreadPoolExecutor(max_workers=MAILBOX_PARALLEL) as pool:
+        to_bc = [item for item in pool.map(one, sorted(cases)) if item is not None]
     if to_bc:
         _write_to_bc(run, to_bc, outcome)
     _keep_state(run, outcome)
@@ -229,14 +239,14 @@ def _decide(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcom
         data: bytes | None = None
         agreed = link.photo
         if stamp != link.photo_stamp or not link.photo or case.outlook_new:
-            data = run.bc.get_picture(run.company_id, link.bc_id)
+            data = _bc(run.bc.get_picture, run.company_id, link.bc_id)
             agreed = photo_hash(data) if data else NONE
         seen = case.inspects_outlook() or case.outlook_new
         outlook = _outlook_photo(run, case)[0] if seen else link.photo
         if data is not None and outlook != agreed:
             etag = "" if _to_outlook(run, link, data, outcome) else etag
         elif data is None and outlook != agreed and agreed != NONE:
-            data = run.bc.get_picture(run.company_id, link.bc_id)
+            data = _bc(run.bc.get_picture, run.company_id, link.bc_id)
             etag = "" if data and _to_outlook(run, link, data, outcome) else etag
         _remember(outcome, link, agreed, stamp, etag)
         return None
@@ -268,9 +278,10 @@ def _to_outlook(run: PhotoRun, link: Link, data: bytes, outcome: PhotoOutcome) -
             raise  # passing: the caller holds the watermark so the next run tries again
         _skip(run, link, f"Outlook refused the Business Central picture ({exc.status} {exc.code})")
         return False
-    run.report.photos["toOutlook"] = run.report.photos.get("toOutlook", 0) + 1
-    # The photo changes the contact item, so the next delta reports it: an echo of this run's own write.
-    outcome.outlook_written[link.outlook_id] = link.outlook_hash
+    with run.lock:
+        run.report.photos["toOutlook"] = run.report.photos.get("toOutlook", 0) + 1
+        # The photo changes the contact item, so the next delta reports it: an echo of this run's write.
+        outcome.outlook_written[link.outlook_id] = link.outlook_hash
     return True
 
 
@@ -285,9 +296,8 @@ def _write_to_bc(run: PhotoRun, pending: list[tuple[_Case, bytes]], outcome: Pho
         if bc is None or bc_has_picture(bc):
             continue  # gone, or BC got a picture meanwhile: the next run copies that one to Outlook
         try:
-            run.bc.put_picture(
-                run.company_id, link.bc_id, data, image_type(data) or "image/jpeg", bc["@odata.etag"]
-            )
+            kind = image_type(data) or "image/jpeg"
+            _bc(run.bc.put_picture, run.company_id, link.bc_id, data, kind, bc["@odata.etag"])
         except ApiError as exc:
             if exc.status == 412:
                 _skip(
@@ -310,6 +320,12 @@ def _write_to_bc(run: PhotoRun, pending: list[tuple[_Case, bytes]], outcome: Pho
             _remember(outcome, case.link, agreed, _stamp(stamps.get(bc_id) or {}), case.etag or "")
 
 
+def _bc(call: Callable[..., Any], *args: Any) -> Any:
+    """A BC picture request within the process's share of BC's concurrency."""
+    with _BC_SLOTS:
+        return call(*args)
+
+
 def _read_bc_records(run: PhotoRun, ids: Iterable[str], outcome: PhotoOutcome) -> dict[str, dict[str, Any]]:
     try:
         return {c["id"]: c for c in run.bc.get_contacts(run.company_id, sorted(set(ids)), pictures=True)}
@@ -325,10 +341,11 @@ def _remember(outcome: PhotoOutcome, link: Link, photo: str, stamp: str, etag: s
 
 
 def _skip(run: PhotoRun, link: Link, reason: str) -> None:
-    run.report.photos["notCopied"] = run.report.photos.get("notCopied", 0) + 1
-    run.report.items.append(
-        ReportItem(SKIPPED, link.bc_id, link.outlook_id, link.email or None, f"photo: {reason}")
-    )
+    with run.lock:
+        run.report.photos["notCopied"] = run.report.photos.get("notCopied", 0) + 1
+        run.report.items.append(
+            ReportItem(SKIPPED, link.bc_id, link.outlook_id, link.email or None, f"photo: {reason}")
+        )
 
 
 def _transient(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOutcome, error: str) -> None:
@@ -336,6 +353,7 @@ def _transient(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOut
     (the BC watermark is held before this contact, and the delta link when Outlook was involved)."""
     _skip(run, case.link, f"not copied this time: {redact(error, run.user)}")
     modified = bc.get("lastModifiedDateTime")
-    if modified and (outcome.hold_bc_from is None or modified < outcome.hold_bc_from):
-        outcome.hold_bc_from = modified
-    outcome.hold_delta = outcome.hold_delta or case.outlook_unknown
+    with run.lock:
+        if modified and (outcome.hold_bc_from is None or modified < outcome.hold_bc_from):
+            outcome.hold_bc_from = modified
+        outcome.hold_delta = outcome.hold_delta or case.outlook_unknown
