@@ -74,7 +74,10 @@ def expansion(
         return None
     if text.strip() != "picture":
         raise bc_module.BcError(  # [unverified] text
-            400, "BadRequest", f"The sandbox expands only 'picture' on contacts, not '{text}'."
+            400,
+            "BadRequest",
+            f"The query option '$expand={text}' is not supported by the sandbox here; "
+            "it expands only 'picture' on contacts.",
         )
     root = service._root(tenant, env)
 
