@@ -300,11 +300,10 @@ def _write_to_bc(run: PhotoRun, pending: list[tuple[_Case, bytes]], outcome: Pho
             _bc(run.bc.put_picture, run.company_id, link.bc_id, data, kind, bc["@odata.etag"])
         except ApiError as exc:
             if exc.status == 412:
-                _skip(
-                    run,
-                    link,
-                    "not copied to Business Central: the contact changed there meanwhile; Business Central wins",
-                )
+                why = "not copied to Business Central: the contact changed there meanwhile; Business Central wins"
+                _skip(run, link, why)
+                # Looked at afresh when BC's change arrives: BC's picture if it has one, else this photo.
+                _remember(outcome, link, "", link.photo_stamp, "")
             elif exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
                 _skip(run, link, f"Business Central refused the Outlook photo ({exc.status} {exc.code})")
                 _remember(outcome, link, photo_hash(data), _stamp(bc), case.etag or "")

@@ -239,3 +239,28 @@ def test_the_users_own_contact_adopted_by_email_brings_its_photo_to_bc(client, w
     assert report["photos"]["toBc"] == 1
     world.cloud.reset_counters()
     assert _sync(client)["requests"] == {"bc": 2, "graph": 2}
+
+
+def test_a_412_on_the_picture_write_is_reported_and_the_photo_follows_once_bcs_change_is_seen(client, world):
+    """BC answers 412 when the contact changed between the run's read and its picture write (If-Match,
+    "Update picture"): BC wins for now, the contact itself is fine, and the run after BC's change
+    looks at the photo afresh."""
+    ada = world.person("Ada Lovelace")
+    _setup(client, world)
+    _sync(client, "full")
+    outlook_id = _outlook_id(world, ada["email"])
+    photo = make_jpeg(70, 70, padding=77)
+    world.cloud.graph.set_contact_photo(ALICE, outlook_id, photo)
+    world.cloud.bc.faults.error(412, method="PATCH", path_regex=r"/picture/pictureContent$")
+
+    refused = _sync(client)
+
+    [note] = [i for i in refused["items"] if i["action"] == "photoSkipped"]
+    assert note["name"] == "Ada Lovelace" and "changed there meanwhile" in note["reason"]
+    assert refused["counts"]["failed"] == 0 and world.cloud.bc.picture(world.company, ada["id"]) is None
+
+    world.cloud.bc.edit_contact(world.company, ada["id"], jobTitle="Countess")  # BC's change arrives
+    after = _sync(client)
+
+    assert world.cloud.bc.picture(world.company, ada["id"]) == photo
+    assert after["photos"]["toBc"] == 1
