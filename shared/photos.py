@@ -95,6 +95,11 @@ def why_not_for_bc(data: bytes) -> str | None:
     return None
 
 
+def state_of(link: Link) -> tuple[str, str, str]:
+    """The photo state a link keeps: agreed hash, BC etag, Outlook media etag."""
+    return link.photo, link.photo_stamp, link.photo_etag
+
+
 def _stamp(bc: dict[str, Any]) -> str:
     """What tells the contact (and so its picture) changed: its etag, else its timestamp."""
     return str(bc.get("@odata.etag") or bc.get("lastModifiedDateTime") or "")

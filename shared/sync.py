@@ -646,7 +646,8 @@ def _apply(
 def _sync_photos(run: _UserRun, sides: _BothSides, folder_id: str, result: Plan, outcome: Outcome) -> None:
     """Step 4b (syncPhotos): the pictures that changed, after the contact writes (shared/photos.py).
     Its echoes and holds join the contact writes' for step 5."""
-    links_now = run.store.get_links(run.settings.user)
+    # The links as the contact writes left them (the snapshot's when the plan wrote none).
+    links_now = run.store.get_links(run.settings.user) if result.actions else sides.snapshot.links
     created = {
         links_now[action.bc_id].outlook_id
         for action in result.actions
@@ -666,8 +667,13 @@ def _sync_photos(run: _UserRun, sides: _BothSides, folder_id: str, result: Plan,
         outlook_created=created,
     )
     done = photos.sync_photos(step)
-    if done.links:
-        run.store.upsert_links(run.settings.user, done.links.values())
+    changed = [
+        link
+        for link in done.links.values()
+        if photos.state_of(link) != photos.state_of(links_now[link.bc_id])
+    ]
+    if changed:
+        run.store.upsert_links(run.settings.user, changed)
     for outlook_id, fingerprint_ in done.outlook_written.items():
         outcome.written.setdefault(outlook_id, fingerprint_)
     outcome.photos_written.update(done.outlook_written)
