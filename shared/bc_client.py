@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from shared.http_client import BatchItem, HttpClient, ItemResult
+from shared.http_client import BatchItem, HttpClient, ItemResult, image_body
 
 BATCH_MAX = 100
 # The picture's metadata with each contact: whether it has one, without reading any bytes.
@@ -217,14 +217,11 @@ class BcClient:
 
     def get_picture(self, company_id: str, contact_id: str) -> bytes | None:
         """The contact's picture bytes (`picture/pictureContent`), or None when it has none (204)."""
-        resp = self.http.request(
-            "GET",
-            f"{self._picture_url(company_id, contact_id)}/pictureContent",
-            headers={"Accept": "*/*"},
-            raw=True,
-        )
-        data: bytes = resp.body or b""
-        return data or None
+        url = f"{self._picture_url(company_id, contact_id)}/pictureContent"
+        resp = self.http.request("GET", url, headers={"Accept": "*/*"}, raw=True)
+        if resp.status == 204 or not resp.body:
+            return None
+        return image_body(resp, "bc", url)
 
     def put_picture(
         self, company_id: str, contact_id: str, data: bytes, content_type: str, etag: str

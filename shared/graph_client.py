@@ -21,6 +21,7 @@ from shared.http_client import (
     ForeignUrlError,
     HttpClient,
     ItemResult,
+    image_body,
 )
 from shared.mapping import BC_ID_PROPERTY_ID
 
@@ -306,17 +307,11 @@ class GraphClient:
 
     def get_photo(self, user: str, folder_id: str, contact_id: str) -> bytes | None:
         """The contact's photo bytes, or None when it has none (Graph answers 404 then)."""
-        resp = self.http.request(
-            "GET",
-            self._photo_url(user, folder_id, contact_id),
-            headers={"Accept": "*/*"},
-            allow_status=(404,),
-            raw=True,
-        )
+        url = self._photo_url(user, folder_id, contact_id)
+        resp = self.http.request("GET", url, headers={"Accept": "*/*"}, allow_status=(404,), raw=True)
         if resp.status == 404 or not resp.body:
             return None
-        data: bytes = resp.body
-        return data
+        return image_body(resp, "graph", url)
 
     def photo_etags(self, user: str, folder_id: str, ids: list[str]) -> dict[str, str | None]:
         """Each contact's photo `@odata.mediaEtag` ("Get profilePhoto" metadata, JSON, so 20 to a

@@ -588,6 +588,16 @@ def _origin_of(url: str) -> tuple[str, str]:
     return f"{scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.rstrip("/")
 
 
+def image_body(resp: HttpResponse, service: str, url: str) -> bytes:
+    """The bytes of a picture's answer. A page in its place (a proxy's HTML with a 2xx, a JSON body)
+    is an error, never taken for a picture: it would otherwise be copied, or noted as not an image."""
+    ctype = (resp.header("Content-Type") or "").lower()
+    if any(kind in ctype for kind in ("html", "json", "xml", "text/")):
+        raise ApiError(service, "GET", url, resp.status, "NotAnImage", f"{ctype} body instead of a picture")
+    data: bytes = resp.body or b""
+    return data
+
+
 def _encode(body: Any) -> tuple[Any, bool]:
     """A request's body as sent, and whether it is JSON: bytes (a photo) go as they are, with the
     Content-Type the caller gives."""

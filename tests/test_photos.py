@@ -264,3 +264,27 @@ def test_a_412_on_the_picture_write_is_reported_and_the_photo_follows_once_bcs_c
 
     assert world.cloud.bc.picture(world.company, ada["id"]) == photo
     assert after["photos"]["toBc"] == 1
+
+
+def test_a_page_in_place_of_a_picture_is_never_copied_and_the_next_run_tries_again(client, world):
+    """A proxy's HTML page with a 2xx where BC's picture bytes should be: not taken for a picture
+    (neither copied nor noted as "not an image" for good); the BC watermark is held, so the next run
+    reads the picture again and copies it."""
+    ada = world.person("Ada Lovelace")
+    picture = make_jpeg(90, 90, padding=99)
+    world.cloud.bc.set_picture(world.company, ada["id"], picture)
+    _setup(client, world)
+    world.cloud.bc.faults.unreadable(method="GET", path_regex=r"/picture/pictureContent$")
+
+    first = _sync(client, "full")
+
+    outlook_id = _outlook_id(world, ada["email"])
+    assert first["counts"]["outlookCreated"] == 1
+    assert world.cloud.graph.contact_photo(ALICE, outlook_id) is None
+    [note] = [i for i in first["items"] if i["action"] == "photoSkipped"]
+    assert "not copied this time" in note["reason"] and "instead of a picture" in note["reason"]
+
+    second = _sync(client)
+
+    assert world.cloud.graph.contact_photo(ALICE, outlook_id) == picture
+    assert second["photos"]["toOutlook"] == 1
