@@ -10,6 +10,11 @@ The lower bound counts only what the APIs force on any correct sync (BEHAVIOUR �
   its folder from the stored state but must check it is still under Contacts (1): a folder the user
   deleted sits in Deleted Items with the same id and still answers delta, so only the folder listing
   shows it is gone (BEHAVIOUR §4.8). Token requests go to Entra and are counted separately.
+- Photos (`syncPhotos`, BEHAVIOUR §4.6): neither API documents binary bodies in `$batch`, so each
+  picture read (BC `picture/pictureContent`) and each photo write (Graph `photo/$value`) is one
+  request. Which BC contacts have a picture comes with the contact read (`$expand=picture`), so a
+  contact without one costs nothing; a BC picture copied to Outlook costs 1 BC read + 1 Graph write,
+  and an unchanged one nothing. Graph runs them 4 at a time per mailbox, BC 5 at a time.
 - BC reference data: the contact entity's fields from `$metadata`, once per process and API root
   (versions differ: a field the tenant lacks fails the whole read), and the company's Country/Region
   table once per run that maps a country (BC stores codes, Outlook free text) (BEHAVIOUR §4.6).
@@ -60,6 +65,12 @@ class Need:
     bc_reference_reads: int = (
         0  # $metadata (first run of a process) and countriesRegions (a run mapping countries)
     )
+    photo_graph: int = 0  # Outlook photos read or written, one request each
+    photo_bc: int = 0  # BC pictures read or written, one request each
+
+    @property
+    def photo_requests(self) -> int:
+        return self.photo_graph + self.photo_bc
 
     @property
     def delta_pages(self) -> int:
@@ -74,17 +85,23 @@ class Need:
 
     @property
     def graph_requests(self) -> int:
-        return self.graph_batches + self.delta_pages + self.graph_fixed
+        return self.graph_batches + self.delta_pages + self.graph_fixed + self.photo_graph
 
     @property
     def bc_requests(self) -> int:
         pages = 0 if self.bc_read_rows is None else max(1, math.ceil(self.bc_read_rows / BC_PAGE))
-        return pages + self.bc_read_requests + self.bc_reference_reads + math.ceil(self.bc_writes / BC_BATCH)
+        return (
+            pages
+            + self.bc_read_requests
+            + self.bc_reference_reads
+            + math.ceil(self.bc_writes / BC_BATCH)
+            + self.photo_bc
+        )
 
     @property
     def graph_items(self) -> int:
         """Graph operations (batch items and top-level requests): what the mailbox budget counts."""
-        return self.graph_writes + self.tag_reads + self.delta_pages + self.graph_fixed
+        return self.graph_writes + self.tag_reads + self.delta_pages + self.graph_fixed + self.photo_graph
 
 
 def graph_time(need: Need, model: Model) -> float:
@@ -102,7 +119,7 @@ def graph_time(need: Need, model: Model) -> float:
     t = 0.0
     for _ in range(need.delta_pages + need.graph_fixed):
         t = admit(t) + latency
-    parallel = need.graph_writes + need.tag_reads
+    parallel = need.graph_writes + need.tag_reads + need.photo_graph
     while parallel > 0:
         round_size = min(model.graph_concurrency, parallel)
         t = max(admit(t) for _ in range(round_size)) + latency
@@ -112,8 +129,11 @@ def graph_time(need: Need, model: Model) -> float:
 
 def bc_time(need: Need, model: Model) -> float:
     """Seconds BC needs at least: reads chained, writes spread over `bc_concurrency` parallel batches."""
-    reads = need.bc_requests - math.ceil(need.bc_writes / BC_BATCH)
-    return (reads + math.ceil(need.bc_writes / model.bc_concurrency)) * model.bc_latency
+    reads = need.bc_requests - math.ceil(need.bc_writes / BC_BATCH) - need.photo_bc
+    parallel = math.ceil(need.bc_writes / model.bc_concurrency) + math.ceil(
+        need.photo_bc / model.bc_concurrency
+    )
+    return (reads + parallel) * model.bc_latency
 
 
 def time_bound(mailbox_needs: list[Need], bc_need: Need, model: Model) -> float:

@@ -85,6 +85,7 @@ class CaseResult:
     bound_time: float = 0.0
     bound_graph_time: float = 0.0
     bound_bc_time: float = 0.0
+    bound_photo: int = 0  # picture requests the case needs at least (both services)
     problems: list[str] = field(default_factory=list)
     engine_warnings: int | None = (
         None  # warning records the engine logged during the case (bench/out/engine.log)
@@ -93,6 +94,13 @@ class CaseResult:
     @property
     def requests(self) -> int:
         return self.graph_http + self.bc_http
+
+    @property
+    def photo_requests(self) -> int:
+        """Picture requests sent: Graph `photo` and BC `picture` calls (kinds photos.*, pictures.*)."""
+        graph = sum(n for k, n in self.graph_by_kind.items() if k.split(" ", 1)[-1].startswith("photos."))
+        bc = sum(n for k, n in self.bc_by_kind.items() if k.split(" ", 1)[-1].startswith("pictures."))
+        return graph + bc
 
     @property
     def bound_requests(self) -> int:
@@ -227,6 +235,7 @@ class Rig:
         result.engine_requests, result.counts = dict(engine), dict(counts)
         result.bound_graph = mailbox_need.graph_requests * len(upns)
         result.bound_bc = bc_need.bc_requests
+        result.bound_photo = mailbox_need.photo_graph * len(upns) + bc_need.photo_bc
         result.bound_graph_items = mailbox_need.graph_items
         result.bound_graph_time = graph_time(mailbox_need, self.model)
         result.bound_bc_time = bc_time(bc_need, self.model)
@@ -343,6 +352,50 @@ def single_user_group(conn: str, model: Model, n: int, profile: str | None = Non
                 [upn],
             )
         )
+    return results
+
+
+def photos_group(conn: str, model: Model, n: int, profile: str | None = None) -> list[CaseResult]:
+    """`n` BC contacts, each with a picture (syncPhotos on, the default): the initial full sync copies
+    every picture to Outlook (one BC read and one Graph write each), then a warm-up and a no-op
+    incremental, which must cost what they cost without photos."""
+    group = f"photos{n}"
+    upn = "photos@contoso.example"
+    results: list[CaseResult] = []
+    with Rig(conn, model, profile) as rig:
+        log(f"[{group}] seeding {n} BC contacts with pictures")
+        rig.seed(n)
+        rig.host.seed_pictures(rig.host.bc_ids(), iso(utcnow() - timedelta(days=1)))
+        (settings,) = rig.users([upn])
+
+        def one(mode: str) -> Callable[[], list[RunReport]]:
+            return lambda: [run_user(rig.services, settings, mode)]
+
+        log(f"[{group}] initial full sync with photos")
+        results.append(
+            rig.measure(
+                CaseResult(group, f"initial full sync, {n} contacts with photos", "photos", n, 1),
+                one(FULL),
+                Need(graph_writes=n, echo=n, graph_fixed=2, photo_graph=n),
+                Need(bc_read_rows=n, bc_reference_reads=2, photo_bc=n),
+                {"outlookCreated": n},
+                n,
+                [upn],
+            )
+        )
+        for kind, title in (("warmup", "warm-up incremental"), ("noop", "no-op incremental")):
+            log(f"[{group}] {title}")
+            results.append(
+                rig.measure(
+                    CaseResult(group, f"{title}, {n} contacts with photos", kind, n, 1),
+                    one(INCREMENTAL),
+                    Need(graph_fixed=1),
+                    Need(bc_read_rows=n, bc_read_requests=1),
+                    {},
+                    n,
+                    [upn],
+                )
+            )
     return results
 
 

@@ -132,6 +132,19 @@ class SandboxHost:
             bc.seed_contact(company, lastModifiedDateTime=modified, **person_fields(i))
         return len(bc.companies[company].contacts)
 
+    def seed_pictures(self, ids: list[str], modified: str) -> int:
+        """A small JPEG picture on each of these BC contacts, all different; their last modification
+        stays at `modified` (existing data, not fresh edits). Returns how many have one."""
+        from sandbox.bc import parse_datetime
+        from sandbox.images import make_jpeg
+
+        bc, company = self.cloud.bc, self.cloud.company_id
+        when = parse_datetime(modified)
+        for n, cid in enumerate(ids):
+            bc.set_picture(company, cid, make_jpeg(96 + n % 200, 96, padding=4000 + n % 1000))
+            bc.set_last_modified(company, cid, when)
+        return len(ids)
+
     def bc_ids(self) -> list[str]:
         with self.cloud.bc.lock:
             return sorted(self.cloud.bc.companies[self.cloud.company_id].contacts)

@@ -56,6 +56,25 @@ def evaluate(results: list[CaseResult]) -> list[Verdict]:
         lambda c: c.ratio <= 1.1,
         lambda c: f"{c.requests} requests / bound {c.bound_requests} = {c.ratio:.3f}",
     )
+    photos = [c for c in results if c.kind == "photos"]
+    add(
+        "photo requests <= 1.05 x their lower bound (photos)",
+        photos,
+        lambda c: c.photo_requests <= 1.05 * c.bound_photo,
+        lambda c: f"{c.photo_requests} picture requests / bound {c.bound_photo}",
+    )
+    add(
+        "request ratio <= 1.1 (initial sync with photos)",
+        photos,
+        lambda c: c.ratio <= 1.1,
+        lambda c: f"{c.requests} requests / bound {c.bound_requests} = {c.ratio:.3f}",
+    )
+    add(
+        "wall time <= 1.3 x concurrency bound (initial sync with photos)",
+        photos,
+        lambda c: c.time_ratio <= 1.3,
+        lambda c: f"{c.api_wall:.1f} s / bound {c.bound_time:.1f} s = {c.time_ratio:.2f}",
+    )
     add(
         "no-op run <= 3 Graph requests per user and <= 2 BC requests per company",
         [c for c in results if c.kind == "noop"],

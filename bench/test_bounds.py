@@ -44,5 +44,15 @@ def test_mailboxes_are_independent_and_bc_comes_first():
     )
 
 
+def test_photos_are_one_request_each_and_run_side_by_side():
+    need = Need(graph_writes=1000, echo=1000, graph_fixed=2, photo_graph=1000)
+    assert need.graph_requests == 58 + 1000 and need.photo_requests == 1000
+    # The 1,000 photo writes join the batch items in rounds of 4.
+    assert graph_time(need, MODEL) == pytest.approx((8 + 500) * 0.1)
+    bc = Need(bc_read_rows=1000, bc_reference_reads=2, photo_bc=1000)
+    assert bc.bc_requests == 3 + 1000
+    assert bc_time(bc, MODEL) == pytest.approx((3 + 200) * 0.05)
+
+
 def test_bc_writes_spread_over_five_parallel_batches():
     assert bc_time(Need(bc_writes=100), MODEL) == pytest.approx(20 * 0.05)

@@ -610,7 +610,10 @@ class BusinessCentralService(Service):
                 rows = [(r.view(), r) for r in company.contacts.values()]
                 engine = QueryEngine("Microsoft.NAV.contact", self._contact_specs(), key=("number",))
                 context = f"{self._root(tenant, env)}/$metadata#companies({company.id})/contacts"
-                return engine.collection(req, rows, self._render_selected, context, self._page_url(req))
+                expand = bc_pictures.expansion(self, tenant, env, company, req)
+                return engine.collection(
+                    req, rows, self._render_selected, context, self._page_url(req), expand=expand
+                )
 
         return self._answer(run)
 
@@ -1444,8 +1447,11 @@ class QueryEngine:
         render: Callable[[dict[str, Any], Any, list[str] | None], dict[str, Any]],
         context: str,
         page_url: str,
+        expand: Callable[[Any], dict[str, Any]] | None = None,
     ) -> Response:
-        _reject_query_options(req, _SUPPORTED_OPTIONS)
+        """`expand`: the entity set's `$expand` (its navigation properties rendered for one row), or
+        None where `$expand` is refused."""
+        _reject_query_options(req, _SUPPORTED_OPTIONS | ({"$expand"} if expand else set()))
         select = self.select(req)
         if "$filter" in req.query:
             predicate = FilterParser(req.query["$filter"], self).parse()
@@ -1472,7 +1478,9 @@ class QueryEngine:
         body: dict[str, Any] = {"@odata.context": context}
         if req.query.get("$count", "").lower() == "true":
             body["@odata.count"] = total
-        body["value"] = [render(view, obj, select) for view, obj in page]
+        body["value"] = [
+            {**render(view, obj, select), **(expand(obj) if expand else {})} for view, obj in page
+        ]
         headers = {"Preference-Applied": f"odata.maxpagesize={page_size}"} if applied else {}
         if more:
             last_view = page[-1][0]

@@ -20,14 +20,21 @@ with "Get picture", "Update picture" and "Delete picture" in the same reference)
 * BC reads the type and size from the image bytes; a body that is not a JPEG, PNG or GIF is refused
   with 400. [unverified code]
 
-What it does not simulate: pictures of customers, vendors, items or employees; `$expand=picture`
-on contacts; size limits on pictures (none is documented for this endpoint beyond the request limits);
-picture operations inside `$batch`; and the v2.0 doc's `Content-Type: application/json` for the
-binary PATCH (taken to be a documentation slip; any content type is accepted).
+* `$expand=picture` on the contacts collection renders each contact's picture entity inline (the
+  same properties as "Get picture", without the bytes). `picture` is the contact's documented
+  navigation property ("picture resource type": Navigation → contact; the contact resource lists
+  `picture`), and BC's API pages take OData's `$expand` on navigation properties. [inferred: the
+  docs show no `contacts?$expand=picture` example] Nested options (`picture($select=…)`) are refused.
+
+What it does not simulate: pictures of customers, vendors, items or employees; size limits on
+pictures (none is documented for this endpoint beyond the request limits); picture operations inside
+`$batch`; and the v2.0 doc's `Content-Type: application/json` for the binary PATCH (taken to be a
+documentation slip; any content type is accepted).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +64,44 @@ def register(service: BusinessCentralService, prefix: str) -> None:
     service.route("PATCH", one + "/pictureContent", h.update, "pictures.update")
 
 
+def expansion(
+    service: BusinessCentralService, tenant: str, env: str, company: Company, req: Request
+) -> Callable[[Any], dict[str, Any]] | None:
+    """The contacts collection's `$expand=picture`, or None when the request has no `$expand`
+    (the query engine then refuses one it does not know)."""
+    text = req.query.get("$expand")
+    if text is None:
+        return None
+    if text.strip() != "picture":
+        raise bc_module.BcError(  # [unverified] text
+            400,
+            "BadRequest",
+            f"The query option '$expand={text}' is not supported by the sandbox here; "
+            "it expands only 'picture' on contacts.",
+        )
+    root = service._root(tenant, env)
+
+    def render(row: ContactRow) -> dict[str, Any]:
+        return {"picture": _entity(service, root, company, row)}
+
+    return render
+
+
+def _entity(service: BusinessCentralService, root: str, company: Company, row: ContactRow) -> dict[str, Any]:
+    link = f"{root}/companies({company.id})/contacts({row.id})/picture/pictureContent"
+    picture: Picture | None = row.picture
+    return {
+        "@odata.etag": service._etag(row),
+        "id": row.id,
+        "parentType": "Contact",
+        "width": picture.width if picture else 0,
+        "height": picture.height if picture else 0,
+        "contentType": picture.content_type if picture else "",
+        "pictureContent@odata.mediaEditLink": link,
+        "pictureContent@odata.mediaReadLink": link,
+    }
+
+
 def parse_picture(data: bytes) -> Picture:
     info = image_info(data)
     if info is None:
@@ -79,18 +124,9 @@ class _Handlers:
             with self.s.lock:
                 company, row = self._locate(req, cid, id)
                 root = self.s._root(tenant, env)
-                link = f"{root}/companies({company.id})/contacts({row.id})/picture/pictureContent"
-                picture: Picture | None = row.picture
                 body: dict[str, Any] = {
                     "@odata.context": f"{root}/$metadata#companies({company.id})/contacts({row.id})/picture/$entity",
-                    "@odata.etag": self.s._etag(row),
-                    "id": row.id,
-                    "parentType": "Contact",
-                    "width": picture.width if picture else 0,
-                    "height": picture.height if picture else 0,
-                    "contentType": picture.content_type if picture else "",
-                    "pictureContent@odata.mediaEditLink": link,
-                    "pictureContent@odata.mediaReadLink": link,
+                    **_entity(self.s, root, company, row),
                 }
                 return Response(200, body, {"ETag": body["@odata.etag"]})
 

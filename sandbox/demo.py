@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sandbox.azurite import Azurite
     from sandbox.cloud import Cloud
-    from sandbox.seed import seed_bc, seed_outlook
+    from sandbox.images import make_jpeg
+    from sandbox.seed import seed_bc, seed_outlook, seed_pictures
 
     with (
         tempfile.TemporaryDirectory(prefix="bc-sync-demo-") as tmp,
@@ -81,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Sandbox up: Entra {cloud.entra.base_url}, BC {cloud.bc.base_url}, Graph {cloud.graph.base_url}"
         )
         contacts = seed_bc(cloud.bc, cloud.company_id, persons=args.contacts)
+        pictures = seed_pictures(cloud.bc, cloud.company_id, contacts)
         _, password = cloud.add_person(USER, "Alice Andersen")
         folder_id = seed_outlook(cloud.graph, USER, "Business Central", contacts)
         print(
-            f"Seeded {len(contacts)} BC contacts and {len(cloud.graph.folder_contacts(USER, folder_id))} "
-            f"Outlook contacts for {USER}\n"
+            f"Seeded {len(contacts)} BC contacts ({pictures} with a picture) and "
+            f"{len(cloud.graph.folder_contacts(USER, folder_id))} Outlook contacts for {USER}\n"
         )
 
         status, body = call(users_http, "PUT", f"users/{USER}", {"folderName": "Business Central"})
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         in_folder = cloud.graph.folder_contacts(USER, folder_id)
         victim = next(c for c in in_folder if c.get("singleValueExtendedProperties"))
         cloud.graph.user_delete_contact(USER, folder_id, victim["id"])
-        cloud.graph.user_create_contact(
+        olav = cloud.graph.user_create_contact(
             USER,
             folder_id,
             {
@@ -136,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                 "emailAddresses": [{"address": "olav@trygg.example", "name": "Olav Trygg"}],
             },
         )
+        cloud.graph.set_contact_photo(USER, olav["id"], make_jpeg(120, 120, padding=1500))
+        cloud.bc.set_picture(cloud.company_id, newbie["id"], make_jpeg(100, 100, padding=1200))
         print(
-            f"\nChanges: BC edited {person['displayName']} and added {newbie['displayName']}; in Outlook "
-            f"{USER} deleted {victim['displayName']} and added Olav Trygg."
+            f"\nChanges: BC edited {person['displayName']} and added {newbie['displayName']} with a picture; "
+            f"in Outlook {USER} deleted {victim['displayName']} and added Olav Trygg with a photo."
         )
         sync("incremental", "3. Incremental sync after the changes")
         if args.serve:

@@ -1,5 +1,6 @@
-"""Deterministic demo data: a Business Central company with a few hundred contacts, and a
-salesperson's Outlook folder with some contacts of their own (one of them already in BC)."""
+"""Deterministic demo data: a Business Central company with a few hundred contacts (a quarter of them
+with a picture), and a salesperson's Outlook folder with some contacts of their own (one of them
+already in BC)."""
 
 from __future__ import annotations
 
@@ -159,6 +160,21 @@ def seed_outlook(graph: Any, user: str, folder_name: str, bc_contacts: list[dict
         )
     graph.user_create_contact(user, fid, {"displayName": "Someone Without Email", "givenName": "Someone"})
     return fid
+
+
+def seed_pictures(bc: Any, company_id: str, contacts: list[dict[str, Any]], every: int = 4) -> int:
+    """Give every `every`-th person a picture in BC (a small JPEG of its own size), and one person a
+    GIF, which Outlook cannot take as a photo (the demo's report names it); returns how many."""
+    from sandbox.images import make_jpeg
+
+    persons = [c for c in contacts if c.get("type") == "Person"]
+    chosen = persons[::every]
+    for n, contact in enumerate(chosen):
+        bc.set_picture(company_id, contact["id"], make_jpeg(96 + n % 64, 96 + n % 64, padding=2000 + n))
+    if len(persons) > 1:
+        gif = b"GIF89a" + (48).to_bytes(2, "little") + (48).to_bytes(2, "little") + bytes(32)
+        bc.set_picture(company_id, persons[1]["id"], gif)
+    return len(chosen) + (1 if len(persons) > 1 else 0)
 
 
 def _domain(company: str) -> str:

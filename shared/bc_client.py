@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from shared.http_client import BatchItem, HttpClient, ItemResult
+from shared.http_client import BatchItem, HttpClient, ItemResult, image_body
 
 BATCH_MAX = 100
+# The picture's metadata with each contact: whether it has one, without reading any bytes.
+PICTURE_EXPAND = "picture"
 PAGE_SIZE = 20000  # the documented maximum page size for BC online
 CONTACT_FIELDS = (
     "id",
@@ -164,9 +166,15 @@ class BcClient:
         *,
         modified_after: str | None = None,
         select: tuple[str, ...] | None = None,
+        pictures: bool = False,
     ) -> list[dict[str, Any]]:
-        """Contacts with the given fields (default: every field of CONTACT_FIELDS the tenant has)."""
+        """Contacts with the given fields (default: every field of CONTACT_FIELDS the tenant has).
+
+        `pictures`: each contact also carries its picture's metadata (`$expand=picture`: width,
+        height, contentType; no bytes), which tells which contacts have one at no extra request."""
         params = {"$select": ",".join(select or self.schema().contact_fields)}
+        if pictures:
+            params["$expand"] = PICTURE_EXPAND
         if modified_after:
             params["$filter"] = f"lastModifiedDateTime gt {modified_after}"
         return self._get_all(f"{self.root}/{self._contacts_path(company_id)}", params)
@@ -182,8 +190,11 @@ class BcClient:
         value = resp.json_object().get("value")
         return isinstance(value, list) and len(value) > 0
 
-    def get_contacts(self, company_id: str, ids: list[str]) -> list[dict[str, Any]]:
-        """Full records for the given ids (OR-ed id filters, a few dozen per request)."""
+    def get_contacts(
+        self, company_id: str, ids: list[str], *, pictures: bool = False
+    ) -> list[dict[str, Any]]:
+        """Full records for the given ids (OR-ed id filters, a few dozen per request); `pictures` as
+        for `list_contacts`."""
         out: list[dict[str, Any]] = []
         for start in range(0, len(ids), 40):
             chunk = ids[start : start + 40]
@@ -191,10 +202,39 @@ class BcClient:
             out.extend(
                 self._get_all(
                     f"{self.root}/{self._contacts_path(company_id)}",
-                    {"$filter": contact_filter, "$select": ",".join(self.schema().contact_fields)},
+                    {
+                        "$filter": contact_filter,
+                        "$select": ",".join(self.schema().contact_fields),
+                        **({"$expand": PICTURE_EXPAND} if pictures else {}),
+                    },
                 )
             )
         return out
+
+    # Contact pictures (API v2.0 "picture resource type") -----------------------------------
+    def _picture_url(self, company_id: str, contact_id: str) -> str:
+        return f"{self.root}/{self._contacts_path(company_id)}({contact_id})/picture"
+
+    def get_picture(self, company_id: str, contact_id: str) -> bytes | None:
+        """The contact's picture bytes (`picture/pictureContent`), or None when it has none (204)."""
+        url = f"{self._picture_url(company_id, contact_id)}/pictureContent"
+        resp = self.http.request("GET", url, headers={"Accept": "*/*"}, raw=True)
+        if resp.status == 204 or not resp.body:
+            return None
+        return image_body(resp, "bc", url)
+
+    def put_picture(
+        self, company_id: str, contact_id: str, data: bytes, content_type: str, etag: str
+    ) -> None:
+        """Set the contact's picture: PATCH `picture/pictureContent` with the bytes, If-Match the
+        contact's etag ("Required" in "Update picture"); a stale etag answers 412."""
+        self.http.request(
+            "PATCH",
+            f"{self._picture_url(company_id, contact_id)}/pictureContent",
+            json_body=data,
+            headers={"If-Match": etag, "Accept": "*/*", "Content-Type": content_type},
+            raw=True,
+        )
 
     def write(self, company_id: str, writes: list[BcWrite]) -> list[ItemResult]:
         """Apply creates/updates/deletes through `$batch`; one result per write, in order.

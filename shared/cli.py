@@ -32,6 +32,12 @@ def format_report(report: RunReport, *, max_items: int = 40) -> str:
         f"Status: {report.status}   started {report.startedAt}   finished {report.finishedAt or '-'}",
         f"Requests: Business Central {report.requests.get('bc', 0)}, Graph {report.requests.get('graph', 0)}",
     ]
+    photos = report.photos
+    if any(photos.values()):
+        lines.append(
+            f"Photos: {photos.get('toOutlook', 0)} to Outlook, {photos.get('toBc', 0)} to Business Central, "
+            f"{photos.get('notCopied', 0)} not copied"
+        )
     if report.message:
         lines.append(f"Note: {report.message}")
     width = max(len(a) for a in ACTIONS)
@@ -40,7 +46,7 @@ def format_report(report: RunReport, *, max_items: int = 40) -> str:
     lines.append("  ".join(f"{report.counts.get(a, 0):>{width}}" for a in ACTIONS[:5]))
     lines.append("  ".join(f"{a:>{width}}" for a in ACTIONS[5:]))
     lines.append("  ".join(f"{report.counts.get(a, 0):>{width}}" for a in ACTIONS[5:]))
-    order = {"failed": 0, "safetyStop": 0, "skipped": 2}
+    order = {"failed": 0, "safetyStop": 0, "skipped": 2, "photoSkipped": 2}
     items = sorted(report.items, key=lambda i: order.get(i.action, 1))
     if items:
         lines.append("")

@@ -603,6 +603,7 @@ class Conformance:
             (BC_METADATA, self._bc_metadata),
             (BC_BATCH, self._bc_batch),
             (BC_COUNTRIES, self._bc_countries),
+            (BC_PICTURES, self._bc_pictures),
         ):
             with self._step(name, "report this tenant's answer"):
                 try:
@@ -727,6 +728,31 @@ class Conformance:
             )
         self._add(BC_COUNTRIES, f"{len(codes)} countries/regions (e.g. {', '.join(sorted(codes)[:3])})", True)
 
+    def _bc_pictures(self, company: str) -> None:
+        todo = (
+            "the sync reads contacts with $expand=picture when syncPhotos is on (the default): turn it off "
+            'for this company\'s users (PUT /api/users/{user} with "syncPhotos": false) and report the answer'
+        )
+        got = self.bc.call(
+            "GET",
+            f"{self.bc_root}/companies({company})/contacts?$select=id&$top=5&$expand=picture",
+            headers={"Accept": "application/json"},
+        )
+        if got.status != 200 or not isinstance(got.body, dict):
+            raise StepFailed(f"contacts with $expand=picture answered {got.error()}", todo)
+        contacts = got.body.get("value", [])
+        if not all(isinstance(c.get("picture"), dict) for c in contacts):
+            raise StepFailed("contacts with $expand=picture came back without their picture", todo)
+        with_picture = sum(
+            1 for c in contacts if (c["picture"].get("contentType") or c["picture"].get("width"))
+        )
+        self._add(
+            BC_PICTURES,
+            f"{_count(len(contacts), 'contact', 'contacts')} read with their picture's metadata "
+            f"({with_picture} with a picture)",
+            True,
+        )
+
 
 # The rows, in the order they are printed.
 SCRATCH_FOLDER = "Graph: scratch contact folder create/rename/find/use"
@@ -741,7 +767,8 @@ BC_COMPANIES = "BC: companies list holds BC_COMPANY_ID"
 BC_METADATA = "BC: $metadata contact fields the mapping uses"
 BC_BATCH = "BC: read-only $batch answered in JSON"
 BC_COUNTRIES = "BC: countriesRegions readable"
-BC_ASSUMPTIONS = (BC_COMPANIES, BC_METADATA, BC_BATCH, BC_COUNTRIES)
+BC_PICTURES = "BC: contacts with $expand=picture (syncPhotos)"
+BC_ASSUMPTIONS = (BC_COMPANIES, BC_METADATA, BC_BATCH, BC_COUNTRIES, BC_PICTURES)
 
 
 def run_conformance(config: Config, user: str, *, tokens: TokenProvider, **kw: Any) -> ConformanceResult:

@@ -41,6 +41,7 @@ class Outcome:
     # What this run did to the folder, to tell its own echoes from user changes in the next delta.
     written: dict[str, str] = field(default_factory=dict)  # Outlook id → fingerprint as written
     deleted: set[str] = field(default_factory=set)  # Outlook ids this run deleted
+    photos_written: dict[str, str] = field(default_factory=dict)  # Outlook ids whose photo this run set
 
 
 # A failed Outlook write based on a BC record holds the BC watermark before that record; a failed BC

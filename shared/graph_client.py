@@ -21,6 +21,7 @@ from shared.http_client import (
     ForeignUrlError,
     HttpClient,
     ItemResult,
+    image_body,
 )
 from shared.mapping import BC_ID_PROPERTY_ID
 
@@ -296,6 +297,46 @@ class GraphClient:
             else:
                 raise ApiError("graph", "GET", cid, res.status, "BatchItemFailed", res.error or "")
         return found, missing
+
+    # Contact photos (Graph "Get profilePhoto" / "Update profilePhoto") --------------------
+    def _photo_url(self, user: str, folder_id: str, contact_id: str) -> str:
+        return self._url(
+            f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/"
+            f"{quote(contact_id, safe='')}/photo/$value"
+        )
+
+    def get_photo(self, user: str, folder_id: str, contact_id: str) -> bytes | None:
+        """The contact's photo bytes, or None when it has none (Graph answers 404 then)."""
+        url = self._photo_url(user, folder_id, contact_id)
+        resp = self.http.request("GET", url, headers={"Accept": "*/*"}, allow_status=(404,), raw=True)
+        if resp.status == 404 or not resp.body:
+            return None
+        return image_body(resp, "graph", url)
+
+    def photo_etags(self, user: str, folder_id: str, ids: list[str]) -> dict[str, str | None]:
+        """Each contact's photo `@odata.mediaEtag` ("Get profilePhoto" metadata, JSON, so 20 to a
+        `$batch` call), or None for a contact without a photo (404). Tells a changed photo without
+        reading its bytes."""
+        results = self._batch([self.contact_op(user, folder_id, "GET", i, query="/photo") for i in ids])
+        out: dict[str, str | None] = {}
+        for contact_id, res in zip(ids, results, strict=True):
+            if res.ok and isinstance(res.body, dict):
+                out[contact_id] = str(res.body.get("@odata.mediaEtag") or "")
+            elif res.status == 404:
+                out[contact_id] = None
+            else:
+                raise ApiError("graph", "GET", contact_id, res.status, "BatchItemFailed", res.error or "")
+        return out
+
+    def put_photo(self, user: str, folder_id: str, contact_id: str, data: bytes, content_type: str) -> None:
+        """Set the contact's photo: PUT .../photo/$value with the image bytes (200, no body)."""
+        self.http.request(
+            "PUT",
+            self._photo_url(user, folder_id, contact_id),
+            json_body=data,
+            headers={"Accept": "*/*", "Content-Type": content_type},
+            raw=True,
+        )
 
     # Writing contacts -------------------------------------------------------------------
     def contact_op(

@@ -302,13 +302,15 @@ class HttpClient:
         idempotent: bool | None = None,
         operations: int = 1,
         xml: bool = False,
+        raw: bool = False,
     ) -> HttpResponse:
         """Send with retries; return the response for 2xx and `allow_status`, raise ApiError otherwise.
 
         `idempotent` overrides what the method says, e.g. for a `$batch` POST that only reads.
-        `xml`: a 2xx XML answer (an OData `$metadata` document) is returned as text.
+        `xml`/`raw`: a 2xx XML answer as text / an accepted answer as bytes; a bytes `json_body` goes as is.
         """
         method = method.upper()
+        data, as_json = _encode(json_body)
         self.check_target(url)  # before any token is fetched or any byte is sent
         call = _Call(method, url, method in _IDEMPOTENT if idempotent is None else idempotent)
         while True:
@@ -320,8 +322,8 @@ class HttpClient:
                     method,
                     url,
                     params=params,
-                    data=None if json_body is None else json.dumps(json_body),
-                    headers=self._headers_for(headers, json_body is not None),
+                    data=data,
+                    headers=self._headers_for(headers, as_json),
                     timeout=self._timeout,
                 )
             except requests.exceptions.RequestException as exc:
@@ -332,9 +334,10 @@ class HttpClient:
             status = resp.status_code
             self.counter.add(self.service, throttled=status == 429)
             body, text = self._parse(resp)
-            if xml and 200 <= status < 300 and "xml" in _ctype(resp):
-                return HttpResponse(status, dict(resp.headers), text)
-            if 200 <= status < 300 or status in allow_status:
+            accepted = 200 <= status < 300 or status in allow_status
+            if accepted and (raw or (xml and "xml" in _ctype(resp))):
+                return HttpResponse(status, dict(resp.headers), resp.content if raw else text)
+            if accepted:
                 if body is not _NOT_JSON:
                     return HttpResponse(status, dict(resp.headers), body)
                 self._raise_for_unreadable(call, resp)
@@ -583,6 +586,24 @@ def _origin_of(url: str) -> tuple[str, str]:
     except ValueError:
         port = None
     return f"{scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.rstrip("/")
+
+
+def image_body(resp: HttpResponse, service: str, url: str) -> bytes:
+    """The bytes of a picture's answer. A page in its place (a proxy's HTML with a 2xx, a JSON body)
+    is an error, never taken for a picture: it would otherwise be copied, or noted as not an image."""
+    ctype = (resp.header("Content-Type") or "").lower()
+    if any(kind in ctype for kind in ("html", "json", "xml", "text/")):
+        raise ApiError(service, "GET", url, resp.status, "NotAnImage", f"{ctype} body instead of a picture")
+    data: bytes = resp.body or b""
+    return data
+
+
+def _encode(body: Any) -> tuple[Any, bool]:
+    """A request's body as sent, and whether it is JSON: bytes (a photo) go as they are, with the
+    Content-Type the caller gives."""
+    if body is None or isinstance(body, bytes):
+        return body, False
+    return json.dumps(body), True
 
 
 def _ctype(resp: requests.Response) -> str:

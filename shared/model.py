@@ -150,6 +150,7 @@ class UserSettings:
     pull_new_from_outlook: bool = True
     pull_edits_from_outlook: bool = False
     remove_from_outlook: bool = True
+    sync_photos: bool = True  # BC's picture ↔ the Outlook contact's photo (BEHAVIOUR §4.6, shared/photos.py)
 
     JSON_FIELDS: ClassVar[dict[str, str]] = {
         "user": "user",
@@ -160,6 +161,7 @@ class UserSettings:
         "pullNewFromOutlook": "pull_new_from_outlook",
         "pullEditsFromOutlook": "pull_edits_from_outlook",
         "removeFromOutlook": "remove_from_outlook",
+        "syncPhotos": "sync_photos",
     }
 
     @classmethod
@@ -178,7 +180,13 @@ class UserSettings:
             raise ValidationError("user", "does not match the user in the URL")
         key = normalize_user(user if user is not None else body_user)
         kwargs: dict[str, Any] = {"user": key}
-        for name in ("enabled", "pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook"):
+        for name in (
+            "enabled",
+            "pullNewFromOutlook",
+            "pullEditsFromOutlook",
+            "removeFromOutlook",
+            "syncPhotos",
+        ):
             if name in data:
                 if not isinstance(data[name], bool):
                     raise ValidationError(name, "must be true or false")
@@ -215,6 +223,12 @@ class Link:
     outlook_hash: str = ""
     email: str = ""
     etag: str | None = None  # Table Storage etag, for conditional writes
+    # Photos (shared/photos.py): the hash of the picture both sides last agreed on ("" never checked,
+    # "none" no picture), and the BC contact's etag when that was known, so an unchanged contact
+    # costs no picture request.
+    photo: str = ""
+    photo_stamp: str = ""
+    photo_etag: str = ""  # the Outlook photo's media etag when the hash was agreed ("" unknown)
 
 
 @dataclass
@@ -282,6 +296,9 @@ WRITE_ACTIONS = tuple(
 )
 
 
+PHOTO_COUNTS = ("toOutlook", "toBc", "notCopied")
+
+
 @dataclass
 class ReportItem:
     action: str  # one of ACTIONS (or "unlinked", "safetyStop" for report-only items)
@@ -322,6 +339,9 @@ class RunReport:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ACTIONS, 0))
     items: list[ReportItem] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=lambda: {"bc": 0, "graph": 0})
+    # Pictures copied this run (BEHAVIOUR §4.6): BC → Outlook, Outlook → BC, and not copied (each
+    # of those is also an item "photoSkipped" with the reason).
+    photos: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHOTO_COUNTS, 0))
     message: str | None = None
 
     def __post_init__(self) -> None:

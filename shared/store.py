@@ -87,7 +87,7 @@ _STATE_COLUMNS = {
     "last_status": "lastStatus",
     "writing_run": "writingRun",
 }
-_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email"]
+_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email", "photo", "photoStamp", "photoEtag"]
 
 T = TypeVar("T")
 
@@ -511,6 +511,9 @@ class Store:
                     outlook_hash=entity.get("outlookHash") or "",
                     email=entity.get("email") or "",
                     etag=entity.metadata.get("etag"),
+                    photo=entity.get("photo") or "",
+                    photo_stamp=entity.get("photoStamp") or "",
+                    photo_etag=entity.get("photoEtag") or "",
                 )
         return links
 
@@ -535,6 +538,9 @@ class Store:
                     "bcHash": link.bc_hash,
                     "outlookHash": link.outlook_hash,
                     "email": link.email,
+                    "photo": link.photo,
+                    "photoStamp": link.photo_stamp,
+                    "photoEtag": link.photo_etag,
                 },
                 {"mode": UpdateMode.REPLACE},
             )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from shared import runs
+from shared import photos, runs
 from shared.bc_client import BcClient, BcSchema, SchemaError
 from shared.executor import Executor, Outcome
 from shared.filters import ContactFilter, parse_filter
@@ -55,7 +55,7 @@ from shared.model import (
     user_hash,
     utcnow,
 )
-from shared.planner import FULL, INCREMENTAL, Needs, Plan, Snapshot, needs, plan
+from shared.planner import CREATES_IN_OUTLOOK, FULL, INCREMENTAL, Needs, Plan, Snapshot, needs, plan
 
 if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
     from shared.services import Services
@@ -93,6 +93,7 @@ class CompanyRead:
     companies: dict[str, str] = field(default_factory=dict)
     # The company's Country/Region table, read on first use and shared like the rest of the read.
     countries: CountryTable = field(default_factory=CountryTable)
+    pictures: bool = False  # the contacts carry their picture's metadata (`$expand=picture`)
 
 
 class BcReader:
@@ -113,17 +114,20 @@ class BcReader:
         with self._lock:
             return self._locks.setdefault(company_id, threading.Lock())
 
-    def read(self, client: BcClient, company_id: str, since: str | None) -> CompanyRead:
+    def read(
+        self, client: BcClient, company_id: str, since: str | None, *, pictures: bool = False
+    ) -> CompanyRead:
+        """`pictures`: the read must carry each contact's picture metadata (users with syncPhotos)."""
         with self._company_lock(company_id):
             cached = self._cache.get(company_id)
-            if cached is not None and self._serves(cached, since):
+            if cached is not None and self._serves(cached, since) and (cached.pictures or not pictures):
                 return _narrow(cached, since)
             started = time.monotonic()
             if since is None:
-                contacts = {contact["id"]: contact for contact in client.list_contacts(company_id)}
+                contacts = {c["id"]: c for c in client.list_contacts(company_id, pictures=pictures)}
                 rows = list(contacts.values())
             else:
-                changed = client.list_contacts(company_id, modified_after=since)
+                changed = client.list_contacts(company_id, modified_after=since, pictures=pictures)
                 contacts = {contact["id"]: contact for contact in changed}
                 rows = client.list_contacts(company_id, select=("id", "email", "type", "displayName"))
             index = {row["id"]: normalize_email(row.get("email")) for row in rows}
@@ -133,7 +137,7 @@ class BcReader:
                 if row.get("type") == "Company" and str(row.get("displayName") or "").strip()
             }
             countries = CountryTable(loader=lambda: client.countries(company_id))
-            read = CompanyRead(started, since, contacts, index, companies, countries)
+            read = CompanyRead(started, since, contacts, index, companies, countries, pictures)
             self._cache[company_id] = read
             return _narrow(read, since)
 
@@ -159,7 +163,9 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
         for contact_id, contact in read.contacts.items()
         if contact.get("lastModifiedDateTime") and parse_iso(contact["lastModifiedDateTime"]) > since_dt
     }
-    return CompanyRead(read.read_at, since, contacts, read.index, read.companies, read.countries)
+    return CompanyRead(
+        read.read_at, since, contacts, read.index, read.companies, read.countries, read.pictures
+    )
 
 
 def settings_hash(settings: UserSettings, company_id: str) -> str:
@@ -170,6 +176,7 @@ def settings_hash(settings: UserSettings, company_id: str) -> str:
         "pullNew": settings.pull_new_from_outlook,
         "pullEdits": settings.pull_edits_from_outlook,
         "remove": settings.remove_from_outlook,
+        "photos": settings.sync_photos,
     }
     return hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -354,6 +361,9 @@ class _BothSides:
     delta: DeltaPage
     company: CompanyRead
     snapshot: Snapshot
+    # Outlook ids an incremental delta reported, before unread partial items were left out: a photo
+    # change shows only there (shared/photos.py).
+    outlook_changed: set[str] = field(default_factory=set)
 
 
 def _run(
@@ -383,6 +393,8 @@ def _run(
         if sides.folder_id is None:
             raise RuntimeError("no Outlook folder to sync into")
         outcome = _apply(run, sides, sides.folder_id, result, heartbeat, checkpoint)
+        if run.settings.sync_photos:
+            _sync_photos(run, sides, sides.folder_id, result, outcome)
         checkpoint("before_watermark")
         _finish(run, sides, sides.folder_id, outcome)
     finally:
@@ -441,6 +453,7 @@ def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
     run.report.mode = run.mode
     company, ctx = _read_bc(run, reader)
     links = run.store.get_links(run.settings.user)
+    reported = {c["id"] for c in delta.changed} if run.mode == INCREMENTAL else set()
     if folder_id:
         delta = _read_partial(run.graph, run.settings, folder_id, delta, links, company.contacts, ctx)
     snapshot = Snapshot(
@@ -454,7 +467,7 @@ def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
         outlook_complete=run.mode == FULL,
         ctx=ctx,
     )
-    return _BothSides(folder_id, delta, company, snapshot)
+    return _BothSides(folder_id, delta, company, snapshot, reported)
 
 
 def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
@@ -506,7 +519,7 @@ def _read_bc(run: _UserRun, reader: BcReader) -> tuple[CompanyRead, BcContext]:
         since = iso(parse_iso(run.state.bc_watermark) - OVERLAP)
     schema = run.bc.schema()
     check_filter_fields(run.contact_filter.to_json(), schema)
-    company = reader.read(run.bc, run.company_id, since)
+    company = reader.read(run.bc, run.company_id, since, pictures=run.settings.sync_photos)
     ctx = BcContext(
         fields=frozenset(name for name in MAPPED_FIELDS if name in schema.contact_properties),
         countries=company.countries,
@@ -574,7 +587,9 @@ def _fetch_records(run: _UserRun, snapshot: Snapshot, folder_id: str | None, wan
             snapshot.outlook.pop(outlook_id, None)
             snapshot.outlook_removed.add(outlook_id)
     if wanted.bc:
-        for contact in run.bc.get_contacts(run.company_id, sorted(wanted.bc)):
+        for contact in run.bc.get_contacts(
+            run.company_id, sorted(wanted.bc), pictures=run.settings.sync_photos
+        ):
             snapshot.bc[contact["id"]] = contact
 
 
@@ -626,6 +641,45 @@ def _apply(
         run.state.writing_run = run.report.runId
         run.state = run.store.save_state(run.state)
     return executor.apply(result)
+
+
+def _sync_photos(run: _UserRun, sides: _BothSides, folder_id: str, result: Plan, outcome: Outcome) -> None:
+    """Step 4b (syncPhotos): the pictures that changed, after the contact writes (shared/photos.py).
+    Its echoes and holds join the contact writes' for step 5."""
+    # The links as the contact writes left them (the snapshot's when the plan wrote none).
+    links_now = run.store.get_links(run.settings.user) if result.actions else sides.snapshot.links
+    created = {
+        links_now[action.bc_id].outlook_id
+        for action in result.actions
+        if action.kind in CREATES_IN_OUTLOOK and action.bc_id in links_now
+    }
+    step = photos.PhotoRun(
+        user=run.settings.user,
+        folder_id=folder_id,
+        company_id=run.company_id,
+        bc=run.bc,
+        graph=run.graph,
+        report=run.report,
+        links_before=sides.snapshot.links,
+        links_now=links_now,
+        bc_records=sides.snapshot.bc,
+        outlook_changed=sides.outlook_changed,
+        outlook_created=created,
+    )
+    done = photos.sync_photos(step)
+    changed = [
+        link
+        for link in done.links.values()
+        if photos.state_of(link) != photos.state_of(links_now[link.bc_id])
+    ]
+    if changed:
+        run.store.upsert_links(run.settings.user, changed)
+    for outlook_id, fingerprint_ in done.outlook_written.items():
+        outcome.written.setdefault(outlook_id, fingerprint_)
+    outcome.photos_written.update(done.outlook_written)
+    if done.hold_bc_from and (outcome.hold_bc_from is None or done.hold_bc_from < outcome.hold_bc_from):
+        outcome.hold_bc_from = done.hold_bc_from
+    outcome.hold_delta = outcome.hold_delta or done.hold_delta
 
 
 # Step 5: watermarks and report ---------------------------------------------------------------------
@@ -728,8 +782,11 @@ def _settled_delta_link(
     if not outcome.written and not outcome.deleted:
         return delta_link
     try:
+        after = graph.delta(user, folder_id, delta_link)
+        # A photo this run set comes back as the bare id of the contact: our own echo, no read needed.
+        after.changed = [c for c in after.changed if not (c["id"] in outcome.photos_written and _bare(c))]
         # Our own updates come back partial (id + what we changed): read those whole to compare.
-        after = graph.fill_partial(user, folder_id, graph.delta(user, folder_id, delta_link))
+        after = graph.fill_partial(user, folder_id, after)
     except (DeltaExpired, FolderGone, ApiError) as exc:
         log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
@@ -738,6 +795,11 @@ def _settled_delta_link(
         for contact in after.changed
     ) and all(outlook_id in outcome.deleted for outlook_id in after.removed)
     return after.delta_link if own and after.delta_link else delta_link
+
+
+def _bare(item: dict[str, Any]) -> bool:
+    """A delta item that says only which contact changed, none of its properties."""
+    return not set(item) - {"id", "@odata.type", "@odata.etag", "changeKey", "lastModifiedDateTime"}
 
 
 def _safety_item(message: str) -> ReportItem:
@@ -820,6 +882,7 @@ def run_users(
 def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mode: str) -> None:
     """Read each company once from the earliest watermark among its users."""
     by_company: dict[str, list[str | None]] = {}
+    pictures: set[str] = set()  # companies with a user who syncs photos: their read carries pictures
     for settings in users:
         company = settings.company_id or services.config.bc_company_id
         state = services.store.get_state(settings.user)
@@ -827,11 +890,13 @@ def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mo
         if mode == INCREMENTAL and state.bc_watermark and state.delta_link:
             since = iso(parse_iso(state.bc_watermark) - OVERLAP)
         by_company.setdefault(company, []).append(since)
+        if settings.sync_photos:
+            pictures.add(company)
     bc, _ = services.clients(RequestCounter())
     for company, starts in by_company.items():
         known = [start for start in starts if start is not None]
         earliest = min(known) if len(known) == len(starts) else None  # None: someone reads everything
         try:
-            reader.read(bc, company, earliest)
+            reader.read(bc, company, earliest, pictures=company in pictures)
         except ApiError as exc:  # each user's run reports it
             log.warning("could not read company %s: %s", company, exc)

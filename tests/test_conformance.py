@@ -72,8 +72,14 @@ def test_every_assumption_holds_on_a_documented_tenant_and_nothing_is_left_behin
     assert code == 0, out
     assert "  differs  " not in out and "All assumptions hold." in out
     rows = [line for line in out.splitlines() if "  ok  " in line]
-    assert len(rows) == 13, out  # 2 tokens, 7 Graph, 4 Business Central
-    for expected in ("immutable id differs from the REST id", "@removed", "JSON answer", "countries/regions"):
+    assert len(rows) == 14, out  # 2 tokens, 7 Graph, 5 Business Central
+    for expected in (
+        "immutable id differs from the REST id",
+        "@removed",
+        "JSON answer",
+        "countries/regions",
+        "read with their picture's metadata",
+    ):
         assert expected in out
     # Outlook: the scratch folder and its contacts are gone; the user's own folder is untouched.
     assert mailbox_state(tenant) == before
@@ -108,6 +114,16 @@ def test_a_bc_batch_answered_in_multipart_is_reported_without_a_crash(tenant: Cl
     assert "differs" in line and "multipart/mixed" in line and "not JSON" in line
     assert "Accept header" in out  # what to do
     assert bc_writes(tenant) == 0
+
+
+def test_a_bc_that_refuses_expand_picture_says_to_turn_sync_photos_off(tenant: Cloud):
+    tenant.bc.faults.error(400, method="GET", path_regex=r"/contacts$", in_batch=False)
+
+    code, found = findings()
+
+    assert code == 1
+    assert list(differs(found)) == ["BC: contacts with $expand=picture (syncPhotos)"]
+    assert '"syncPhotos": false' in found["BC: contacts with $expand=picture (syncPhotos)"]["todo"]
 
 
 def test_a_step_failing_midway_still_removes_the_scratch_folder(tenant: Cloud):

@@ -25,6 +25,7 @@ const TEXT = {
     pullNew: "Bring new Outlook contacts into Business Central",
     pullEdits: "Take edits made in Outlook back to Business Central",
     remove: "Remove from Outlook what leaves Business Central or the filter",
+    photos: "Copy contact pictures between Business Central and Outlook",
     save: "Save", saved: "Saved.", created: "Your sync is set up.", checkNow: "Check now", ok: "ok",
     syncNow: "Sync now", fullSync: "Full sync", dryRun: "Dry run", report: "Report", filterItems: "Filter the list",
     itemsCaption: "Contacts in this run", colAction: "Action", colName: "Contact", colEmail: "Email", colReason: "Reason",
@@ -58,6 +59,7 @@ const TEXT = {
     pullNew: "Ta nye Outlook-kontakter inn i Business Central",
     pullEdits: "Ta endringer gjort i Outlook tilbake til Business Central",
     remove: "Fjern fra Outlook det som forsvinner fra Business Central eller filteret",
+    photos: "Kopier kontaktbilder mellom Business Central og Outlook",
     save: "Lagre", saved: "Lagret.", created: "Synkroniseringen din er satt opp.", checkNow: "Sjekk nå", ok: "ok",
     syncNow: "Synkroniser nå", fullSync: "Full synkronisering", dryRun: "Prøvekjøring", report: "Rapport", filterItems: "Filtrer listen",
     itemsCaption: "Kontakter i denne kjøringen", colAction: "Handling", colName: "Kontakt", colEmail: "E-post", colReason: "Årsak",
@@ -189,7 +191,7 @@ function fillSettings(s) {
   $("mailbox").value = s.user;
   $("folderName").value = s.folderName || "";
   for (const f of FILTER_FIELDS) $(`filter-${f}`).value = (s.filter || {})[f] || "";
-  for (const k of ["pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook"]) $(k).checked = !!s[k];
+  for (const k of ["pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook", "syncPhotos"]) $(k).checked = !!s[k];
 }
 
 function clearErrors() {
@@ -213,7 +215,7 @@ async function saveSettings(event) {
   const filter = {};
   for (const f of FILTER_FIELDS) { const v = $(`filter-${f}`).value.trim(); if (v) filter[f] = v; }
   const body = { folderName: $("folderName").value, filter };
-  for (const k of ["pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook"]) body[k] = $(k).checked;
+  for (const k of ["pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook", "syncPhotos"]) body[k] = $(k).checked;
   const { status, data } = await call("PUT", `users/${enc(user)}`, body);
   if (status === 200 || status === 201) {
     state.settings = data;
@@ -427,6 +429,7 @@ async function loadMe() {
     $("folderName").value = "Business Central";
     $("pullNewFromOutlook").checked = true;
     $("removeFromOutlook").checked = true;
+    $("syncPhotos").checked = true;
     $("hint").textContent = t("noSettings");
   }
 }

@@ -129,6 +129,30 @@ def test_picture_of_a_missing_contact_is_404(world):
     assert error_of(resp)[:2] == (404, "Internal_RecordNotFound")
 
 
+def test_expand_picture_lists_each_contacts_picture_metadata_without_its_bytes(world):
+    """`$expand=picture` on the contacts collection: `picture` is the contact's navigation property
+    ("picture resource type", Navigation → contact, https://learn.microsoft.com/en-us/dynamics365/business-central/dev-itpro/api-reference/v2.0/resources/dynamics_picture),
+    rendered with the properties of "Get picture" (width, height, contentType; no bytes). The sync
+    reads it to know which contacts have a picture at no extra request. An expansion the sandbox
+    does not know is refused, never ignored. [inferred: no `contacts?$expand=picture` example]"""
+    with_picture = world.create(displayName="Ada Lovelace")
+    without = world.create(displayName="Alan Turing")
+    world.bc.set_picture(world.company, with_picture["id"], make_jpeg(120, 90))
+
+    resp = world.http.get(world.contacts_url, params={"$select": "id,displayName", "$expand": "picture"})
+    unknown = world.http.get(world.contacts_url, params={"$expand": "contactInformation"})
+    without_expand = world.http.get(world.contacts_url, params={"$select": "id"}).json()["value"]
+
+    assert resp.status_code == 200
+    pictures = {c["id"]: c["picture"] for c in resp.json()["value"]}
+    assert (pictures[with_picture["id"]]["width"], pictures[with_picture["id"]]["height"]) == (120, 90)
+    assert pictures[with_picture["id"]]["contentType"] == "image/jpeg"
+    assert pictures[without["id"]]["contentType"] == "" and pictures[without["id"]]["width"] == 0
+    assert "pictureContent" not in pictures[with_picture["id"]]
+    assert error_of(unknown)[0] == 400
+    assert all("picture" not in c for c in without_expand)
+
+
 @pytest.fixture
 def two(world) -> tuple[World, str]:
     second = world.bc.add_company("CRONUS Norge AS")

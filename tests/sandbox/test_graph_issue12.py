@@ -255,3 +255,31 @@ def test_seeded_photo_is_served(client: GraphClient, graph: GraphService):
     graph.set_contact_photo(ALICE, contact["id"], make_jpeg(20, 20))
 
     assert client.get(f"/users/{ALICE}/contacts/{contact['id']}/photo").json()["width"] == 20
+
+
+def test_photo_metadata_in_batch_carries_a_media_etag_that_changes_with_the_photo(client: GraphClient):
+    """ "Get profilePhoto" (https://learn.microsoft.com/en-us/graph/api/profilephoto-get): the metadata
+    answer carries `@odata.mediaContentType` and `@odata.mediaEtag` (its example: "\\"BA09D118\\"").
+    "JSON batching" (https://learn.microsoft.com/en-us/graph/json-batching) takes any JSON request,
+    so the metadata of 20 contacts costs one request; a contact without a photo answers 404 inside
+    the batch. The sync compares the media etag to tell a changed Outlook photo without its bytes."""
+    with_photo = client.post(f"/users/{ALICE}/contacts", json={"displayName": "Photo"}).json()
+    without = client.post(f"/users/{ALICE}/contacts", json={"displayName": "None"}).json()
+    assert put_photo(client, with_photo["id"], make_jpeg(30, 30)).status_code == 200
+
+    def batch() -> dict[str, dict]:
+        reqs = [
+            {"id": str(n), "method": "GET", "url": f"/users/{ALICE}/contacts/{c['id']}/photo"}
+            for n, c in enumerate((with_photo, without))
+        ]
+        resp = client.post("/$batch", json={"requests": reqs})
+        assert resp.status_code == 200
+        return {r["id"]: r for r in resp.json()["responses"]}
+
+    first = batch()
+    assert put_photo(client, with_photo["id"], make_jpeg(30, 30, padding=10)).status_code == 200
+    second = batch()
+
+    assert first["0"]["status"] == 200 and first["0"]["body"]["@odata.mediaContentType"] == "image/jpeg"
+    assert first["1"]["status"] == 404
+    assert first["0"]["body"]["@odata.mediaEtag"] != second["0"]["body"]["@odata.mediaEtag"]
