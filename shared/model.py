@@ -172,7 +172,8 @@ def _filter_document(value: Any, name: str) -> dict[str, str]:
     try:
         parse_filter(value)
     except ValidationError as exc:
-        raise ValidationError(f"{name}.{exc.field}", exc.message) from None
+        inner = exc.field.removeprefix("filter")  # parse_filter names "filter.<field>"
+        raise ValidationError(f"{name}{inner if inner.startswith('.') else '.' + inner}", exc.message) from None
     return dict(value)
 
 
