@@ -173,7 +173,9 @@ def _filter_document(value: Any, name: str) -> dict[str, str]:
         parse_filter(value)
     except ValidationError as exc:
         inner = exc.field.removeprefix("filter")  # parse_filter names "filter.<field>"
-        raise ValidationError(f"{name}{inner if inner.startswith('.') else '.' + inner}", exc.message) from None
+        raise ValidationError(
+            f"{name}{inner if inner.startswith('.') else '.' + inner}", exc.message
+        ) from None
     return dict(value)
 
 

@@ -325,3 +325,32 @@ def test_companies_round_trip_through_the_api(client, world):
         {"companyId": other, "filter": {}},
         {"companyId": "22222222-2222-3333-4444-555555555555", "filter": {}, "category": None},
     ]
+
+
+def test_the_connection_check_checks_every_company(client, two):
+    world, cronus, fabrikam = two
+    _put(client, _companies(cronus, fabrikam))
+
+    ok = client("POST", f"users/{ALICE}/validate").json()
+    world.cloud.bc.faults.error(403, count=None, method="GET", path_regex=rf"companies\({fabrikam}\)")
+    failing = client("POST", f"users/{ALICE}/validate").json()
+
+    check = next(c for c in ok["checks"] if c["name"] == "bcCompany")
+    assert check["ok"] and CRONUS in check["message"] and FABRIKAM in check["message"], check
+    check = next(c for c in failing["checks"] if c["name"] == "bcCompany")
+    assert not check["ok"] and fabrikam in check["message"], check
+
+
+def test_the_cli_report_has_a_company_column_for_a_user_with_companies(client, two):
+    from shared.cli import format_report
+    from shared.model import RunReport
+
+    world, cronus, fabrikam = two
+    _put(client, _companies(cronus, fabrikam))
+    report = RunReport.from_json(_sync(client, mode="full"))
+
+    text = format_report(report)
+
+    assert any(line.startswith("action") and " company " in line for line in text.splitlines()), text
+    fay = next(line for line in text.splitlines() if "fay@fabrikam.example" in line)
+    assert FABRIKAM in fay
