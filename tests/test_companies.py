@@ -345,7 +345,7 @@ def test_the_cli_report_has_a_company_column_for_a_user_with_companies(client, t
     from shared.cli import format_report
     from shared.model import RunReport
 
-    world, cronus, fabrikam = two
+    _world, cronus, fabrikam = two
     _put(client, _companies(cronus, fabrikam))
     report = RunReport.from_json(_sync(client, mode="full"))
 
