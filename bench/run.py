@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.bounds import Model
-from bench.cases import OUT, CaseResult, Rig, engine_warnings, log, multi_user_group, single_user_group
+from bench.cases import (
+    OUT,
+    CaseResult,
+    Rig,
+    companies_group,
+    engine_warnings,
+    log,
+    multi_user_group,
+    single_user_group,
+)
 from bench.measure import MemoryWatch
 from bench.report import (
     evaluate,
@@ -50,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users; repeatable",
+        help="only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users, "
+        "companies<K> for one user syncing K companies of 500 contacts; repeatable",
     )
     p.add_argument("--users", type=int, help="users in the multi-user case (default 50; --quick: 5)")
     p.add_argument("--contacts-per-user", type=int, default=500, help="contacts in the multi-user case")
@@ -80,7 +90,7 @@ def plan_groups(args: argparse.Namespace) -> list[str]:
         return args.case
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     users = args.users or (5 if args.quick else 50)
-    return [f"n{n}" for n in sizes] + [f"users{users}"]
+    return [f"n{n}" for n in sizes] + [f"users{users}", "companies3"]
 
 
 def run_group(name: str, conn: str, model: Model, args: argparse.Namespace) -> list[CaseResult]:
@@ -90,7 +100,9 @@ def run_group(name: str, conn: str, model: Model, args: argparse.Namespace) -> l
         return multi_user_group(
             conn, model, int(name[5:]), args.contacts_per_user, args.max_parallel, args.profile
         )
-    raise SystemExit(f"unknown case {name!r}: use n<N> or users<U>")
+    if name.startswith("companies") and name[9:].isdigit():
+        return companies_group(conn, model, int(name[9:]), profile=args.profile)
+    raise SystemExit(f"unknown case {name!r}: use n<N>, users<U> or companies<K>")
 
 
 def calibrate(conn: str, model: Model) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class PollTick:
 
 def _by_company(services: Services, users: list[UserSettings]) -> dict[str, dict[str, str | None]]:
     """Company → {user → that user's watermark of the company}: a user with `companies` is in the
-    group of each of its companies (BEHAVIOUR §5.1), with the company's own watermark."""
+    group of each of its companies (BEHAVIOUR §5.4), with the company's own watermark."""
     groups: dict[str, dict[str, str | None]] = defaultdict(dict)
     for u in users:
         if not u.enabled:

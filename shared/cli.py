@@ -42,7 +42,7 @@ def format_report(report: RunReport, *, max_items: int = 40) -> str:
     lines.append("  ".join(f"{report.counts.get(a, 0):>{width}}" for a in ACTIONS[5:]))
     order = {"failed": 0, "safetyStop": 0, "skipped": 2}
     items = sorted(report.items, key=lambda i: order.get(i.action, 1))
-    # A user with several companies (BEHAVIOUR §5.1): a column says which company, by name.
+    # A user with several companies (BEHAVIOUR §5.4): a column says which company, by name.
     companies = any(item.company for item in items)
     if items:
         lines.append("")

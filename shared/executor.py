@@ -128,7 +128,7 @@ class Executor:
         self.checkpoint = checkpoint
         self.ctx = ctx
         # Where a link of this company is stored: its BC id, or "{companyId}|{bcId}" for a company
-        # other than the user's home one (BEHAVIOUR §5.1).
+        # other than the user's home one (BEHAVIOUR §5.4).
         self.link_key = link_key
         self.outcome = Outcome()
 

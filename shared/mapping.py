@@ -188,7 +188,7 @@ class BcContext:
     fields: frozenset[str] = field(default_factory=lambda: frozenset(MAPPED_FIELDS))
     countries: CountryTable | None = None
     companies: Mapping[str, str] | None = None
-    # The BC company the tag names (BEHAVIOUR §5.1), or None for a bare BC id: the user's home company.
+    # The BC company the tag names (BEHAVIOUR §5.4), or None for a bare BC id: the user's home company.
     tag_company: str | None = None
 
     def has(self, name: str) -> bool:

@@ -181,7 +181,7 @@ def _filter_document(value: Any, name: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CompanySetting:
-    """One entry of `companies` (BEHAVIOUR §5.1): a BC company, its filter and its Outlook category.
+    """One entry of `companies` (BEHAVIOUR §5.4): a BC company, its filter and its Outlook category.
 
     `category_given` tells "category": null (no category) from an entry without "category" (the
     company's display name, read from BC's companies endpoint when the run needs it)."""
@@ -280,7 +280,7 @@ class UserSettings:
     pull_new_from_outlook: bool = True
     pull_edits_from_outlook: bool = False
     remove_from_outlook: bool = True
-    # Several BC companies (BEHAVIOUR §5.1); None: `company_id` and `filter` say the one company.
+    # Several BC companies (BEHAVIOUR §5.4); None: `company_id` and `filter` say the one company.
     companies: tuple[CompanySetting, ...] | None = None
 
     JSON_FIELDS: ClassVar[dict[str, str]] = {
@@ -396,7 +396,7 @@ class UserState:
     # midway, and contacts it created may since have vanished from Outlook without the delta query
     # saying so (delta leaves out items created and deleted between two rounds): reconcile fully.
     writing_run: str | None = None
-    # Per company of `companies` (BEHAVIOUR §5.1): companyId → {"bcWatermark", "settingsHash"}. The
+    # Per company of `companies` (BEHAVIOUR §5.4): companyId → {"bcWatermark", "settingsHash"}. The
     # fields above keep serving a user without `companies`, and the company its bare tags belong to.
     companies: dict[str, dict[str, str]] = field(default_factory=dict)
     etag: str | None = None
@@ -457,7 +457,7 @@ class ReportItem:
     # them); filled in at the end of the run from the records it read (sync._name_items).
     name: str | None = None
     # The BC company the item belongs to, by its display name, for a user with `companies`
-    # (BEHAVIOUR §5.1); absent for a user with one company.
+    # (BEHAVIOUR §5.4); absent for a user with one company.
     company: str | None = None
 
 

@@ -59,7 +59,7 @@ class Snapshot:
     outlook_complete: bool = False  # `outlook` holds every contact of the folder
     ctx: BcContext = DEFAULT_CONTEXT  # the tenant's fields, the company's countries and companies
     # Why this company's contacts are no longer synced at all (its company left `companies`,
-    # BEHAVIOUR §5.1), or None: then `bc` and `bc_index` are empty and every contact leaves.
+    # BEHAVIOUR §5.4), or None: then `bc` and `bc_index` are empty and every contact leaves.
     retired: str | None = None
 
     def gone_from_outlook(self, outlook_id: str) -> bool:
@@ -333,7 +333,7 @@ def _linked_pair(planning: _Planning, bc_id: str, link: Link) -> Decision:
 def _company_removed(
     planning: _Planning, bc_id: str, outlook_id: str, *, linked: bool, email: str | None
 ) -> Decision:
-    """A contact of a company the user no longer syncs (BEHAVIOUR §5.1): it leaves the folder like a
+    """A contact of a company the user no longer syncs (BEHAVIOUR §5.4): it leaves the folder like a
     contact that left the filter, under the same mass-removal guard."""
     reason = planning.snap.retired or "its company is no longer synced"
     return _stop_syncing(
@@ -708,7 +708,7 @@ def route(
     scopes: list[tuple[str, str | None]],
     home: str,
 ) -> str:
-    """The company whose plan decides an Outlook contact (BEHAVIOUR §5.1), first rule that applies:
+    """The company whose plan decides an Outlook contact (BEHAVIOUR §5.4), first rule that applies:
 
     | contact                                   | company                                     |
     |-------------------------------------------|---------------------------------------------|

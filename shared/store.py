@@ -87,7 +87,7 @@ _STATE_COLUMNS = {
     "last_status": "lastStatus",
     "writing_run": "writingRun",
 }
-# Per company of `companies` (BEHAVIOUR §5.1): {companyId: {"bcWatermark", "settingsHash"}}, as JSON.
+# Per company of `companies` (BEHAVIOUR §5.4): {companyId: {"bcWatermark", "settingsHash"}}, as JSON.
 _COMPANIES_COLUMN = "companies"
 _LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email"]
 

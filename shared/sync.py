@@ -350,7 +350,7 @@ def split_link_key(key: str) -> tuple[str | None, str]:
 
 @dataclass
 class _ScopeRun:
-    """One company's part of a user's run (BEHAVIOUR §5.1): its settings, what was read, its plan.
+    """One company's part of a user's run (BEHAVIOUR §5.4): its settings, what was read, its plan.
 
     The home company (the user's one company before `companies`, or the first of them) keeps bare
     link keys and bare BC-id tags, so a user synced before issue 12 needs no migration; every other
@@ -436,7 +436,7 @@ class _UserRun:
         return self.names
 
     def category_of(self, scope: _ScopeRun) -> str | None:
-        """THE category of a company's contacts (BEHAVIOUR §5.1): the setting, else the company's
+        """THE category of a company's contacts (BEHAVIOUR §5.4): the setting, else the company's
         display name; None when the setting is null. The category writer reads it from here."""
         if scope.scope.category_default and scope.scope.listed:
             return self.company_names().get(scope.company_id)

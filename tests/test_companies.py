@@ -1,4 +1,4 @@
-"""Several Business Central companies for one salesperson (BEHAVIOUR §5.1), through the HTTP API.
+"""Several Business Central companies for one salesperson (BEHAVIOUR §5.4), through the HTTP API.
 
 What the salesperson sees in Outlook and in each BC company, and what the run report says, when the
 settings list `companies`: each company with its own filter and category, a contact of each company

@@ -84,7 +84,7 @@ class Sides:
     unknown_tags: set[str] = field(default_factory=set)  # contacts whose tag was not read yet
     mode: str = INCREMENTAL
     complete: bool | None = None  # default: a full run has read the whole folder
-    retired: str | None = None  # the company left the settings (BEHAVIOUR §5.1)
+    retired: str | None = None  # the company left the settings (BEHAVIOUR §5.4)
 
     def snapshot(self) -> Snapshot:
         tags: dict[str, str | None] = {c["id"]: None for c in self.contacts}
@@ -491,7 +491,7 @@ def test_report_counts_keep_their_keys_and_order() -> None:
     assert ACTIONS[:6] == WRITE_ACTIONS
 
 
-# Which company's plan an Outlook contact goes to (BEHAVIOUR §5.1) -----------------------------------
+# Which company's plan an Outlook contact goes to (BEHAVIOUR §5.4) -----------------------------------
 SCOPES = [("c1", "Cronus"), ("c2", "Fabrikam"), ("c3", None)]
 # fmt: off
 ROUTE_CASES: dict[str, tuple[dict[str, Any], str]] = {
