@@ -611,7 +611,8 @@ def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
     sides = _BothSides(folder_id, delta)
     if folder_id:
         sides.delta = _read_partial(run, folder_id, delta)
-        _fetch_route_tags(run, folder_id, sides.delta)
+        if run.listed:  # one company: every contact is its, and needs() reads the tags it must know
+            _fetch_route_tags(run, folder_id, sides.delta)
     routed = _route_contacts(run, sides.delta.changed, sides.delta.tags)
     for scope in run.scopes:
         if scope.error is not None:
