@@ -86,6 +86,9 @@ def test_two_companies_each_with_its_filter_and_the_report_names_the_company(cli
     assert fabrikam not in str(report) and cronus not in str(report)  # companies by name, never by id
     again = _sync(client)
     assert _writes(again) == 0 and again["status"] == "succeeded", again
+    # Each company kept its own watermark: an idle run is incremental and costs the folder check and
+    # one delta page in Graph, and per company the changed-since query and the id listing in BC.
+    assert again["mode"] == "incremental" and again["requests"] == {"bc": 4, "graph": 2}, again
 
 
 def test_a_new_outlook_contact_goes_to_the_company_whose_category_it_carries(client, two):

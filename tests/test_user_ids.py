@@ -1,4 +1,4 @@
-"""User ids as strict as Entra's user principal names, through every route that takes a user (BEHAVIOUR §5.4).
+"""User ids as strict as Entra's user principal names, through every route that takes a user (BEHAVIOUR §5.1).
 
 Entra's documented UserPrincipalName requirements ("Password policies and account restrictions in
 Microsoft Entra ID", https://learn.microsoft.com/entra/identity/authentication/concept-sspr-policy,
