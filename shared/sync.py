@@ -920,7 +920,8 @@ def _report_dry_run(run: _UserRun) -> None:
                     f"dry run: {action.reason}",
                 )
         _label(run, scope, start)
-    runs.succeed(run.report)
+    # A company that could not be read is a `failed` item: the dry run is partial, as the run would be.
+    runs.finish(run.report, failures=any(scope.error is not None for scope in run.scopes))
 
 
 # Step 4: apply ------------------------------------------------------------------------------------

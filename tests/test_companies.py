@@ -12,7 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from azure.functions.timer import TimerRequest
 
+import function_change_poll
+from sandbox.bindings import Collector
 from shared.model import WRITE_ACTIONS
 from tests.world import tag
 
@@ -357,3 +360,40 @@ def test_the_cli_report_has_a_company_column_for_a_user_with_companies(client, t
     assert any(line.startswith("action") and " company " in line for line in text.splitlines()), text
     fay = next(line for line in text.splitlines() if "fay@fabrikam.example" in line)
     assert FABRIKAM in fay
+
+
+def test_a_dry_run_with_a_company_that_cannot_be_read_is_partial_and_writes_nothing(client, two):
+    world, cronus, fabrikam = two
+    _put(client, _companies(cronus, fabrikam))
+    world.cloud.bc.faults.error(
+        403, count=None, method="GET", path_regex=rf"companies\({fabrikam}\)/contacts"
+    )
+
+    report = _sync(client, dryRun=True)
+
+    assert report["status"] == "partial" and report["counts"]["failed"] == 1, report
+    assert [i["company"] for i in report["items"] if i["action"] == "outlookCreated"] == [CRONUS]
+    assert world.cloud.graph.find_folder(ALICE, "Business Central") is None
+
+
+def test_the_change_poll_asks_each_company_of_the_user_once_and_queues_one_job(client, two):
+    """BEHAVIOUR §8.1 per company: the change in the second company queues the user's run."""
+    world, cronus, fabrikam = two
+    _put(client, _companies(cronus, fabrikam))
+    _sync(client, mode="full")
+    world.cloud.reset_counters()
+
+    def tick() -> list[str]:
+        jobs = Collector()
+        function_change_poll.main(TimerRequest(), jobs)
+        return jobs.messages()
+
+    assert tick() == [] and world.cloud.bc.counters.http_total == 2  # one question per company
+    fay = next(c for c in world.cloud.bc.contacts(fabrikam) if c["email"] == "fay@fabrikam.example")
+    world.cloud.bc.edit_contact(fabrikam, fay["id"], mobilePhoneNumber="+47 99 99 99 99")
+
+    queued = tick()
+
+    assert len(queued) == 1 and ALICE in queued[0], queued
+    report = _sync(client)
+    assert report["counts"]["outlookUpdated"] == 1 and report["items"][0]["company"] == FABRIKAM, report
