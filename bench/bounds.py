@@ -18,6 +18,9 @@ The lower bound counts only what the APIs force on any correct sync (BEHAVIOUR �
 - BC reference data: the contact entity's fields from `$metadata`, once per process and API root
   (versions differ: a field the tenant lacks fails the whole read), and the company's Country/Region
   table once per run that maps a country (BC stores codes, Outlook free text) (BEHAVIOUR §4.6).
+  A user with several companies (BEHAVIOUR §5.4): every company is read on its own (pages, the
+  changed-since query, its Country/Region table), and a run with something to report reads the
+  companies' names once (the report names each item's company, the default category is its name).
 
 The time bound is the concurrency bound of the issue: Graph items x latency / 4 per mailbox, where
 the items that cannot run side by side (chained delta pages, the folder calls) count one latency each,
@@ -72,6 +75,10 @@ class Need:
     def photo_requests(self) -> int:
         return self.photo_graph + self.photo_bc
 
+    # BC companies the user syncs (BEHAVIOUR §5.4): each is paged through and asked for its changes
+    # on its own; `bc_read_rows` is per company.
+    companies: int = 1
+
     @property
     def delta_pages(self) -> int:
         pages = max(1, math.ceil(self.delta_in / GRAPH_DELTA_PAGE))
@@ -90,13 +97,8 @@ class Need:
     @property
     def bc_requests(self) -> int:
         pages = 0 if self.bc_read_rows is None else max(1, math.ceil(self.bc_read_rows / BC_PAGE))
-        return (
-            pages
-            + self.bc_read_requests
-            + self.bc_reference_reads
-            + math.ceil(self.bc_writes / BC_BATCH)
-            + self.photo_bc
-        )
+        reads = (pages + self.bc_read_requests) * self.companies
+        return reads + self.bc_reference_reads + math.ceil(self.bc_writes / BC_BATCH) + self.photo_bc
 
     @property
     def graph_items(self) -> int:

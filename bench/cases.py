@@ -54,6 +54,7 @@ class CaseResult:
     kind: str  # initial | warmup | noop | changes
     contacts: int  # per user
     users: int
+    companies: int = 1  # BC companies each user syncs (BEHAVIOUR §5.4)
     wall: float = 0.0
     store_total: float = 0.0
     store_critical: float = 0.0
@@ -450,6 +451,68 @@ def multi_user_group(
                     {},
                     contacts,
                     upns,
+                )
+            )
+    return results
+
+
+def companies_group(
+    conn: str, model: Model, companies: int, contacts: int = 500, profile: str | None = None
+) -> list[CaseResult]:
+    """One salesperson syncing `companies` BC companies of `contacts` contacts each (BEHAVIOUR §5.4):
+    the initial full sync, a warm-up and a no-op incremental. One Outlook delta for the folder, each
+    company read on its own, so a no-op costs the user's 2 Graph requests and 2 BC per company."""
+    group = f"companies{companies}"
+    upn = "seller@contoso.example"
+    total = companies * contacts
+    results: list[CaseResult] = []
+    with Rig(conn, model, profile) as rig:
+        log(f"[{group}] seeding {companies} companies x {contacts} BC contacts")
+        ids = rig.host.add_companies(companies)
+        modified = iso(utcnow() - timedelta(days=1))
+        for n, company in enumerate(ids):
+            rig.host.seed_company_persons(company, n * contacts, contacts, modified)
+        rig.host.add_mailboxes([upn])
+        document = {"user": upn, "companies": [{"companyId": company} for company in ids]}
+        settings = rig.store.put_settings(UserSettings.from_json(document))
+
+        def one(mode: str) -> Callable[[], list[RunReport]]:
+            return lambda: [run_user(rig.services, settings, mode)]
+
+        log(f"[{group}] initial full sync")
+        results.append(
+            rig.measure(
+                CaseResult(
+                    group,
+                    f"initial full sync, {companies} companies x {contacts}",
+                    "initial",
+                    total,
+                    1,
+                    companies,
+                ),
+                one(FULL),
+                Need(graph_writes=total, echo=total, graph_fixed=2),
+                # $metadata, each company's Country/Region table, the companies' names (the report).
+                Need(bc_read_rows=contacts, bc_reference_reads=1 + companies + 1, companies=companies),
+                {"outlookCreated": total},
+                total,
+                [upn],
+            )
+        )
+        quiet = Need(bc_read_rows=contacts, bc_read_requests=1, companies=companies)
+        for kind, title in (("warmup", "warm-up incremental"), ("noop", "no-op incremental")):
+            log(f"[{group}] {title}")
+            results.append(
+                rig.measure(
+                    CaseResult(
+                        group, f"{title}, {companies} companies x {contacts}", kind, total, 1, companies
+                    ),
+                    one(INCREMENTAL),
+                    Need(graph_fixed=1),
+                    quiet,
+                    {},
+                    total,
+                    [upn],
                 )
             )
     return results

@@ -145,6 +145,20 @@ class SandboxHost:
             bc.set_last_modified(company, cid, when)
         return len(ids)
 
+    def add_companies(self, count: int) -> list[str]:
+        """The world's company and `count - 1` more, each with the demo Country/Region table."""
+        ids = [self.cloud.company_id]
+        for n in range(1, count):
+            ids.append(self.cloud.bc.add_company(f"Bench Company {n}", display_name=f"Bench Company {n}"))
+        return ids
+
+    def seed_company_persons(self, company: str, start: int, count: int, modified: str) -> int:
+        """Like `seed_persons`, into another company (persons `start`.. keep their emails distinct)."""
+        bc = self.cloud.bc
+        for i in range(start, start + count):
+            bc.seed_contact(company, lastModifiedDateTime=modified, **person_fields(i))
+        return len(bc.companies[company].contacts)
+
     def bc_ids(self) -> list[str]:
         with self.cloud.bc.lock:
             return sorted(self.cloud.bc.companies[self.cloud.company_id].contacts)

@@ -25,6 +25,7 @@ from bench.cases import (
     OUT,
     CaseResult,
     Rig,
+    companies_group,
     engine_warnings,
     log,
     multi_user_group,
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME",
         help=(
             "only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users, "
-            "photos<N> for N contacts with pictures; repeatable"
+            "photos<N> for N contacts with pictures, companies<K> for one user syncing K companies of "
+            "500 contacts; repeatable"
         ),
     )
     p.add_argument("--users", type=int, help="users in the multi-user case (default 50; --quick: 5)")
@@ -92,7 +94,7 @@ def plan_groups(args: argparse.Namespace) -> list[str]:
         return args.case
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     users = args.users or (5 if args.quick else 50)
-    return [f"n{n}" for n in sizes] + [f"users{users}", "photos1000"]
+    return [f"n{n}" for n in sizes] + [f"users{users}", "photos1000", "companies3"]
 
 
 def run_group(name: str, conn: str, model: Model, args: argparse.Namespace) -> list[CaseResult]:
@@ -104,7 +106,9 @@ def run_group(name: str, conn: str, model: Model, args: argparse.Namespace) -> l
         return multi_user_group(
             conn, model, int(name[5:]), args.contacts_per_user, args.max_parallel, args.profile
         )
-    raise SystemExit(f"unknown case {name!r}: use n<N>, users<U> or photos<N>")
+    if name.startswith("companies") and name[9:].isdigit():
+        return companies_group(conn, model, int(name[9:]), profile=args.profile)
+    raise SystemExit(f"unknown case {name!r}: use n<N>, users<U>, photos<N> or companies<K>")
 
 
 def calibrate(conn: str, model: Model) -> dict[str, Any]:

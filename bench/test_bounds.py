@@ -56,3 +56,10 @@ def test_photos_are_one_request_each_and_run_side_by_side():
 
 def test_bc_writes_spread_over_five_parallel_batches():
     assert bc_time(Need(bc_writes=100), MODEL) == pytest.approx(20 * 0.05)
+
+
+def test_several_companies_are_read_each_on_its_own():
+    # 3 companies of 500: one page and one changed-since query each; a no-op is 2 per company.
+    assert Need(bc_read_rows=500, bc_read_requests=1, companies=3).bc_requests == 6
+    # The initial sync: a page each, $metadata, each Country/Region table and the companies' names.
+    assert Need(bc_read_rows=500, bc_reference_reads=1 + 3 + 1, companies=3).bc_requests == 8

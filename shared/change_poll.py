@@ -29,6 +29,7 @@ from shared.jobs import Job
 from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash, utcnow
 from shared.planner import INCREMENTAL
 from shared.services import Services, get_services
+from shared.sync import company_watermarks
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,22 @@ class PollTick:
     messages: list[str] = field(default_factory=list)
 
 
-def _by_company(services: Services, users: list[UserSettings]) -> dict[str, list[UserSettings]]:
-    groups: dict[str, list[UserSettings]] = defaultdict(list)
+def _by_company(services: Services, users: list[UserSettings]) -> dict[str, dict[str, str | None]]:
+    """Company → {user → that user's watermark of the company}: a user with `companies` is in the
+    group of each of its companies (BEHAVIOUR §5.4), with the company's own watermark."""
+    groups: dict[str, dict[str, str | None]] = defaultdict(dict)
     for u in users:
-        if u.enabled:
-            groups[(u.company_id or services.config.bc_company_id).lower()].append(u)
+        if not u.enabled:
+            continue
+        state = services.store.get_state(u.user)
+        for company, mark in company_watermarks(u, state, services.config.bc_company_id).items():
+            groups[company.lower()][u.user] = mark
     return groups
 
 
-def _watermarks(services: Services, users: list[UserSettings]) -> dict[str, str]:
+def _watermarks(members: dict[str, str | None]) -> dict[str, str]:
     """Each user's BC watermark; users without one are left out (their first run is the scheduled one)."""
-    marks = {u.user: services.store.get_state(u.user).bc_watermark for u in users}
-    return {user: mark for user, mark in marks.items() if mark}
+    return {user: mark for user, mark in members.items() if mark}
 
 
 def _queue(services: Services, users: list[str], tick: PollTick) -> None:
@@ -78,8 +83,10 @@ def _queue(services: Services, users: list[str], tick: PollTick) -> None:
         tick.queued += 1
 
 
-def _ask(services: Services, bc: BcClient, company: str, users: list[UserSettings], tick: PollTick) -> None:
-    watermarks = _watermarks(services, users)
+def _ask(
+    services: Services, bc: BcClient, company: str, members: dict[str, str | None], tick: PollTick
+) -> None:
+    watermarks = _watermarks(members)
     if not watermarks:
         return
     oldest = min(watermarks.values(), key=parse_iso)

@@ -48,13 +48,17 @@ def format_report(report: RunReport, *, max_items: int = 40) -> str:
     lines.append("  ".join(f"{report.counts.get(a, 0):>{width}}" for a in ACTIONS[5:]))
     order = {"failed": 0, "safetyStop": 0, "skipped": 2, "photoSkipped": 2}
     items = sorted(report.items, key=lambda i: order.get(i.action, 1))
+    # A user with several companies (BEHAVIOUR §5.4): a column says which company, by name.
+    companies = any(item.company for item in items)
     if items:
         lines.append("")
-        lines.append(f"{'action':<17} {'contact':<24} {'email':<34} reason")
+        company_head = f"{'company':<20} " if companies else ""
+        lines.append(f"{'action':<17} {company_head}{'contact':<24} {'email':<34} reason")
         for item in items[:max_items]:
             name = _cell(item.name or ("(no name)" if item.email else "(no name or email)"), 24)
+            company = f"{_cell(item.company or '', 20):<20} " if companies else ""
             lines.append(
-                f"{item.action:<17} {name:<24} {_cell(item.email or '', 34):<34} {item.reason or ''}"
+                f"{item.action:<17} {company}{name:<24} {_cell(item.email or '', 34):<34} {item.reason or ''}"
             )
         if len(items) > max_items:
             lines.append(f"… and {len(items) - max_items} more items (use --json for all)")

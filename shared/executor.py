@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, assert_never
 
 from shared.bc_client import BcClient, BcWrite
@@ -113,6 +113,7 @@ class Executor:
         heartbeat: Callable[[], None] = lambda: None,
         checkpoint: Callable[[str], None] = lambda name: None,
         ctx: BcContext = DEFAULT_CONTEXT,
+        link_key: Callable[[str], str] = lambda bc_id: bc_id,
     ):
         self.settings = settings
         self.user = settings.user
@@ -127,6 +128,9 @@ class Executor:
         self.heartbeat = heartbeat
         self.checkpoint = checkpoint
         self.ctx = ctx
+        # Where a link of this company is stored: its BC id, or "{companyId}|{bcId}" for a company
+        # other than the user's home one (BEHAVIOUR §5.4).
+        self.link_key = link_key
         self.outcome = Outcome()
 
     # Bookkeeping --------------------------------------------------------------------------
@@ -157,9 +161,11 @@ class Executor:
     def _save_links(self, upserts: list[Link], deletes: list[str]) -> None:
         self.checkpoint("before_links")
         if upserts:
-            self.store.upsert_links(self.user, upserts)
+            self.store.upsert_links(
+                self.user, [replace(link, bc_id=self.link_key(link.bc_id)) for link in upserts]
+            )
         if deletes:
-            self.store.delete_links(self.user, deletes)
+            self.store.delete_links(self.user, [self.link_key(bc_id) for bc_id in deletes])
 
     # The plan -------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> Outcome:

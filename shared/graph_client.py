@@ -42,6 +42,8 @@ CONTACT_SELECT = (
     "businessAddress",
     "businessHomePage",
     "parentFolderId",
+    # Which company a new Outlook contact goes to: the one whose category it carries (BEHAVIOUR §5.4).
+    "categories",
 )
 _EXPAND_TAG = f"singleValueExtendedProperties($filter=id eq '{BC_ID_PROPERTY_ID}')"
 

@@ -188,6 +188,8 @@ class BcContext:
     fields: frozenset[str] = field(default_factory=lambda: frozenset(MAPPED_FIELDS))
     countries: CountryTable | None = None
     companies: Mapping[str, str] | None = None
+    # The BC company the tag names (BEHAVIOUR §5.4), or None for a bare BC id: the user's home company.
+    tag_company: str | None = None
 
     def has(self, name: str) -> bool:
         return name in self.fields
@@ -435,8 +437,32 @@ def bc_to_outlook(
     }
     bc_id = _text(bc.get("id"))
     if bc_id:
-        body["singleValueExtendedProperties"] = [{"id": BC_ID_PROPERTY_ID, "value": bc_id}]
+        body["singleValueExtendedProperties"] = [
+            {"id": BC_ID_PROPERTY_ID, "value": tag_value(bc_id, ctx.tag_company)}
+        ]
     return body
+
+
+TAG_SEPARATOR = "/"  # never in a GUID: "{companyId}/{bcId}"
+
+
+def tag_value(bc_id: str, company_id: str | None) -> str:
+    """The BcContactId tag of a contact: its BC id, qualified by its company unless that is the user's
+    home company (the one company of the settings before `companies`, whose tags stay as they were).
+
+    BC ids are GUIDs but are only unique within a company (a copied company keeps them), so a contact
+    of a second company names its company: it stays routable to it when the links are lost."""
+    return f"{company_id}{TAG_SEPARATOR}{bc_id}" if company_id else bc_id
+
+
+def parse_tag(value: str | None) -> tuple[str | None, str | None]:
+    """(company id or None for the home company, BC id) of a tag; (None, None) for no tag."""
+    if not value:
+        return None, None
+    company, sep, bc_id = value.partition(TAG_SEPARATOR)
+    if not sep:
+        return None, value
+    return company.lower(), bc_id
 
 
 def _view_for_outlook(bc: Mapping[str, Any], existing: Mapping[str, Any], ctx: BcContext) -> dict[str, str]:

@@ -138,6 +138,136 @@ def normalize_folder_name(value: Any) -> str:
     return v
 
 
+# The text rules of a category name (BEHAVIOUR §5): Graph's outlookCategory displayName is "a unique
+# name that identifies a category in the user's mailbox" (outlookCategory resource type); Outlook for
+# Windows joins an item's categories with the list separator (AssignToCategoryRuleAction.Categories),
+# so a name holding ',' or ';' would come back as two categories there.
+CATEGORY_MAX = 255
+_BAD_CATEGORY_CHARS = re.compile(r"[\x00-\x1f\x7f,;]")
+MAX_COMPANIES = 20  # one delta per run, but one BC read per company: a bound on what a run may cost
+
+
+def normalize_category(value: Any, name: str = "category") -> str | None:
+    """A category name as the user typed it (trimmed), or None for "no category"."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(name, "must be a non-empty text or null")
+    v = value.strip()
+    if len(v) > CATEGORY_MAX:
+        raise ValidationError(name, f"must be at most {CATEGORY_MAX} characters")
+    if _BAD_CATEGORY_CHARS.search(v):
+        raise ValidationError(
+            name, "must not contain control characters, ',' or ';' (Outlook splits categories there)"
+        )
+    return v
+
+
+def _filter_document(value: Any, name: str) -> dict[str, str]:
+    """A filter object as today's `filter` setting takes it; errors name `name` (e.g. companies[1].filter)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError(name, "must be an object of field → Business Central filter expression")
+    try:
+        parse_filter(value)
+    except ValidationError as exc:
+        inner = exc.field.removeprefix("filter")  # parse_filter names "filter.<field>"
+        raise ValidationError(
+            f"{name}{inner if inner.startswith('.') else '.' + inner}", exc.message
+        ) from None
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class CompanySetting:
+    """One entry of `companies` (BEHAVIOUR §5.4): a BC company, its filter and its Outlook category.
+
+    `category_given` tells "category": null (no category) from an entry without "category" (the
+    company's display name, read from BC's companies endpoint when the run needs it)."""
+
+    company_id: str
+    filter: dict[str, str] = field(default_factory=dict)
+    category: str | None = None
+    category_given: bool = False
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> CompanySetting:
+        if not isinstance(data, dict):
+            raise ValidationError(
+                where, "must be an object with companyId, and optionally filter and category"
+            )
+        unknown = sorted(set(data) - {"companyId", "filter", "category"})
+        if unknown:
+            raise ValidationError(
+                f"{where}.{unknown[0]}", "unknown field (known: companyId, filter, category)"
+            )
+        if data.get("companyId") is None:
+            raise ValidationError(f"{where}.companyId", "is required: the Business Central company id (GUID)")
+        value = data["companyId"]
+        if not isinstance(value, str) or not _GUID_RE.match(value.strip()):
+            raise ValidationError(f"{where}.companyId", "must be a Business Central company id (GUID)")
+        return cls(
+            company_id=value.strip().lower(),
+            filter=_filter_document(data.get("filter"), f"{where}.filter"),
+            category=normalize_category(data.get("category"), f"{where}.category"),
+            category_given="category" in data,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"companyId": self.company_id, "filter": dict(self.filter)}
+        if self.category_given:
+            out["category"] = self.category
+        return out
+
+
+def normalize_companies(value: Any) -> tuple[CompanySetting, ...] | None:
+    """The `companies` list, or None when it is null (then companyId and filter apply, as before)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValidationError(
+            "companies", "must be a non-empty list of {companyId, filter, category} or null"
+        )
+    if len(value) > MAX_COMPANIES:
+        raise ValidationError("companies", f"must list at most {MAX_COMPANIES} companies")
+    entries = tuple(CompanySetting.from_json(item, f"companies[{n}]") for n, item in enumerate(value))
+    seen: dict[str, int] = {}
+    categories: dict[str, int] = {}
+    for n, entry in enumerate(entries):
+        if entry.company_id in seen:
+            raise ValidationError(
+                f"companies[{n}].companyId", f"lists the same company as companies[{seen[entry.company_id]}]"
+            )
+        seen[entry.company_id] = n
+        if entry.category is not None:
+            key = entry.category.casefold()
+            if key in categories:
+                raise ValidationError(
+                    f"companies[{n}].category",
+                    f"is the category of companies[{categories[key]}] too; each company needs its own "
+                    "(a new Outlook contact goes to the company whose category it carries)",
+                )
+            categories[key] = n
+    return entries
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One BC company a user syncs, with its filter and category: what the planner plans for at once.
+
+    `UserSettings.scopes()` gives one per company of `companies`, or a single one from `companyId`
+    and `filter` when `companies` is absent (`listed` False: the user's settings as before issue 12).
+    `category`: the Outlook category of the company's contacts; `category_default` says it is the
+    company's display name, which only BC knows (resolved by the run when it needs it)."""
+
+    company_id: str
+    filter: dict[str, str]
+    category: str | None = None
+    category_default: bool = False
+    listed: bool = False
+
+
 @dataclass(frozen=True)
 class UserSettings:
     """One salesperson's sync setup (BEHAVIOUR §5)."""
@@ -151,6 +281,8 @@ class UserSettings:
     pull_edits_from_outlook: bool = False
     remove_from_outlook: bool = True
     sync_photos: bool = True  # BC's picture ↔ the Outlook contact's photo (BEHAVIOUR §4.6, shared/photos.py)
+    # Several BC companies (BEHAVIOUR §5.4); None: `company_id` and `filter` say the one company.
+    companies: tuple[CompanySetting, ...] | None = None
 
     JSON_FIELDS: ClassVar[dict[str, str]] = {
         "user": "user",
@@ -162,6 +294,7 @@ class UserSettings:
         "pullEditsFromOutlook": "pull_edits_from_outlook",
         "removeFromOutlook": "remove_from_outlook",
         "syncPhotos": "sync_photos",
+        "companies": "companies",
     }
 
     @classmethod
@@ -203,10 +336,38 @@ class UserSettings:
                 )
             parse_filter(filter_document)  # raises ValidationError naming the field
             kwargs["filter"] = dict(filter_document)
+        if data.get("companies") is not None:
+            clash = [name for name in ("companyId", "filter") if data.get(name) not in (None, {})]
+            if clash:
+                raise ValidationError(
+                    "companies",
+                    f"cannot be combined with {' or '.join(clash)}: give each company's filter inside "
+                    "companies, or use companyId and filter without companies",
+                )
+            kwargs["companies"] = normalize_companies(data["companies"])
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:
-        return {j: getattr(self, a) for j, a in self.JSON_FIELDS.items()}
+        out = {j: getattr(self, a) for j, a in self.JSON_FIELDS.items()}
+        out["companies"] = None if self.companies is None else [c.to_json() for c in self.companies]
+        return out
+
+    def scopes(self, default_company: str) -> list[Scope]:
+        """The companies this user syncs, in the order of the settings (the first takes new Outlook
+        contacts without a company's category). `default_company`: BC_COMPANY_ID, for users
+        without `companyId`."""
+        if self.companies is None:
+            return [Scope((self.company_id or default_company).lower(), dict(self.filter))]
+        return [
+            Scope(
+                c.company_id,
+                dict(c.filter),
+                c.category,
+                category_default=not c.category_given,
+                listed=True,
+            )
+            for c in self.companies
+        ]
 
 
 @dataclass
@@ -249,6 +410,9 @@ class UserState:
     # midway, and contacts it created may since have vanished from Outlook without the delta query
     # saying so (delta leaves out items created and deleted between two rounds): reconcile fully.
     writing_run: str | None = None
+    # Per company of `companies` (BEHAVIOUR §5.4): companyId → {"bcWatermark", "settingsHash"}. The
+    # fields above keep serving a user without `companies`, and the company its bare tags belong to.
+    companies: dict[str, dict[str, str]] = field(default_factory=dict)
     etag: str | None = None
 
 
@@ -309,6 +473,9 @@ class ReportItem:
     # The contact's display name, so a person reading the report recognises it (ids mean nothing to
     # them); filled in at the end of the run from the records it read (sync._name_items).
     name: str | None = None
+    # The BC company the item belongs to, by its display name, for a user with `companies`
+    # (BEHAVIOUR §5.4); absent for a user with one company.
+    company: str | None = None
 
 
 class RunStatus(StrEnum):
@@ -363,6 +530,9 @@ class RunReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value  # the plain string, as stored and answered
+        for item in data["items"]:
+            if item.get("company") is None:
+                item.pop("company", None)  # a user with one company: the report is as before
         if data.get("message") is None:
             data.pop("message", None)
         return data

@@ -58,6 +58,9 @@ class Snapshot:
     tags: dict[str, str | None] = field(default_factory=dict)  # Outlook id → BC id tag (None: untagged)
     outlook_complete: bool = False  # `outlook` holds every contact of the folder
     ctx: BcContext = DEFAULT_CONTEXT  # the tenant's fields, the company's countries and companies
+    # Why this company's contacts are no longer synced at all (its company left `companies`,
+    # BEHAVIOUR §5.4), or None: then `bc` and `bc_index` are empty and every contact leaves.
+    retired: str | None = None
 
     def gone_from_outlook(self, outlook_id: str) -> bool:
         """The Outlook contact is known to be gone: delta said so, or the whole folder was read
@@ -271,24 +274,28 @@ class _Planning:
 
 
 def plan(
-    snap: Snapshot, settings: UserSettings, contact_filter: ContactFilter, *, force: bool = False
+    snap: Snapshot, settings: UserSettings, contact_filter: ContactFilter, *, force: bool | None = False
 ) -> Plan:
     """Decide every action of the run. Deterministic: same inputs, same plan, same order.
 
     | contact                   | case (first that applies)                      | function             |
     |---------------------------|------------------------------------------------|----------------------|
-    | linked pair               | deleted in BC                                  | `_deleted_in_bc`     |
+    | linked pair               | its company left the settings                  | `_company_removed`   |
+    |                           | deleted in BC                                  | `_deleted_in_bc`     |
     |                           | unchanged in BC (not read this run)            | nothing              |
     |                           | out of scope (eligibility, filter)             | `_out_of_scope_pair` |
     |                           | gone from Outlook: adopt a stand-in / recreate | `_gone_from_outlook` |
     |                           | changed in BC, edited in Outlook, or neither   | `_pair_changed`      |
-    | unlinked Outlook contact  | tagged with a BC id                            | `_tagged`            |
+    | unlinked Outlook contact  | tagged, its company left the settings          | `_company_removed`   |
+    |                           | tagged with a BC id                            | `_tagged`            |
     |                           | not eligible                                   | skip                 |
     |                           | its email is in BC                             | `_email_match`       |
     |                           | new                                            | `_new_in_outlook`    |
     | BC contact without a pair | out of scope / to create                       | `_bc_only`           |
 
-    Then the mass-removal guard (`_mass_removal_guard`) may stop the whole plan.
+    Then the mass-removal guard (`_mass_removal_guard`) may stop the whole plan; `force=None` leaves
+    the guard to the caller, which plans several companies and guards their sum (`removal_guard`).
+    Which company's plan an Outlook contact belongs to is decided before, by `route()`.
     """
     planning = _Planning(snap, settings, contact_filter, snap.linked_bc_ids(), _bc_by_email(snap.bc_index))
     for bc_id in sorted(snap.links):
@@ -299,13 +306,16 @@ def plan(
     for bc_id in sorted(snap.bc):
         if bc_id not in planning.claimed_bc:
             planning.record(_bc_only(planning, snap.bc[bc_id]))
-    _mass_removal_guard(planning.result, snap, force)
+    if force is not None:
+        _mass_removal_guard(planning.result, snap, force)
     return planning.result
 
 
 def _linked_pair(planning: _Planning, bc_id: str, link: Link) -> Decision:
     snap = planning.snap
     planning.claimed_bc.add(bc_id)
+    if snap.retired:
+        return _company_removed(planning, bc_id, link.outlook_id, linked=True, email=link.email)
     if bc_id not in snap.bc_index:
         return _deleted_in_bc(planning, bc_id, link)
     planning.claimed_outlook.add(link.outlook_id)
@@ -318,6 +328,25 @@ def _linked_pair(planning: _Planning, bc_id: str, link: Link) -> Decision:
     if snap.gone_from_outlook(link.outlook_id):
         return _gone_from_outlook(planning, bc, link)
     return _pair_changed(planning, bc, link)
+
+
+def _company_removed(
+    planning: _Planning, bc_id: str, outlook_id: str, *, linked: bool, email: str | None
+) -> Decision:
+    """A contact of a company the user no longer syncs (BEHAVIOUR §5.4): it leaves the folder like a
+    contact that left the filter, under the same mass-removal guard."""
+    reason = planning.snap.retired or "its company is no longer synced"
+    return _stop_syncing(
+        planning.settings,
+        bc_id,
+        outlook_id,
+        linked=linked,
+        gone=linked and planning.snap.gone_from_outlook(outlook_id),
+        gone_reason=reason,
+        delete_reason=f"no longer synced: {reason}",
+        kept_reason=f"{reason}; removeFromOutlook is off",
+        email=email,
+    )
 
 
 def _deleted_in_bc(planning: _Planning, bc_id: str, link: Link) -> Decision:
@@ -449,6 +478,8 @@ def _tagged(planning: _Planning, outlook_id: str, outlook: dict[str, Any], tag: 
     snap = planning.snap
     email = outlook_email(outlook)
     planning.claimed_outlook.add(outlook_id)
+    if snap.retired:
+        return _company_removed(planning, tag, outlook_id, linked=False, email=email)
     if tag in planning.claimed_bc:
         # Another Outlook contact already stands for this BC contact: this one is a duplicate.
         reason = "duplicate of a contact already synced from Business Central"
@@ -650,13 +681,54 @@ def _stand_in(planning: _Planning, bc_id: str, email: str | None) -> str | None:
 
 def _mass_removal_guard(result: Plan, snap: Snapshot, force: bool) -> None:
     """Refuse a run that would empty much of the folder at once (a wrong filter, a wrong company)."""
-    deletions = result.count(ActionKind.DELETE_OUTLOOK)
-    linked = len(snap.links)
-    if not force and deletions > SAFETY_MIN and deletions * 2 > linked:
-        result.safety_stop = (
+    if not force:
+        result.safety_stop = removal_guard(result.count(ActionKind.DELETE_OUTLOOK), len(snap.links))
+
+
+def removal_guard(deletions: int, linked: int) -> str | None:
+    """Why a run removing `deletions` of the user's `linked` synced contacts must stop, or None: more
+    than SAFETY_MIN and more than half. One rule for one company or the sum of several."""
+    if deletions > SAFETY_MIN and deletions * 2 > linked:
+        return (
             f"this run would remove {deletions} of {linked} synced contacts from Outlook; "
             "nothing was changed. Check the filter and company, then run again with force to proceed."
         )
+    return None
+
+
+# Which company an Outlook contact belongs to ---------------------------------------------------------
+
+
+def route(
+    *,
+    linked_to: str | None,
+    tag_company: str | None,
+    tagged: bool,
+    categories: list[str] | None,
+    scopes: list[tuple[str, str | None]],
+    home: str,
+) -> str:
+    """The company whose plan decides an Outlook contact (BEHAVIOUR §5.4), first rule that applies:
+
+    | contact                                   | company                                     |
+    |-------------------------------------------|---------------------------------------------|
+    | linked                                    | the company of its link                     |
+    | tagged with a BC id                       | the company its tag names (bare: home)      |
+    | carries the category of a synced company  | that company (the first, in settings order) |
+    | anything else (a new contact)             | the first company of the settings           |
+
+    `scopes`: (company id, category or None) in settings order; `home`: the company bare tags and
+    links belong to. A returned company need not be among `scopes` (its company left the settings).
+    """
+    if linked_to is not None:
+        return linked_to
+    if tagged:
+        return tag_company or home
+    carried = {str(c).strip().casefold() for c in categories or [] if str(c).strip()}
+    for company, category in scopes:
+        if category is not None and category.casefold() in carried:
+            return company
+    return scopes[0][0]
 
 
 # After a BC write ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = api.SIGNED_IN_ROUTE
 RUNS_LISTED = 20
-_ADMIN_ONLY_FIELDS = ("enabled", "companyId")
+_ADMIN_ONLY_FIELDS = ("enabled", "companyId", "companies")
 
 _validators: dict[tuple[str, str, str, str], TokenValidator] = {}
 _validators_lock = threading.Lock()
@@ -207,12 +207,15 @@ def _users(req: func.HttpRequest, principal: Principal, parts: list[str]) -> fun
 
 
 def _person_settings_body(req: func.HttpRequest, user: str, creating: bool) -> bytes:
-    """A person's PUT keeps the admin's switches (`enabled`, `companyId`) as they are."""
+    """A person's PUT keeps the admin's switches (`enabled`, `companyId`, `companies`) as they are:
+    which BC companies a person reads is the admin's decision (BEHAVIOUR §7.7)."""
     data = api._body(req)
     if not isinstance(data, dict):
         raise api.ErrorAnswer(400, "InvalidInput", "the body must be a JSON object")
     current = None if creating else get_services().store.get_settings(user)
-    stored = current.to_json() if current is not None else {"enabled": True, "companyId": None}
+    stored = (
+        current.to_json() if current is not None else {"enabled": True, "companyId": None, "companies": None}
+    )
     for name in _ADMIN_ONLY_FIELDS:
         if name in data and data[name] != stored.get(name):
             raise Forbidden(f"{name} is set by an admin ({ADMIN_ROLE}); leave it out or unchanged")

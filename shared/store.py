@@ -87,6 +87,8 @@ _STATE_COLUMNS = {
     "last_status": "lastStatus",
     "writing_run": "writingRun",
 }
+# Per company of `companies` (BEHAVIOUR §5.4): {companyId: {"bcWatermark", "settingsHash"}}, as JSON.
+_COMPANIES_COLUMN = "companies"
 _LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email", "photo", "photoStamp", "photoEtag"]
 
 T = TypeVar("T")
@@ -268,7 +270,8 @@ def _settings_entity(settings: UserSettings) -> dict[str, Any]:
     for name, value in settings.to_json().items():
         if name == "user" or value is None:
             continue
-        entity[name] = json.dumps(value, ensure_ascii=False, sort_keys=True) if name == "filter" else value
+        json_column = name in ("filter", "companies")
+        entity[name] = json.dumps(value, ensure_ascii=False, sort_keys=True) if json_column else value
     return entity
 
 
@@ -285,11 +288,12 @@ def _settings_from_entity(entity: dict[str, Any]) -> UserSettings:
         if name not in _SETTINGS_COLUMNS:
             raise ValidationError(name, f"unknown column (known: {', '.join(sorted(_SETTINGS_COLUMNS))})")
         data[name] = value
-    if "filter" in data:
-        try:
-            data["filter"] = json.loads(data["filter"]) if isinstance(data["filter"], str) else data["filter"]
-        except ValueError:
-            raise ValidationError("filter", "is not valid JSON") from None
+    for name in ("filter", "companies"):
+        if name in data:
+            try:
+                data[name] = json.loads(data[name]) if isinstance(data[name], str) else data[name]
+            except ValueError:
+                raise ValidationError(name, "is not valid JSON") from None
     settings = UserSettings.from_json(data, user=user)
     if settings.user != user:
         raise ValidationError("PartitionKey", f"must be the normalized user key {settings.user!r}")
@@ -586,7 +590,14 @@ class Store:
         if entity is None:
             return UserState(user=user)
         values = {attr: _get_text(entity, col) for attr, col in _STATE_COLUMNS.items()}
-        return UserState(user=user, etag=entity.metadata.get("etag"), **values)
+        companies_text = _get_text(entity, _COMPANIES_COLUMN)
+        try:
+            companies = json.loads(companies_text) if companies_text else {}
+        except ValueError:
+            raise MalformedRowError(
+                "State", f"read state of {user}", f"column {_COMPANIES_COLUMN} is not valid JSON"
+            ) from None
+        return UserState(user=user, etag=entity.metadata.get("etag"), companies=companies, **values)
 
     def save_state(self, state: UserState) -> UserState:
         """Writes the state only if nobody else wrote it since `state` was read (ETag condition).
@@ -600,6 +611,8 @@ class Store:
         entity: dict[str, Any] = {"PartitionKey": encode_key(state.user), "RowKey": _STATE_RK}
         for attr, col in _STATE_COLUMNS.items():
             _put_text(entity, col, getattr(state, attr))
+        if state.companies:
+            _put_text(entity, _COMPANIES_COLUMN, json.dumps(state.companies, sort_keys=True))
         client, table = self._client("State")
         operation = f"save state of {state.user}"
         with _storage_errors(table, operation):

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from shared.graph_client import (
 )
 from shared.http_client import ApiError, RequestCounter
 from shared.mapping import (
+    DEFAULT_CONTEXT,
     MAPPED_FIELDS,
     BcContext,
     CountryTable,
@@ -40,12 +41,15 @@ from shared.mapping import (
     fingerprint,
     normalize_email,
     outlook_view,
+    parse_tag,
 )
 from shared.model import (
+    ActionKind,
     Link,
     ReportItem,
     RunReport,
     RunStatus,
+    Scope,
     UserSettings,
     UserState,
     iso,
@@ -55,7 +59,18 @@ from shared.model import (
     user_hash,
     utcnow,
 )
-from shared.planner import CREATES_IN_OUTLOOK, FULL, INCREMENTAL, Needs, Plan, Snapshot, needs, plan
+from shared.planner import (
+    CREATES_IN_OUTLOOK,
+    FULL,
+    INCREMENTAL,
+    Needs,
+    Plan,
+    Snapshot,
+    needs,
+    plan,
+    removal_guard,
+    route,
+)
 
 if TYPE_CHECKING:  # the composition root builds on this module (BcReader); it is only named here
     from shared.services import Services
@@ -109,6 +124,7 @@ class BcReader:
         self._cache: dict[str, CompanyRead] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._names: tuple[float, dict[str, str]] | None = None
 
     def _company_lock(self, company_id: str) -> threading.Lock:
         with self._lock:
@@ -141,6 +157,21 @@ class BcReader:
             self._cache[company_id] = read
             return _narrow(read, since)
 
+    def company_names(self, client: BcClient) -> dict[str, str]:
+        """Company id → display name (BC's companies endpoint), shared like the contact reads: the
+        names of the companies of `companies` (report items, default categories)."""
+        with self._lock:
+            cached = self._names
+        if cached is not None and time.monotonic() - cached[0] < self.ttl:
+            return cached[1]
+        names = {
+            str(row["id"]).lower(): str(row.get("displayName") or row.get("name") or "").strip()
+            for row in client.companies()
+        }
+        with self._lock:
+            self._names = (time.monotonic(), names)
+        return names
+
     def _serves(self, cached: CompanyRead, since: str | None) -> bool:
         """A fresh read that started at or before `since` holds every change a user needs."""
         fresh = time.monotonic() - cached.read_at < self.ttl
@@ -166,19 +197,6 @@ def _narrow(read: CompanyRead, since: str | None) -> CompanyRead:
     return CompanyRead(
         read.read_at, since, contacts, read.index, read.companies, read.countries, read.pictures
     )
-
-
-def settings_hash(settings: UserSettings, company_id: str) -> str:
-    """What the links were built under; when it changes, the next run reconciles everything."""
-    scope = {
-        "company": company_id,
-        "filter": settings.filter,
-        "pullNew": settings.pull_new_from_outlook,
-        "pullEdits": settings.pull_edits_from_outlook,
-        "remove": settings.remove_from_outlook,
-        "photos": settings.sync_photos,
-    }
-    return hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _full_due(state: UserState, hours: float) -> bool:
@@ -337,6 +355,55 @@ def _failure_message(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+LINK_SEPARATOR = "|"  # a link's RowKey for a company other than the home one: "{companyId}|{bcId}"
+RETIRED_REASON = "its company is no longer in your settings"
+
+
+def split_link_key(key: str) -> tuple[str | None, str]:
+    """(company id or None for the home company, BC id) of a stored link key."""
+    company, sep, bc_id = key.partition(LINK_SEPARATOR)
+    return (company.lower(), bc_id) if sep else (None, key)
+
+
+@dataclass
+class _ScopeRun:
+    """One company's part of a user's run (BEHAVIOUR §5.4): its settings, what was read, its plan.
+
+    The home company (the user's one company before `companies`, or the first of them) keeps bare
+    link keys and bare BC-id tags, so a user synced before issue 12 needs no migration; every other
+    company's links and tags name it."""
+
+    scope: Scope
+    contact_filter: ContactFilter
+    home: bool
+    scope_hash: str
+    watermark: str | None  # None: read every contact of the company
+    retired: str | None = None  # the company left the settings: its contacts leave the folder
+    links: dict[str, Link] = field(default_factory=dict)
+    link_keys: dict[str, str] = field(default_factory=dict)  # BC id → stored RowKey, when not preferred
+    stale_keys: list[str] = field(default_factory=list)  # the other form of a link stored twice
+    company: CompanyRead | None = None
+    ctx: BcContext = field(default_factory=BcContext)
+    snapshot: Snapshot | None = None
+    result: Plan | None = None
+    outcome: Outcome | None = None
+    error: str | None = None  # the company could not be read: its contacts wait for the next run
+
+    @property
+    def company_id(self) -> str:
+        return self.scope.company_id
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.snapshot is not None
+
+    def link_key(self, bc_id: str) -> str:
+        """Where this company's link of `bc_id` is stored."""
+        if bc_id in self.link_keys:
+            return self.link_keys[bc_id]
+        return bc_id if self.home else f"{self.company_id}{LINK_SEPARATOR}{bc_id}"
+
+
 @dataclass
 class _UserRun:
     """One user's run as its steps hand it on: the inputs of step 1 and what the later steps read."""
@@ -346,21 +413,60 @@ class _UserRun:
     store: Store
     bc: BcClient
     graph: GraphClient
-    contact_filter: ContactFilter
-    company_id: str
     state: UserState
-    scope_hash: str
+    scope_hash: str  # of the whole settings: when it changes, the run reconciles fully
     mode: str
+    home: str  # the company bare tags and link keys belong to
+    listed: bool  # the settings have `companies` (report items then name their company)
+    scopes: list[_ScopeRun]  # the settings' companies in order, then companies that left them
+    reader: BcReader | None = None
+    names: dict[str, str] | None = None  # company id → display name, read when first needed
+
+    @property
+    def company_id(self) -> str:
+        """The first company (for a user without `companies`, the only one)."""
+        return self.scopes[0].company_id
+
+    def scope_of(self, company_id: str) -> _ScopeRun:
+        """The scope of a company, made (retired) on first sight when it left the settings."""
+        for scope in self.scopes:
+            if scope.company_id == company_id:
+                return scope
+        retired = _ScopeRun(
+            Scope(company_id, {}),
+            parse_filter({}),
+            home=company_id == self.home,
+            scope_hash="",
+            watermark=None,
+            retired=RETIRED_REASON,
+        )
+        retired.ctx = BcContext(tag_company=None if retired.home else company_id)
+        self.scopes.append(retired)
+        return retired
+
+    def company_names(self) -> dict[str, str]:
+        """Company id → display name from BC's companies endpoint: one request, only for a run that
+        needs a name (a default category, a report item to label)."""
+        if self.names is None:
+            reader = self.reader or BcReader(ttl=0)
+            self.names = reader.company_names(self.bc)
+        return self.names
+
+    def category_of(self, scope: _ScopeRun) -> str | None:
+        """THE category of a company's contacts (BEHAVIOUR §5.4): the setting, else the company's
+        display name; None when the setting is null. The category writer reads it from here."""
+        if scope.scope.category_default and scope.scope.listed:
+            return self.company_names().get(scope.company_id)
+        return scope.scope.category
 
 
 @dataclass
 class _BothSides:
-    """Step 2's result: the folder, its delta, the company's read and the snapshot the plan decides on."""
+    """Step 2's result: the folder, its delta, and per company the read and the snapshot."""
 
     folder_id: str | None
     delta: DeltaPage
-    company: CompanyRead
-    snapshot: Snapshot
+    folder_read: bool = False
     # Outlook ids an incremental delta reported, before unread partial items were left out: a photo
     # change shows only there (shared/photos.py).
     outlook_changed: set[str] = field(default_factory=set)
@@ -380,36 +486,87 @@ def _run(
     """Steps 2 to 5 of a run (the lease, step 1, is `run_user`'s): read both sides, plan, apply,
     then advance the watermarks and finish the report."""
     run = _start(services, settings, report, counter)
+    run.reader = reader
     sides = _read_both_sides(run, reader)
     try:
-        result = _plan(run, sides, force=force)
-        if result.safety_stop:
-            runs.stop_for_safety(report, result.safety_stop)
-            report.items.append(_safety_item(result.safety_stop))
+        safety_stop = _plan(run, sides, force=force)
+        if safety_stop:
+            runs.stop_for_safety(report, safety_stop)
+            report.items.append(_safety_item(safety_stop))
             return
         if report.dryRun:
-            _report_dry_run(report, result)
+            _report_dry_run(run)
             return
         if sides.folder_id is None:
             raise RuntimeError("no Outlook folder to sync into")
-        outcome = _apply(run, sides, sides.folder_id, result, heartbeat, checkpoint)
+        _apply(run, sides, sides.folder_id, heartbeat, checkpoint)
         if run.settings.sync_photos:
-            _sync_photos(run, sides, sides.folder_id, result, outcome)
+            for scope in _active(run):
+                if scope.result is not None and scope.outcome is not None:
+                    _sync_photos(run, scope, sides, sides.folder_id)
         checkpoint("before_watermark")
-        _finish(run, sides, sides.folder_id, outcome)
+        _finish(run, sides, sides.folder_id)
     finally:
-        _name_items(report, sides.snapshot)
+        _name_items(run)
 
 
-def _name_items(report: RunReport, snapshot: Snapshot) -> None:
+def _name_items(run: _UserRun) -> None:
     """Give each report item the contact's display name from the records this run read, so the
-    report names contacts the way a person knows them (a contact BC deleted keeps only its email)."""
-    for item in report.items:
+    report names contacts the way a person knows them (a contact BC deleted keeps only its email),
+    and, for a user with `companies`, its company by name (never by id)."""
+    snapshots = {s.company_id: s.snapshot for s in run.scopes if s.snapshot is not None}
+    for item in run.report.items:
         if item.name:
             continue
-        record = snapshot.bc.get(item.bcId or "") or snapshot.outlook.get(item.outlookId or "") or {}
-        name = str(record.get("displayName") or "").strip()
-        item.name = name or None
+        candidates = [snapshots[item.company]] if item.company in snapshots else list(snapshots.values())
+        for snapshot in candidates:
+            record = snapshot.bc.get(item.bcId or "") or snapshot.outlook.get(item.outlookId or "") or {}
+            name = str(record.get("displayName") or "").strip()
+            if name:
+                item.name = name
+                break
+    labelled = [item for item in run.report.items if item.company]
+    if labelled:
+        try:
+            names = run.company_names()
+        except Exception as exc:  # the report still lists every item; only the name is missing
+            log.info("could not read the company names: %s", redact(str(exc), run.settings.user))
+            names = {}
+        for item in labelled:
+            item.company = names.get(str(item.company)) or "a company Business Central no longer lists"
+
+
+def _label(run: _UserRun, scope: _ScopeRun, start: int) -> None:
+    """Mark the report items added since `start` as this company's (a user with `companies`)."""
+    if run.listed:
+        for item in run.report.items[start:]:
+            if item.company is None:
+                item.company = scope.company_id
+
+
+def settings_hash(settings: UserSettings, company_id: str, scope: Scope | None = None) -> str:
+    """What the links were built under; when it changes, the next run reconciles everything.
+
+    For a company of `companies` its filter and category count; for a user without `companies`
+    the hash is what it was before issue 12, so stored state keeps working."""
+    doc: dict[str, Any] = {
+        "company": company_id,
+        "filter": settings.filter if scope is None or not scope.listed else scope.filter,
+        "pullNew": settings.pull_new_from_outlook,
+        "pullEdits": settings.pull_edits_from_outlook,
+        "remove": settings.remove_from_outlook,
+        "photos": settings.sync_photos,
+    }
+    if scope is not None and scope.listed:
+        doc["category"] = scope.category
+        doc["categoryDefault"] = scope.category_default
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _companies_hash(scopes: list[_ScopeRun]) -> str:
+    """The whole `companies` setup, in any order (the order only routes new Outlook contacts)."""
+    joined = json.dumps(sorted(scope.scope_hash for scope in scopes))
+    return "companies:" + hashlib.sha256(joined.encode()).hexdigest()[:32]
 
 
 def _start(
@@ -418,17 +575,29 @@ def _start(
     """What the run works with, and whether an incremental run must be a full one (BEHAVIOUR §4.4)."""
     store, config = services.store, services.config
     bc, graph = services.clients(counter)
-    contact_filter = parse_filter(settings.filter)
-    company_id = settings.company_id or config.bc_company_id
     state = store.get_state(settings.user)
-    scope_hash = settings_hash(settings, company_id)
-    mode = report.mode
-    if mode == INCREMENTAL:
-        why_full = _why_full(state, scope_hash, config.full_sync_hours)
+    listed = settings.companies is not None
+    scopes = settings.scopes(config.bc_company_id)
+    home = (state.company_id or scopes[0].company_id) if listed else scopes[0].company_id
+    scope_runs: list[_ScopeRun] = []
+    for scope in scopes:
+        scope_hash = settings_hash(settings, scope.company_id, scope)
+        if listed:
+            saved = state.companies.get(scope.company_id) or {}
+            watermark = saved.get("bcWatermark") if saved.get("settingsHash") == scope_hash else None
+        else:
+            watermark = state.bc_watermark
+        scope_runs.append(
+            _ScopeRun(scope, parse_filter(scope.filter), scope.company_id == home, scope_hash, watermark)
+        )
+    run_hash = _companies_hash(scope_runs) if listed else scope_runs[0].scope_hash
+    run = _UserRun(settings, report, store, bc, graph, state, run_hash, report.mode, home, listed, scope_runs)
+    if run.mode == INCREMENTAL:
+        why_full = _why_full(state, run_hash, config.full_sync_hours)
         if why_full:
-            mode = FULL
+            run.mode = FULL
             report.message = why_full
-    return _UserRun(settings, report, store, bc, graph, contact_filter, company_id, state, scope_hash, mode)
+    return run
 
 
 def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str | None:
@@ -448,26 +617,134 @@ def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str 
 
 
 def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
-    """The Outlook folder's delta, then Business Central (its changes, its ids), then the snapshot."""
+    """The Outlook folder's delta, then Business Central (each company's changes and ids), then each
+    company's snapshot, with the folder's contacts routed to their company (planner.route)."""
     folder_id, delta = _read_outlook(run)
     run.report.mode = run.mode
-    company, ctx = _read_bc(run, reader)
-    links = run.store.get_links(run.settings.user)
-    reported = {c["id"] for c in delta.changed} if run.mode == INCREMENTAL else set()
+    first_error: Exception | None = None
+    for scope in run.scopes:
+        try:
+            scope.company, scope.ctx = _read_bc(run, scope, reader)
+        except (ApiError, SchemaError) as exc:
+            if not run.listed:
+                raise  # one company: the run fails, as before issue 12
+            first_error = first_error or exc
+            scope.error = _failure_message(exc)
+    if first_error is not None and all(scope.error for scope in run.scopes):
+        raise first_error  # no company could be read: the run failed
+    _assign_links(run, run.store.get_links(run.settings.user))
+    sides = _BothSides(folder_id, delta)
+    sides.outlook_changed = {c["id"] for c in delta.changed} if run.mode == INCREMENTAL else set()
     if folder_id:
-        delta = _read_partial(run.graph, run.settings, folder_id, delta, links, company.contacts, ctx)
-    snapshot = Snapshot(
-        mode=run.mode,
-        bc=dict(company.contacts),
-        bc_index=company.index,
-        outlook={contact["id"]: contact for contact in delta.changed},
-        outlook_removed=set(delta.removed),
-        links=links,
-        tags=dict(delta.tags),
-        outlook_complete=run.mode == FULL,
-        ctx=ctx,
+        sides.delta = _read_partial(run, folder_id, delta)
+        if run.listed:  # one company: every contact is its, and needs() reads the tags it must know
+            _fetch_route_tags(run, folder_id, sides.delta)
+    routed = _route_contacts(run, sides.delta.changed, sides.delta.tags)
+    for scope in run.scopes:
+        if scope.error is not None:
+            continue
+        contacts = routed.get(scope.company_id, [])
+        scope.snapshot = Snapshot(
+            mode=run.mode,
+            bc=dict(scope.company.contacts) if scope.company else {},
+            bc_index=scope.company.index if scope.company else {},
+            outlook={contact["id"]: contact for contact in contacts},
+            outlook_removed=set(sides.delta.removed),
+            links=scope.links,
+            tags={
+                contact["id"]: parse_tag(sides.delta.tags[contact["id"]])[1]
+                for contact in contacts
+                if contact["id"] in sides.delta.tags
+            },
+            outlook_complete=run.mode == FULL,
+            ctx=scope.ctx,
+            retired=scope.retired,
+        )
+    return sides
+
+
+def _assign_links(run: _UserRun, links: dict[str, Link]) -> None:
+    """Each stored link to its company's scope: a bare key is the home company's, "{company}|{id}"
+    another's; a company no longer in the settings gets a retired scope. A link stored under the
+    other key form than its company now uses is moved before the run writes (`_move_links`)."""
+    for key, link in sorted(links.items()):
+        company, bc_id = split_link_key(key)
+        scope = run.scope_of(company or run.home)
+        preferred = bc_id if scope.home else f"{scope.company_id}{LINK_SEPARATOR}{bc_id}"
+        if bc_id in scope.links:
+            # The same contact under both key forms: the preferred one wins, the other is dropped.
+            if key != preferred:
+                scope.stale_keys.append(key)
+                continue
+            scope.stale_keys.append(scope.link_keys.pop(bc_id))
+        link.bc_id = bc_id
+        scope.links[bc_id] = link
+        if key != preferred:
+            scope.link_keys[bc_id] = key
+
+
+def _link_owners(run: _UserRun) -> dict[str, str]:
+    """Outlook id → company id of every link."""
+    return {link.outlook_id: scope.company_id for scope in run.scopes for link in scope.links.values()}
+
+
+def _fetch_route_tags(run: _UserRun, folder_id: str, delta: DeltaPage) -> None:
+    """The BC-id tags of the changed contacts no link knows: they say which company a contact is of."""
+    owners = _link_owners(run)
+    ids = sorted(c["id"] for c in delta.changed if c["id"] not in owners and c["id"] not in delta.tags)
+    if not ids:
+        return
+    found, missing = run.graph.get_contacts(run.settings.user, folder_id, ids)
+    changed = []
+    for contact in delta.changed:
+        cid = contact["id"]
+        if cid in missing:
+            continue
+        if cid in found:
+            contact = found[cid]
+            delta.tags[cid] = tag_of(contact)
+            contact.pop("singleValueExtendedProperties", None)
+        changed.append(contact)
+    delta.changed = changed
+    delta.removed = [*delta.removed, *(i for i in ids if i in missing and i not in delta.removed)]
+
+
+def _route_contacts(
+    run: _UserRun, contacts: Iterable[dict[str, Any]], tags: Mapping[str, str | None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Outlook contacts by the company whose plan decides them (planner.route)."""
+    contacts = list(contacts)
+    owners = _link_owners(run)
+    listed = [scope for scope in run.scopes if scope.retired is None]
+    needs_names = run.listed and any(
+        contact.get("categories") and contact["id"] not in owners and not tags.get(contact["id"])
+        for contact in contacts
     )
-    return _BothSides(folder_id, delta, company, snapshot, reported)
+    categories: list[tuple[str, str | None]] = []
+    for scope in listed:
+        category = scope.scope.category
+        if needs_names and scope.scope.category_default:
+            try:
+                category = run.category_of(scope)
+            except ApiError as exc:  # without the names, new contacts go to the first company
+                log.info("could not read the company names: %s", redact(str(exc), run.settings.user))
+                category = None
+        categories.append((scope.company_id, category))
+    routed: dict[str, list[dict[str, Any]]] = {}
+    for contact in contacts:
+        raw = tags.get(contact["id"])
+        tag_company, _ = parse_tag(raw)
+        company = route(
+            linked_to=owners.get(contact["id"]),
+            tag_company=tag_company,
+            tagged=bool(raw),
+            categories=contact.get("categories"),
+            scopes=categories,
+            home=run.home,
+        )
+        run.scope_of(company)  # a company that left the settings gets its (retired) scope
+        routed.setdefault(company, []).append(contact)
+    return routed
 
 
 def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
@@ -512,18 +789,23 @@ def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
         return folder_id, graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
 
 
-def _read_bc(run: _UserRun, reader: BcReader) -> tuple[CompanyRead, BcContext]:
-    """The company's contacts changed since the watermark (all in a full run), and its context."""
+def _read_bc(run: _UserRun, scope: _ScopeRun, reader: BcReader) -> tuple[CompanyRead | None, BcContext]:
+    """A company's contacts changed since its watermark (all in a full run), and its context. A
+    company that left the settings is not read: all its contacts leave the folder."""
+    tag_company = None if scope.home else scope.company_id
+    if scope.retired is not None:
+        return None, BcContext(tag_company=tag_company)
     since = None
-    if run.mode == INCREMENTAL and run.state.bc_watermark:
-        since = iso(parse_iso(run.state.bc_watermark) - OVERLAP)
+    if run.mode == INCREMENTAL and scope.watermark:
+        since = iso(parse_iso(scope.watermark) - OVERLAP)
     schema = run.bc.schema()
-    check_filter_fields(run.contact_filter.to_json(), schema)
-    company = reader.read(run.bc, run.company_id, since, pictures=run.settings.sync_photos)
+    check_filter_fields(scope.contact_filter.to_json(), schema)
+    company = reader.read(run.bc, scope.company_id, since, pictures=run.settings.sync_photos)
     ctx = BcContext(
         fields=frozenset(name for name in MAPPED_FIELDS if name in schema.contact_properties),
         countries=company.countries,
         companies=company.companies,
+        tag_company=tag_company,
     )
     return company, ctx
 
@@ -531,55 +813,83 @@ def _read_bc(run: _UserRun, reader: BcReader) -> tuple[CompanyRead, BcContext]:
 # Step 3: plan -------------------------------------------------------------------------------------
 
 
-def _plan(run: _UserRun, sides: _BothSides, *, force: bool) -> Plan:
-    """Fetch what the planner needs, plan, and put the skipped contacts in the report."""
-    snapshot = sides.snapshot
-    _complete(run, snapshot, sides.folder_id)
-    result = plan(snapshot, run.settings, run.contact_filter, force=force)
-    watermark = run.state.bc_watermark
-    if run.mode == INCREMENTAL and watermark:
-        # BC contacts re-read only because of the overlap window were reported by an earlier run.
-        seen = parse_iso(watermark)
-        contacts = sides.company.contacts
-        result.skipped = [
-            item
-            for item in result.skipped
-            if item.outlookId is not None
-            or item.bcId not in contacts
-            or parse_iso(contacts[item.bcId]["lastModifiedDateTime"]) > seen
-        ]
-    for item in result.skipped:
-        run.report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
-    return result
+def _active(run: _UserRun) -> list[_ScopeRun]:
+    return [scope for scope in run.scopes if scope.active]
+
+
+def _plan(run: _UserRun, sides: _BothSides, *, force: bool) -> str | None:
+    """Fetch what the planner needs, plan each company, put the skipped contacts and the companies
+    that could not be read in the report; returns why the mass-removal guard stops the run, if it does."""
+    _complete(run, sides)
+    for scope in run.scopes:
+        start = len(run.report.items)
+        if scope.error is not None:
+            run.report.add("failed", reason=f"Business Central company could not be read: {scope.error}")
+            _label(run, scope, start)
+            continue
+        snapshot = scope.snapshot
+        assert snapshot is not None
+        result = plan(snapshot, run.settings, scope.contact_filter, force=None)
+        watermark = scope.watermark
+        if run.mode == INCREMENTAL and watermark and scope.company is not None:
+            # BC contacts re-read only because of the overlap window were reported by an earlier run.
+            seen = parse_iso(watermark)
+            contacts = scope.company.contacts
+            result.skipped = [
+                item
+                for item in result.skipped
+                if item.outlookId is not None
+                or item.bcId not in contacts
+                or parse_iso(contacts[item.bcId]["lastModifiedDateTime"]) > seen
+            ]
+        for item in result.skipped:
+            run.report.add(item.action, item.bcId, item.outlookId, item.email, item.reason)
+        _label(run, scope, start)
+        scope.result = result
+    if force:
+        return None
+    planned = [scope for scope in _active(run) if scope.result is not None]
+    deletions = sum(scope.result.count(ActionKind.DELETE_OUTLOOK) for scope in planned if scope.result)
+    return removal_guard(deletions, sum(len(scope.links) for scope in planned))
 
 
 FETCH_ROUNDS = 4  # tags, then the BC/Outlook records they point at, then theirs
 
 
-def _complete(run: _UserRun, snapshot: Snapshot, folder_id: str | None) -> None:
-    """Fetch what `needs()` asks for until it asks nothing: records by id (at most FETCH_ROUNDS
-    rounds), the whole folder at most once (it leaves the snapshot complete), then records again."""
-    rounds = 0
+def _complete(run: _UserRun, sides: _BothSides) -> None:
+    """Fetch what `needs()` asks for, company by company, until no company asks anything: records by
+    id (at most FETCH_ROUNDS rounds each), the whole folder at most once (it completes every
+    company's snapshot), then records again."""
+    rounds: dict[str, int] = {}
     while True:
-        wanted = needs(snapshot, run.settings, run.contact_filter)
-        if wanted.records() and rounds < FETCH_ROUNDS:
-            _fetch_records(run, snapshot, folder_id, wanted)
-            rounds += 1
-        elif wanted.whole_folder and folder_id:
-            _read_whole_folder(run, snapshot, folder_id)
-            rounds = 0
-        else:
+        progress = False
+        for scope in _active(run):
+            assert scope.snapshot is not None
+            wanted = needs(scope.snapshot, run.settings, scope.contact_filter)
+            if wanted.records() and rounds.get(scope.company_id, 0) < FETCH_ROUNDS:
+                _fetch_records(run, scope, sides.folder_id, wanted)
+                rounds[scope.company_id] = rounds.get(scope.company_id, 0) + 1
+                progress = True
+            elif wanted.whole_folder and sides.folder_id and not sides.folder_read:
+                _read_whole_folder(run, sides, sides.folder_id)
+                rounds.clear()
+                progress = True
+        if not progress:
             return
 
 
-def _fetch_records(run: _UserRun, snapshot: Snapshot, folder_id: str | None, wanted: Needs) -> None:
+def _fetch_records(run: _UserRun, scope: _ScopeRun, folder_id: str | None, wanted: Needs) -> None:
+    snapshot = scope.snapshot
+    assert snapshot is not None
     if wanted.tags or wanted.outlook:
         ids = sorted(wanted.tags | wanted.outlook)
         found, missing = (
             run.graph.get_contacts(run.settings.user, folder_id, ids) if folder_id else ({}, set(ids))
         )
         for outlook_id in wanted.tags:
-            snapshot.tags[outlook_id] = tag_of(found[outlook_id]) if outlook_id in found else None
+            snapshot.tags[outlook_id] = (
+                parse_tag(tag_of(found[outlook_id]))[1] if outlook_id in found else None
+            )
         for outlook_id, contact in found.items():
             contact.pop("singleValueExtendedProperties", None)
             snapshot.outlook[outlook_id] = contact
@@ -588,28 +898,58 @@ def _fetch_records(run: _UserRun, snapshot: Snapshot, folder_id: str | None, wan
             snapshot.outlook_removed.add(outlook_id)
     if wanted.bc:
         for contact in run.bc.get_contacts(
-            run.company_id, sorted(wanted.bc), pictures=run.settings.sync_photos
+            scope.company_id, sorted(wanted.bc), pictures=run.settings.sync_photos
         ):
             snapshot.bc[contact["id"]] = contact
 
 
-def _read_whole_folder(run: _UserRun, snapshot: Snapshot, folder_id: str) -> None:
+def _read_whole_folder(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
     """Add every contact of the folder the delta did not show (skipped earlier, e.g. while its BC
-    contact was not synced), so a create adopts it instead of putting a duplicate next to it."""
-    for contact in run.graph.list_contacts(run.settings.user, folder_id):
-        snapshot.tags.setdefault(contact["id"], tag_of(contact))
+    contact was not synced), so a create adopts it instead of putting a duplicate next to it. Each
+    goes to its company's snapshot (planner.route), which is then complete."""
+    contacts = run.graph.list_contacts(run.settings.user, folder_id)
+    tags = {contact["id"]: tag_of(contact) for contact in contacts}
+    for contact in contacts:
         contact.pop("singleValueExtendedProperties", None)
-        snapshot.outlook.setdefault(contact["id"], contact)
-    snapshot.outlook_complete = True
-
-
-def _report_dry_run(report: RunReport, result: Plan) -> None:
-    for action in result.actions:
-        if action.report_as:
-            report.add(
-                action.report_as, action.bc_id, action.outlook_id, action.email, f"dry run: {action.reason}"
+    for company, routed in _route_contacts(run, contacts, tags).items():
+        scope = run.scope_of(company)
+        if scope.error is not None:
+            continue
+        if scope.snapshot is None:  # a company that left the settings, seen only now
+            scope.snapshot = Snapshot(
+                mode=run.mode,
+                bc={},
+                bc_index={},
+                outlook={},
+                outlook_removed=set(),
+                links=scope.links,
+                ctx=scope.ctx,
+                retired=scope.retired,
             )
-    runs.succeed(report)
+        for contact in routed:
+            scope.snapshot.tags.setdefault(contact["id"], parse_tag(tags[contact["id"]])[1])
+            scope.snapshot.outlook.setdefault(contact["id"], contact)
+    for scope in _active(run):
+        assert scope.snapshot is not None
+        scope.snapshot.outlook_complete = True
+    sides.folder_read = True
+
+
+def _report_dry_run(run: _UserRun) -> None:
+    for scope in _active(run):
+        start = len(run.report.items)
+        for action in scope.result.actions if scope.result else []:
+            if action.report_as:
+                run.report.add(
+                    action.report_as,
+                    action.bc_id,
+                    action.outlook_id,
+                    action.email,
+                    f"dry run: {action.reason}",
+                )
+        _label(run, scope, start)
+    # A company that could not be read is a `failed` item: the dry run is partial, as the run would be.
+    runs.finish(run.report, failures=any(scope.error is not None for scope in run.scopes))
 
 
 # Step 4: apply ------------------------------------------------------------------------------------
@@ -619,35 +959,61 @@ def _apply(
     run: _UserRun,
     sides: _BothSides,
     folder_id: str,
-    result: Plan,
     heartbeat: Callable[[], None],
     checkpoint: Callable[[str], None],
-) -> Outcome:
-    executor = Executor(
-        settings=run.settings,
-        contact_filter=run.contact_filter,
-        company_id=run.company_id,
-        folder_id=folder_id,
-        bc=run.bc,
-        graph=run.graph,
-        store=run.store,
-        report=run.report,
-        heartbeat=heartbeat,
-        checkpoint=checkpoint,
-        ctx=sides.snapshot.ctx,
-    )
-    if any(action.writes for action in result.actions):
+) -> None:
+    """Apply each company's plan with its own executor (its company, filter, tags and link keys)."""
+    planned = [scope for scope in _active(run) if scope.result is not None]
+    if any(action.writes for scope in planned if scope.result for action in scope.result.actions):
         # Cleared by step 5: still set next time means this run stopped midway (see UserState).
         run.state.writing_run = run.report.runId
         run.state = run.store.save_state(run.state)
-    return executor.apply(result)
+    _move_links(run, planned)
+    for scope in planned:
+        assert scope.result is not None and scope.snapshot is not None
+        executor = Executor(
+            settings=run.settings,
+            contact_filter=scope.contact_filter,
+            company_id=scope.company_id,
+            folder_id=folder_id,
+            bc=run.bc,
+            graph=run.graph,
+            store=run.store,
+            report=run.report,
+            heartbeat=heartbeat,
+            checkpoint=checkpoint,
+            ctx=scope.snapshot.ctx,
+            link_key=scope.link_key,
+        )
+        start = len(run.report.items)
+        try:
+            scope.outcome = executor.apply(scope.result)
+        finally:
+            _label(run, scope, start)
 
 
-def _sync_photos(run: _UserRun, sides: _BothSides, folder_id: str, result: Plan, outcome: Outcome) -> None:
-    """Step 4b (syncPhotos): the pictures that changed, after the contact writes (shared/photos.py).
-    Its echoes and holds join the contact writes' for step 5."""
+def _move_links(run: _UserRun, planned: list[_ScopeRun]) -> None:
+    """Links stored under another key form than their company now uses (the home company changed
+    when a user went from `companies` back to one company): stored again under the preferred key."""
+    for scope in planned:
+        if scope.retired is not None or not (scope.link_keys or scope.stale_keys):
+            continue
+        old = dict(scope.link_keys)
+        scope.link_keys.clear()
+        moved = [replace(link, bc_id=scope.link_key(b)) for b, link in scope.links.items() if b in old]
+        if moved:
+            run.store.upsert_links(run.settings.user, moved)
+        run.store.delete_links(run.settings.user, [*old.values(), *scope.stale_keys])
+        scope.stale_keys.clear()
+
+
+def _sync_photos(run: _UserRun, scope: _ScopeRun, sides: _BothSides, folder_id: str) -> None:
+    """Step 4b (syncPhotos): one company's pictures that changed, after the contact writes
+    (shared/photos.py). Its echoes and holds join the contact writes' for step 5."""
+    result, outcome, snapshot = scope.result, scope.outcome, scope.snapshot
+    assert result is not None and outcome is not None and snapshot is not None
     # The links as the contact writes left them (the snapshot's when the plan wrote none).
-    links_now = run.store.get_links(run.settings.user) if result.actions else sides.snapshot.links
+    links_now = _scope_links(run, scope) if result.actions else snapshot.links
     created = {
         links_now[action.bc_id].outlook_id
         for action in result.actions
@@ -656,19 +1022,23 @@ def _sync_photos(run: _UserRun, sides: _BothSides, folder_id: str, result: Plan,
     step = photos.PhotoRun(
         user=run.settings.user,
         folder_id=folder_id,
-        company_id=run.company_id,
+        company_id=scope.company_id,
         bc=run.bc,
         graph=run.graph,
         report=run.report,
-        links_before=sides.snapshot.links,
+        links_before=snapshot.links,
         links_now=links_now,
-        bc_records=sides.snapshot.bc,
+        bc_records=snapshot.bc,
         outlook_changed=sides.outlook_changed,
         outlook_created=created,
     )
-    done = photos.sync_photos(step)
+    start = len(run.report.items)
+    try:
+        done = photos.sync_photos(step)
+    finally:
+        _label(run, scope, start)
     changed = [
-        link
+        replace(link, bc_id=scope.link_key(link.bc_id))
         for link in done.links.values()
         if photos.state_of(link) != photos.state_of(links_now[link.bc_id])
     ]
@@ -682,28 +1052,68 @@ def _sync_photos(run: _UserRun, sides: _BothSides, folder_id: str, result: Plan,
     outcome.hold_delta = outcome.hold_delta or done.hold_delta
 
 
+def _scope_links(run: _UserRun, scope: _ScopeRun) -> dict[str, Link]:
+    """One company's stored links by BC id, as the executor left them."""
+    links: dict[str, Link] = {}
+    for key, link in run.store.get_links(run.settings.user).items():
+        company, bc_id = split_link_key(key)
+        if (company or run.home) == scope.company_id:
+            link.bc_id = bc_id
+            links[bc_id] = link
+    return links
+
+
 # Step 5: watermarks and report ---------------------------------------------------------------------
 
 
-def _finish(run: _UserRun, sides: _BothSides, folder_id: str, outcome: Outcome) -> None:
-    """Advance the watermarks only past what was written (BEHAVIOUR §4.3.4), then finish the report."""
+def _finish(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
+    """Advance the watermarks only past what was written (BEHAVIOUR §4.3.4), each company's its own,
+    then finish the report. A company that could not be read holds the delta link, so the Outlook
+    changes of its contacts come again next run."""
     state, report = run.state, run.report
-    state.bc_watermark = _next_bc_watermark(state.bc_watermark, sides.company.contacts, outcome)
-    if not outcome.hold_delta and sides.delta.delta_link:
+    done = [scope for scope in _active(run) if scope.outcome is not None]
+    outcomes = [(scope.outcome, scope.ctx) for scope in done if scope.outcome is not None]
+    failed_company = any(scope.error is not None for scope in run.scopes)
+    hold_delta = failed_company or any(outcome.hold_delta for outcome, _ in outcomes)
+    if not hold_delta and sides.delta.delta_link:
         state.delta_link = _settled_delta_link(
-            run.graph, run.settings.user, folder_id, sides.delta.delta_link, outcome, sides.snapshot.ctx
+            run.graph, run.settings.user, folder_id, sides.delta.delta_link, outcomes
         )
+    if run.listed:
+        companies: dict[str, dict[str, str]] = {}
+        for scope in run.scopes:
+            if scope.retired is not None:
+                continue
+            saved = state.companies.get(scope.company_id) or {}
+            entry = {"settingsHash": scope.scope_hash}
+            if scope.outcome is not None and scope.company is not None:
+                entry["bcWatermark"] = _next_bc_watermark(
+                    scope.watermark, scope.company.contacts, scope.outcome
+                )
+            elif saved.get("settingsHash") == scope.scope_hash and saved.get("bcWatermark"):
+                entry["bcWatermark"] = saved["bcWatermark"]
+            companies[scope.company_id] = entry
+        state.companies = companies
+        # The run-level watermark says "this user has synced"; each company's own is in `companies`.
+        marks = [entry["bcWatermark"] for entry in companies.values() if "bcWatermark" in entry]
+        state.bc_watermark = min(marks) if marks else state.bc_watermark
+    else:
+        scope = run.scopes[0]
+        assert scope.company is not None and scope.outcome is not None
+        state.bc_watermark = _next_bc_watermark(state.bc_watermark, scope.company.contacts, scope.outcome)
+        state.companies = {}
     state.folder_id = folder_id
     state.folder_name = run.settings.folder_name
-    state.company_id = run.company_id
+    state.company_id = run.home
     state.settings_hash = run.scope_hash
     if run.mode == FULL:
         state.last_full_sync = report.startedAt
     state.last_run_id = report.runId
     state.writing_run = None
-    state.last_status = RunStatus.PARTIAL if outcome.failures else RunStatus.SUCCEEDED
+    failures = failed_company or any(outcome.failures for outcome, _ in outcomes)
+    state.last_status = RunStatus.PARTIAL if failures else RunStatus.SUCCEEDED
     run.store.save_state(state)  # before the report says so: if this fails, the run failed
-    runs.finish(report, failures=bool(outcome.failures))
+    runs.finish(report, failures=failures)
 
 
 def _next_bc_watermark(current: str | None, contacts: dict[str, dict[str, Any]], outcome: Outcome) -> str:
@@ -720,36 +1130,38 @@ def _next_bc_watermark(current: str | None, contacts: dict[str, dict[str, Any]],
     return watermark
 
 
-def _read_partial(
-    graph: GraphClient,
-    settings: UserSettings,
-    folder_id: str,
-    delta: DeltaPage,
-    links: dict[str, Link],
-    bc_changed: dict[str, dict[str, Any]],
-    ctx: BcContext,
-) -> DeltaPage:
+def _read_partial(run: _UserRun, folder_id: str, delta: DeltaPage) -> DeltaPage:
     """Read whole the updated contacts that delta gave as their id and changed properties only.
 
     Never taken as the whole contact (that would blank BC fields and lose Outlook-only values such as
     a second email). One exception needs no read: a synced contact edited in Outlook while its BC
     record is unchanged (its view still hashes as the link says) and Outlook edits are not pulled: the
-    plan ignores such an edit, so the item is left out unread.
+    plan ignores such an edit, so the item is left out unread. Each contact is judged by the link,
+    BC record and context of its own company.
     """
-    if not settings.pull_edits_from_outlook:
-        by_outlook = {link.outlook_id: bc_id for bc_id, link in links.items()}
+    if not run.settings.pull_edits_from_outlook:
+        by_outlook = {
+            link.outlook_id: (scope, bc_id)
+            for scope in run.scopes
+            if scope.error is None and scope.retired is None and scope.company is not None
+            for bc_id, link in scope.links.items()
+        }
 
         def ignored(contact: dict[str, Any]) -> bool:
-            bc_id = by_outlook.get(contact["id"])
-            if bc_id is None or not links[bc_id].outlook_hash:
+            found = by_outlook.get(contact["id"])
+            if found is None:
                 return False
-            bc = bc_changed.get(bc_id)  # also BC records re-read only for the overlap window
-            return bc is None or fingerprint(bc_view(bc, ctx)) == links[bc_id].bc_hash
+            scope, bc_id = found
+            link = scope.links[bc_id]
+            if not link.outlook_hash or scope.company is None:
+                return False
+            bc = scope.company.contacts.get(bc_id)  # also BC records re-read only for the overlap window
+            return bc is None or fingerprint(bc_view(bc, scope.ctx)) == link.bc_hash
 
         delta.changed = [
             contact for contact in delta.changed if not (is_partial(contact) and ignored(contact))
         ]
-    return graph.fill_partial(settings.user, folder_id, delta)
+    return run.graph.fill_partial(run.settings.user, folder_id, delta)
 
 
 def check_filter_fields(filter_spec: dict[str, str], schema: BcSchema) -> None:
@@ -769,7 +1181,11 @@ def check_filter_fields(filter_spec: dict[str, str], schema: BcSchema) -> None:
 
 
 def _settled_delta_link(
-    graph: GraphClient, user: str, folder_id: str, delta_link: str, outcome: Outcome, ctx: BcContext
+    graph: GraphClient,
+    user: str,
+    folder_id: str,
+    delta_link: str,
+    outcomes: list[tuple[Outcome, BcContext]],
 ) -> str:
     """The delta link to store: past this run's own writes when nothing else happened meanwhile.
 
@@ -777,23 +1193,31 @@ def _settled_delta_link(
     next time, and a contact we created that the user then deletes would never show up as removed
     (delta leaves out items created and deleted between two rounds). So read one more round: if it
     holds only our own writes, store its link; if the user changed something meanwhile, keep the
-    start link so the next run sees that change (and our echoes, which it recognises).
+    start link so the next run sees that change (and our echoes, which it recognises). `outcomes`:
+    each company's, with the context its writes were fingerprinted in.
     """
-    if not outcome.written and not outcome.deleted:
+    written = {oid: (fp, ctx) for outcome, ctx in outcomes for oid, fp in outcome.written.items()}
+    photos_written = {oid for outcome, _ in outcomes for oid in outcome.photos_written}
+    deleted = {oid for outcome, _ in outcomes for oid in outcome.deleted}
+    if not written and not deleted:
         return delta_link
     try:
         after = graph.delta(user, folder_id, delta_link)
         # A photo this run set comes back as the bare id of the contact: our own echo, no read needed.
-        after.changed = [c for c in after.changed if not (c["id"] in outcome.photos_written and _bare(c))]
+        after.changed = [c for c in after.changed if not (c["id"] in photos_written and _bare(c))]
         # Our own updates come back partial (id + what we changed): read those whole to compare.
         after = graph.fill_partial(user, folder_id, after)
     except (DeltaExpired, FolderGone, ApiError) as exc:
         log.info("could not settle the delta link (%s); keeping the start link", redact(str(exc), user))
         return delta_link
-    own = all(
-        outcome.written.get(contact["id"]) == fingerprint(outlook_view(contact, ctx))
-        for contact in after.changed
-    ) and all(outlook_id in outcome.deleted for outlook_id in after.removed)
+
+    def own_write(contact: dict[str, Any]) -> bool:
+        fp, ctx = written.get(contact["id"], (None, DEFAULT_CONTEXT))
+        return fp is not None and fp == fingerprint(outlook_view(contact, ctx))
+
+    own = all(own_write(contact) for contact in after.changed) and all(
+        outlook_id in deleted for outlook_id in after.removed
+    )
     return after.delta_link if own and after.delta_link else delta_link
 
 
@@ -880,18 +1304,19 @@ def run_users(
 
 
 def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mode: str) -> None:
-    """Read each company once from the earliest watermark among its users."""
+    """Read each company once from the earliest watermark among its users (every company of a user
+    with `companies`, each from that company's own watermark)."""
     by_company: dict[str, list[str | None]] = {}
     pictures: set[str] = set()  # companies with a user who syncs photos: their read carries pictures
     for settings in users:
-        company = settings.company_id or services.config.bc_company_id
         state = services.store.get_state(settings.user)
-        since = None
-        if mode == INCREMENTAL and state.bc_watermark and state.delta_link:
-            since = iso(parse_iso(state.bc_watermark) - OVERLAP)
-        by_company.setdefault(company, []).append(since)
-        if settings.sync_photos:
-            pictures.add(company)
+        for company, watermark in company_watermarks(settings, state, services.config.bc_company_id).items():
+            since = None
+            if mode == INCREMENTAL and watermark and state.delta_link:
+                since = iso(parse_iso(watermark) - OVERLAP)
+            by_company.setdefault(company, []).append(since)
+            if settings.sync_photos:
+                pictures.add(company)
     bc, _ = services.clients(RequestCounter())
     for company, starts in by_company.items():
         known = [start for start in starts if start is not None]
@@ -900,3 +1325,18 @@ def _prewarm(services: Services, reader: BcReader, users: list[UserSettings], mo
             reader.read(bc, company, earliest, pictures=company in pictures)
         except ApiError as exc:  # each user's run reports it
             log.warning("could not read company %s: %s", company, exc)
+
+
+def company_watermarks(
+    settings: UserSettings, state: UserState, default_company: str
+) -> dict[str, str | None]:
+    """Each company a user syncs → its BC watermark (None: the next run reads it whole). For the
+    change poll and the prewarm, which ask or read each company once for all its users."""
+    marks: dict[str, str | None] = {}
+    for scope in settings.scopes(default_company):
+        if settings.companies is None:
+            marks[scope.company_id] = state.bc_watermark
+        else:
+            saved = state.companies.get(scope.company_id) or {}
+            marks[scope.company_id] = saved.get("bcWatermark")
+    return marks

@@ -60,7 +60,7 @@ class Check:
 
 def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
     config = services.config
-    company_id = settings.company_id or config.bc_company_id
+    company_ids = [scope.company_id for scope in settings.scopes(config.bc_company_id)]
     bc, graph = services.clients(RequestCounter())
     checks: list[Check] = []
 
@@ -78,14 +78,7 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
     bc_token = token("bcToken", BC_SCOPE)
     graph_token = token("graphToken", GRAPH_SCOPE)
     if bc_token:
-        try:
-            company = bc.company(company_id)
-            bc.list_contacts(company_id, select=("id",))  # proves read access to contacts too
-            checks.append(
-                Check("bcCompany", True, f"ok: {company.get('displayName') or company.get('name')}")
-            )
-        except ApiError as exc:
-            checks.append(Check("bcCompany", False, _bc_hint(exc, company_id)))
+        checks.append(_companies_check(bc, company_ids))
         try:
             checks.append(_fields_check(bc.schema(), settings))
         except (ApiError, SchemaError) as exc:
@@ -115,11 +108,31 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
     return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
 
 
+def _companies_check(bc: Any, company_ids: list[str]) -> Check:
+    """Each company the user syncs (one, or every company of `companies`): found, and its contacts
+    readable. One check, ok only when every company is; the message names each by its name."""
+    oks: list[str] = []
+    problems: list[str] = []
+    for company_id in company_ids:
+        try:
+            company = bc.company(company_id)
+            bc.list_contacts(company_id, select=("id",))  # proves read access to contacts too
+            oks.append(str(company.get("displayName") or company.get("name")))
+        except ApiError as exc:
+            which = f"Company {company_id}: " if len(company_ids) > 1 else ""  # its name is unreadable
+            problems.append(which + _bc_hint(exc, company_id))
+    if problems:
+        return Check("bcCompany", False, " ".join(problems))
+    return Check("bcCompany", True, f"ok: {', '.join(oks)}")
+
+
 def _fields_check(schema: BcSchema, settings: UserSettings) -> Check:
     """Which synced fields this BC version's contacts API lacks (from `$metadata`). Missing fields
     are simply not synced; a filter on one cannot work, so that fails the check."""
     missing = schema.missing
-    in_filter = [name for name in (settings.filter or {}) if name not in schema.contact_properties]
+    filters = [scope.filter for scope in settings.scopes("")]
+    used = dict.fromkeys(name for spec in filters for name in spec)
+    in_filter = [name for name in used if name not in schema.contact_properties]
     if in_filter:
         names = ", ".join(in_filter)
         return Check(

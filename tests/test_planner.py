@@ -28,6 +28,8 @@ from shared.planner import (
     after_bc_write,
     needs,
     plan,
+    removal_guard,
+    route,
 )
 
 USER = UserSettings(user="alice@contoso.example")
@@ -82,6 +84,7 @@ class Sides:
     unknown_tags: set[str] = field(default_factory=set)  # contacts whose tag was not read yet
     mode: str = INCREMENTAL
     complete: bool | None = None  # default: a full run has read the whole folder
+    retired: str | None = None  # the company left the settings (BEHAVIOUR §5.4)
 
     def snapshot(self) -> Snapshot:
         tags: dict[str, str | None] = {c["id"]: None for c in self.contacts}
@@ -97,6 +100,7 @@ class Sides:
             links={item.bc_id: item for item in self.links},
             tags=tags,
             outlook_complete=self.mode == FULL if self.complete is None else self.complete,
+            retired=self.retired,
         )
 
 
@@ -117,6 +121,7 @@ BOB = bc("b2", "Bob Baker", "bob@example.com")
 NEW_IN_OUTLOOK = outlook("o9", bc("n", "Nia New", "nia@example.com"))
 NO_MAIL = outlook("o8", bc("n", "Nemo Nomail", "x@example.com"), emailAddresses=[])
 
+GONE = "its company is no longer in your settings"
 Row = tuple[Sides, UserSettings, ContactFilter, list[tuple[str, str | None, str | None, str]]]
 
 # fmt: off
@@ -184,7 +189,22 @@ PLAN_CASES: dict[str, Row] = {
     "linked/in step: nothing": (
         Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK], mode=FULL), USER, EVERYONE,
         []),
+    "linked/its company left the settings: removed from Outlook": (
+        Sides(contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK], retired=GONE), USER, EVERYONE,
+        [("delete_outlook", "b1", "o1", f"no longer synced: {GONE}")]),
+    "linked/its company left the settings, removeFromOutlook off: unlinked, left in Outlook": (
+        Sides(contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK], retired=GONE), NO_REMOVE, EVERYONE,
+        [("unlink", "b1", "o1", f"{GONE}; removeFromOutlook is off")]),
+    "linked/its company left the settings, gone from Outlook: unlinked": (
+        Sides(removed={"o1"}, links=[ADA_LINK], retired=GONE), USER, EVERYONE,
+        [("unlink", "b1", "o1", GONE)]),
     # Unlinked Outlook contact ----------------------------------------------------------------------
+    "unlinked/tagged, its company left the settings: removed": (
+        Sides(contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}, retired=GONE), USER, EVERYONE,
+        [("delete_outlook", "b1", "o1", f"no longer synced: {GONE}")]),
+    "unlinked/tagged, its company left the settings, removeFromOutlook off: skipped": (
+        Sides(contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}, retired=GONE), NO_REMOVE, EVERYONE,
+        [("skipped", "b1", "o1", f"{GONE}; removeFromOutlook is off")]),
     "unlinked/tagged: adopted": (
         Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], tags={"o1": "b1"}), USER, EVERYONE,
         [("link", "b1", "o1", "found by its Business Central id tag")]),
@@ -469,3 +489,46 @@ def test_report_counts_keep_their_keys_and_order() -> None:
         "failed",
     )
     assert ACTIONS[:6] == WRITE_ACTIONS
+
+
+# Which company's plan an Outlook contact goes to (BEHAVIOUR §5.4) -----------------------------------
+SCOPES = [("c1", "Cronus"), ("c2", "Fabrikam"), ("c3", None)]
+# fmt: off
+ROUTE_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "linked: the company of its link, whatever it carries": (
+        {"linked_to": "c3", "tag_company": "c2", "tagged": True, "categories": ["Fabrikam"]}, "c3"),
+    "tagged with a company: that company": (
+        {"linked_to": None, "tag_company": "c2", "tagged": True, "categories": ["Cronus"]}, "c2"),
+    "tagged with a bare BC id: the home company": (
+        {"linked_to": None, "tag_company": None, "tagged": True, "categories": ["Fabrikam"]}, "home"),
+    "tagged with a company no longer listed: that company (its contacts leave)": (
+        {"linked_to": None, "tag_company": "c9", "tagged": True, "categories": []}, "c9"),
+    "new, with a company's category: that company": (
+        {"linked_to": None, "tag_company": None, "tagged": False, "categories": ["Other", " fabrikam "]}, "c2"),
+    "new, with two companies' categories: the first in settings order": (
+        {"linked_to": None, "tag_company": None, "tagged": False, "categories": ["Fabrikam", "Cronus"]}, "c1"),
+    "new, without a company's category: the first company": (
+        {"linked_to": None, "tag_company": None, "tagged": False, "categories": ["Private"]}, "c1"),
+    "new, no categories at all: the first company": (
+        {"linked_to": None, "tag_company": None, "tagged": False, "categories": None}, "c1"),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("contact, company", ROUTE_CASES.values(), ids=ROUTE_CASES)
+def test_route_decides_each_case_of_its_table(contact: dict[str, Any], company: str) -> None:
+    assert route(**contact, scopes=SCOPES, home="home") == company
+
+
+@pytest.mark.parametrize(
+    ("deletions", "linked", "stopped"),
+    [
+        (SAFETY_MIN, SAFETY_MIN, False),
+        (SAFETY_MIN + 1, 2 * SAFETY_MIN + 2, False),
+        (SAFETY_MIN + 1, 2 * SAFETY_MIN + 1, True),
+    ],
+)
+def test_the_removal_guard_is_one_rule_for_one_company_or_the_sum_of_several(
+    deletions: int, linked: int, stopped: bool
+) -> None:
+    assert (removal_guard(deletions, linked) is not None) == stopped
