@@ -24,6 +24,7 @@ from typing import Any
 import azure.functions as func
 
 from shared.bc_client import BcClient
+from shared.bc_webhooks import upkeep
 from shared.http_client import RequestCounter
 from shared.jobs import Job
 from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash, utcnow
@@ -47,6 +48,7 @@ class PollTick:
     failed: int = 0
     queued: int = 0
     coalesced: int = 0
+    webhooks: int = 0  # companies not asked: their BC contacts webhook subscription is live
     messages: list[str] = field(default_factory=list)
 
 
@@ -64,7 +66,7 @@ def _watermarks(services: Services, users: list[UserSettings]) -> dict[str, str]
     return {user: mark for user, mark in marks.items() if mark}
 
 
-def _queue(services: Services, users: list[str], tick: PollTick) -> None:
+def _queue(services: Services, users: list[str], tick: PollTick, reason: str = "poll") -> None:
     """One incremental job per user, unless the user's previous poll job has not finished yet."""
     now = utcnow()
     for user in users:
@@ -74,8 +76,17 @@ def _queue(services: Services, users: list[str], tick: PollTick) -> None:
             continue
         run_id = uuid.uuid4().hex
         services.store.set_change_poll_mark(user, run_id, now)
-        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, "poll").to_message())
+        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, reason).to_message())
         tick.queued += 1
+
+
+def wake(services: Services, users: list[str], reason: str) -> PollTick:
+    """Queue coalesced incremental runs for `users` through the poll's mark (one pending job per user,
+    one follow-up for a run in progress). The public door for other hints that BC changed, such as a
+    webhook notification (BEHAVIOUR §8.2); the returned tick's `messages` go to the jobs queue."""
+    tick = PollTick()
+    _queue(services, users, tick, reason)
+    return tick
 
 
 def _ask(services: Services, bc: BcClient, company: str, users: list[UserSettings], tick: PollTick) -> None:
@@ -111,8 +122,14 @@ def poll(timer: Any, jobs: func.Out[list[str]]) -> PollTick:
     tick = PollTick()
     counter = RequestCounter()
     bc, _graph = services.clients(counter)
-    for company, members in sorted(_by_company(services, users).items()):
+    groups = _by_company(services, users)
+    # Webhook upkeep first: a company whose contacts webhook is live is not asked (BEHAVIOUR §8.2).
+    subscribed = upkeep(services, bc, set(groups))
+    for company, members in sorted(groups.items()):
         tick.companies += 1
+        if company in subscribed:
+            tick.webhooks += 1
+            continue
         _ask(services, bc, company, members, tick)
     jobs.set(tick.messages)
     summary = {k: v for k, v in tick.__dict__.items() if k != "messages"}
