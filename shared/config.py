@@ -164,18 +164,8 @@ class Config:
             _TABLE_PREFIX.match,
             "must start with a letter and hold only letters and digits",
         )
-        schedule = read.matching(
-            "SYNC_SCHEDULE",
-            _NCRONTAB.match,
-            "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
-        )
-        change_poll = read.matching(
-            "SYNC_CHANGE_POLL_SCHEDULE",
-            _NCRONTAB.match,
-            "must be an NCRONTAB expression with six fields, e.g. 0 * * * * * (every minute)",
-        )
-        public_url = _public_url(read.optional("SYNC_PUBLIC_URL"))
-        bc_webhooks = _flag("SYNC_BC_WEBHOOKS", read.value("SYNC_BC_WEBHOOKS"))
+        schedule, change_poll = _schedules(read)
+        public_url, bc_webhooks = _notification_settings(read)
         poll_key = _poll_token_key(read)
         return cls(
             tenant_id=tenant,
@@ -308,6 +298,28 @@ def _audience(value: str | None, client_id: str) -> str:
         return value
     raise ConfigError(
         "SYNC_API_AUDIENCE", "must be the app's client id (GUID) or its Application ID URI (api://…)"
+    )
+
+
+def _schedules(read: _Reader) -> tuple[str, str]:
+    """(SYNC_SCHEDULE, SYNC_CHANGE_POLL_SCHEDULE), each six-field NCRONTAB as the host reads it."""
+    schedule = read.matching(
+        "SYNC_SCHEDULE",
+        _NCRONTAB.match,
+        "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
+    )
+    change_poll = read.matching(
+        "SYNC_CHANGE_POLL_SCHEDULE",
+        _NCRONTAB.match,
+        "must be an NCRONTAB expression with six fields, e.g. 0 * * * * * (every minute)",
+    )
+    return schedule, change_poll
+
+
+def _notification_settings(read: _Reader) -> tuple[str | None, bool]:
+    """(SYNC_PUBLIC_URL, SYNC_BC_WEBHOOKS): where BC sends webhook notifications, and whether to subscribe."""
+    return _public_url(read.optional("SYNC_PUBLIC_URL")), _flag(
+        "SYNC_BC_WEBHOOKS", read.value("SYNC_BC_WEBHOOKS")
     )
 
 
