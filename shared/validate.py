@@ -90,9 +90,11 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
             checks.append(_fields_check(bc.schema(), settings))
         except (ApiError, SchemaError) as exc:
             checks.append(Check("bcFields", False, str(exc)))
+        checks.append(_webhooks_check(services, bc, company_id.lower()))
     else:
         checks.append(Check("bcCompany", False, "not checked: no Business Central token"))
         checks.append(Check("bcFields", False, "not checked: no Business Central token"))
+        checks.append(Check("bcWebhooks", True, "not checked: no Business Central token"))
     if graph_token:
         try:
             graph.get_user(settings.user)
@@ -113,6 +115,37 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check("mailbox", False, "not checked: no Graph token"))
         checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
     return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def _webhooks_check(services: Any, bc: Any, company_id: str) -> Check:
+    """Whether the company's contacts can be subscribed to and whether the app's subscription is live
+    (BEHAVIOUR §8.2). Informational: without webhooks the change poll does the job, so it never fails."""
+    from shared.bc_webhooks import is_live, notification_url
+
+    url = notification_url(services)
+    poll = "the change poll asks Business Central every minute"
+    if url is None:
+        why = "SYNC_BC_WEBHOOKS is false" if not services.config.bc_webhooks else "SYNC_PUBLIC_URL is not set"
+        return Check("bcWebhooks", True, f"ok: webhooks not used ({why}); {poll}")
+    try:
+        supported = bc.webhook_supports_contacts(company_id)
+    except ApiError as exc:
+        return Check("bcWebhooks", True, f"ok: could not read webhookSupportedResources ({exc}); {poll}")
+    if not supported:
+        return Check("bcWebhooks", True, f"ok: this Business Central offers no contacts webhooks; {poll}")
+    row = services.store.list_bc_webhooks().get(company_id)
+    if row is not None and is_live(row, url, services.clock()) and row.expires_at is not None:
+        return Check(
+            "bcWebhooks",
+            True,
+            f"ok: contacts webhooks supported; subscription live until {row.expires_at.isoformat()}",
+        )
+    return Check(
+        "bcWebhooks",
+        True,
+        f"ok: contacts webhooks supported; no live subscription yet (the next change-poll tick makes one, "
+        f"BC must reach {url}); {poll} meanwhile",
+    )
 
 
 def _fields_check(schema: BcSchema, settings: UserSettings) -> Check:

@@ -304,3 +304,39 @@ def test_where_bc_offers_no_contacts_webhook_the_poll_works_as_before(world, hoo
     queue.send(messages)
     assert [a.error for a in queue.drain(function_sync_worker.main)] == [None]
     assert world.outlook_by_email(ALICE)["anna.berg@example.com"]["jobTitle"] == "Owner"
+
+
+def test_the_connection_check_says_whether_contacts_webhooks_are_offered_and_live(world, hooks):
+    world.user(ALICE)
+
+    def check() -> dict:
+        resp = requests.post(
+            f"{hooks.base}/api/users/{ALICE}/validate", params={"code": hooks.host.key}, timeout=60
+        )
+        assert resp.status_code == 200, resp.text
+        return next(c for c in resp.json()["checks"] if c["name"] == "bcWebhooks")
+
+    assert "no live subscription yet" in check()["message"]
+    hooks.tick()
+    live = check()
+    assert live["ok"] and "subscription live until" in live["message"]
+    hooks.bc.contacts_supported = False
+    assert "offers no contacts webhooks" in check()["message"]
+
+
+def test_the_public_url_and_the_switch_are_checked_with_messages_naming_them(env):
+    from shared.config import Config, ConfigError
+
+    config = Config.from_env(env)
+    assert config.public_url is None and config.bc_webhooks is True  # no address: the poll alone
+    assert (
+        Config.from_env({**env, "SYNC_PUBLIC_URL": "https://app.example/"}).public_url
+        == "https://app.example"
+    )
+    assert Config.from_env({**env, "SYNC_PUBLIC_URL": "http://127.0.0.1:7071"}).public_url
+    for bad in ("http://app.example", "ftp://app.example", "https://app.example/?code=x", "app.example"):
+        with pytest.raises(ConfigError, match="SYNC_PUBLIC_URL"):
+            Config.from_env({**env, "SYNC_PUBLIC_URL": bad})
+    assert Config.from_env({**env, "SYNC_BC_WEBHOOKS": "FALSE"}).bc_webhooks is False
+    with pytest.raises(ConfigError, match="SYNC_BC_WEBHOOKS"):
+        Config.from_env({**env, "SYNC_BC_WEBHOOKS": "maybe"})
