@@ -4,6 +4,8 @@ question and queues incremental runs only for that company's users when the answ
 BC → Outlook edits then arrive within about a minute instead of at the next quarter hour, while an
 idle tick costs one BC request per company and nothing else. Microsoft's documented list of
 webhook-supported BC entities does not include contacts, so this poll is what works on every tenant.
+Where a tenant does offer contacts webhooks, each tick first keeps that company's subscription
+(shared/bc_webhooks.py, BEHAVIOUR §8.2) and does not ask a company whose subscription is live.
 
 The question, `lastModifiedDateTime gt <oldest watermark>` with `$top=1&$select=id`, sees creations
 and edits but not deletions (the API keeps no tombstones): those still arrive with the regular

@@ -340,3 +340,19 @@ def test_the_public_url_and_the_switch_are_checked_with_messages_naming_them(env
     assert Config.from_env({**env, "SYNC_BC_WEBHOOKS": "FALSE"}).bc_webhooks is False
     with pytest.raises(ConfigError, match="SYNC_BC_WEBHOOKS"):
         Config.from_env({**env, "SYNC_BC_WEBHOOKS": "maybe"})
+
+
+def test_a_quiet_hour_with_a_live_subscription_costs_four_bc_requests_instead_of_sixty(world, hooks):
+    """The poll's quiet hour is one question a minute (60); with the subscription live the ticks ask
+    nothing and the upkeep checks the subscription every 15 minutes."""
+    world.person("Anna Berg")
+    world.user(ALICE)
+    assert world.sync(ALICE).status == "succeeded"
+    hooks.tick()
+    world.cloud.reset_counters()
+    for _minute in range(60):
+        hooks.later(timedelta(minutes=1))
+        assert hooks.tick() == []
+    assert hooks.bc_requests() == 4
+    assert hooks.bc_requests("subscriptions.get") == 4
+    assert world.cloud.graph.counters.http_total == 0
