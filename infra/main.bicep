@@ -122,6 +122,16 @@ param syncSchedule string = '0 */15 * * * *'
 @description('SYNC_CHANGE_POLL_SCHEDULE: NCRONTAB schedule of the change poll, one BC request per company (six fields).')
 param syncChangePollSchedule string = '0 * * * * *'
 
+@description('SYNC_PUBLIC_URL: the function app\'s public https address, where Business Central sends webhook notifications; empty: https://<app name>.azurewebsites.net. Set it for a custom domain or a sovereign cloud.')
+param syncPublicUrl string = ''
+
+@description('SYNC_BC_WEBHOOKS: true to subscribe to Business Central contacts webhooks where the tenant offers them (the change poll then skips that company); false to always poll.')
+@allowed([
+  'true'
+  'false'
+])
+param syncBcWebhooks string = 'true'
+
 @description('SYNC_INLINE_BUDGET_SECONDS: how long POST /api/sync waits before answering 202.')
 @minValue(1)
 @maxValue(230)
@@ -266,6 +276,8 @@ module functionApp './modules/functionapp.bicep' = {
     syncTablePrefix: syncTablePrefix
     syncSchedule: syncSchedule
     syncChangePollSchedule: syncChangePollSchedule
+    syncPublicUrl: syncPublicUrl
+    syncBcWebhooks: syncBcWebhooks
     syncInlineBudgetSeconds: syncInlineBudgetSeconds
     syncFullSyncHours: syncFullSyncHours
   }

@@ -190,6 +190,59 @@ class BcClient:
         value = resp.json_object().get("value")
         return isinstance(value, list) and len(value) > 0
 
+    # Webhooks (BEHAVIOUR §8.2): "Working with webhooks in Dynamics 365 Business Central",
+    # learn.microsoft.com/dynamics365/business-central/dev-itpro/api-reference/v2.0/dynamics-subscriptions
+
+    def contacts_resource(self, company_id: str) -> str:
+        """The subscription `resource` for a company's contacts, in the documented relative form."""
+        return f"/api/v2.0/{self._contacts_path(company_id)}"
+
+    def webhook_supports_contacts(self, company_id: str) -> bool:
+        """Whether this tenant's BC lists `v2.0/contacts` in the company's `webhookSupportedResources`
+        (Microsoft's documented list of v2.0 webhook entities has no contacts)."""
+        api = self.root.removesuffix("/v2.0")
+        url = f"{api}/microsoft/runtime/beta/companies({company_id})/webhookSupportedResources"
+        resp = self.http.request("GET", url)
+        value = resp.json_object().get("value")
+        names = {str(r.get("resource", "")).lower() for r in value if isinstance(r, dict)} if value else set()
+        return "v2.0/contacts" in names
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        return self._get_all(f"{self.root}/subscriptions", None)
+
+    def subscription(self, subscription_id: str) -> dict[str, Any] | None:
+        """The subscription, or None when BC no longer has it (expired, deleted, or dropped by BC)."""
+        resp = self.http.request("GET", self._subscription_url(subscription_id), allow_status=(404,))
+        return None if resp.status == 404 else resp.json_object()
+
+    def create_subscription(self, notification_url: str, resource: str, client_state: str) -> dict[str, Any]:
+        """POST subscriptions: BC calls `notification_url` with a validationToken before it answers."""
+        body = {"notificationUrl": notification_url, "resource": resource, "clientState": client_state}
+        return self.http.request("POST", f"{self.root}/subscriptions", json_body=body).json_object()
+
+    def renew_subscription(
+        self, subscription_id: str, etag: str, notification_url: str, resource: str, client_state: str
+    ) -> dict[str, Any] | None:
+        """PATCH with If-Match: three more days (and another handshake). None when BC has no such one."""
+        body = {"notificationUrl": notification_url, "resource": resource, "clientState": client_state}
+        resp = self.http.request(
+            "PATCH",
+            self._subscription_url(subscription_id),
+            json_body=body,
+            headers={"If-Match": etag},
+            allow_status=(404,),
+        )
+        return None if resp.status == 404 else resp.json_object()
+
+    def delete_subscription(self, subscription_id: str, etag: str) -> None:
+        """DELETE with If-Match (required); a subscription already gone is fine."""
+        self.http.request(
+            "DELETE", self._subscription_url(subscription_id), headers={"If-Match": etag}, allow_status=(404,)
+        )
+
+    def _subscription_url(self, subscription_id: str) -> str:
+        return f"{self.root}/subscriptions('{quote(subscription_id, safe='')}')"
+
     def get_contacts(
         self, company_id: str, ids: list[str], *, pictures: bool = False
     ) -> list[dict[str, Any]]:

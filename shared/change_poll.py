@@ -4,6 +4,8 @@ question and queues incremental runs only for that company's users when the answ
 BC → Outlook edits then arrive within about a minute instead of at the next quarter hour, while an
 idle tick costs one BC request per company and nothing else. Microsoft's documented list of
 webhook-supported BC entities does not include contacts, so this poll is what works on every tenant.
+Where a tenant does offer contacts webhooks, each tick first keeps that company's subscription
+(shared/bc_webhooks.py, BEHAVIOUR §8.2) and does not ask a company whose subscription is live.
 
 The question, `lastModifiedDateTime gt <oldest watermark>` with `$top=1&$select=id`, sees creations
 and edits but not deletions (the API keeps no tombstones): those still arrive with the regular
@@ -24,6 +26,7 @@ from typing import Any
 import azure.functions as func
 
 from shared.bc_client import BcClient
+from shared.bc_webhooks import upkeep
 from shared.http_client import RequestCounter
 from shared.jobs import Job
 from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash, utcnow
@@ -48,6 +51,7 @@ class PollTick:
     failed: int = 0
     queued: int = 0
     coalesced: int = 0
+    webhooks: int = 0  # companies not asked: their BC contacts webhook subscription is live
     messages: list[str] = field(default_factory=list)
 
 
@@ -69,7 +73,7 @@ def _watermarks(members: dict[str, str | None]) -> dict[str, str]:
     return {user: mark for user, mark in members.items() if mark}
 
 
-def _queue(services: Services, users: list[str], tick: PollTick) -> None:
+def _queue(services: Services, users: list[str], tick: PollTick, reason: str = "poll") -> None:
     """One incremental job per user, unless the user's previous poll job has not finished yet."""
     now = utcnow()
     for user in users:
@@ -79,8 +83,17 @@ def _queue(services: Services, users: list[str], tick: PollTick) -> None:
             continue
         run_id = uuid.uuid4().hex
         services.store.set_change_poll_mark(user, run_id, now)
-        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, "poll").to_message())
+        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, reason).to_message())
         tick.queued += 1
+
+
+def wake(services: Services, users: list[str], reason: str) -> PollTick:
+    """Queue coalesced incremental runs for `users` through the poll's mark (one pending job per user,
+    one follow-up for a run in progress). The public door for other hints that BC changed, such as a
+    webhook notification (BEHAVIOUR §8.2); the returned tick's `messages` go to the jobs queue."""
+    tick = PollTick()
+    _queue(services, users, tick, reason)
+    return tick
 
 
 def _ask(
@@ -118,8 +131,14 @@ def poll(timer: Any, jobs: func.Out[list[str]]) -> PollTick:
     tick = PollTick()
     counter = RequestCounter()
     bc, _graph = services.clients(counter)
-    for company, members in sorted(_by_company(services, users).items()):
+    groups = _by_company(services, users)
+    # Webhook upkeep first: a company whose contacts webhook is live is not asked (BEHAVIOUR §8.2).
+    subscribed = upkeep(services, bc, set(groups))
+    for company, members in sorted(groups.items()):
         tick.companies += 1
+        if company in subscribed:
+            tick.webhooks += 1
+            continue
         _ask(services, bc, company, members, tick)
     jobs.set(tick.messages)
     summary = {k: v for k, v in tick.__dict__.items() if k != "messages"}

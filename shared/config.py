@@ -57,6 +57,20 @@ SETTINGS: tuple[Setting, ...] = (
         "NCRONTAB schedule of the change poll: one BC request per company asking whether any contact "
         "changed (turn it off with AzureWebJobs.function_change_poll.Disabled=true)",
     ),
+    Setting(
+        "SYNC_PUBLIC_URL",
+        False,
+        None,
+        "The function app's public https address (https://<app>.azurewebsites.net): where Business Central "
+        "and Graph send change notifications; unset, no subscriptions are made and the change poll does the job",
+    ),
+    Setting(
+        "SYNC_BC_WEBHOOKS",
+        False,
+        "true",
+        "true: subscribe to Business Central contact webhooks where the tenant offers them (the change poll "
+        "skips those companies); false: always poll",
+    ),
     Setting("SYNC_INLINE_BUDGET_SECONDS", False, "90", "How long POST /api/sync waits before answering 202"),
     Setting(
         "SYNC_FULL_SYNC_HOURS", False, "24", "Hours between automatic full reconciles per user (0 = never)"
@@ -117,6 +131,8 @@ class Config:
     poll_token_key: str | None = field(default=None, repr=False)
     api_audience: str = ""
     change_poll_schedule: str = "0 * * * * *"
+    public_url: str | None = None
+    bc_webhooks: bool = True
 
     @property
     def authority(self) -> str:
@@ -148,16 +164,8 @@ class Config:
             _TABLE_PREFIX.match,
             "must start with a letter and hold only letters and digits",
         )
-        schedule = read.matching(
-            "SYNC_SCHEDULE",
-            _NCRONTAB.match,
-            "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
-        )
-        change_poll = read.matching(
-            "SYNC_CHANGE_POLL_SCHEDULE",
-            _NCRONTAB.match,
-            "must be an NCRONTAB expression with six fields, e.g. 0 * * * * * (every minute)",
-        )
+        schedule, change_poll = _schedules(read)
+        public_url, bc_webhooks = _notification_settings(read)
         poll_key = _poll_token_key(read)
         return cls(
             tenant_id=tenant,
@@ -182,6 +190,8 @@ class Config:
             poll_token_key=poll_key,
             api_audience=_audience(read.optional("SYNC_API_AUDIENCE"), client_id.lower()),
             change_poll_schedule=change_poll,
+            public_url=public_url,
+            bc_webhooks=bc_webhooks,
         )
 
 
@@ -289,6 +299,56 @@ def _audience(value: str | None, client_id: str) -> str:
     raise ConfigError(
         "SYNC_API_AUDIENCE", "must be the app's client id (GUID) or its Application ID URI (api://…)"
     )
+
+
+def _schedules(read: _Reader) -> tuple[str, str]:
+    """(SYNC_SCHEDULE, SYNC_CHANGE_POLL_SCHEDULE), each six-field NCRONTAB as the host reads it."""
+    schedule = read.matching(
+        "SYNC_SCHEDULE",
+        _NCRONTAB.match,
+        "must be an NCRONTAB expression with six fields, e.g. 0 */15 * * * *",
+    )
+    change_poll = read.matching(
+        "SYNC_CHANGE_POLL_SCHEDULE",
+        _NCRONTAB.match,
+        "must be an NCRONTAB expression with six fields, e.g. 0 * * * * * (every minute)",
+    )
+    return schedule, change_poll
+
+
+def _notification_settings(read: _Reader) -> tuple[str | None, bool]:
+    """(SYNC_PUBLIC_URL, SYNC_BC_WEBHOOKS): where BC sends webhook notifications, and whether to subscribe."""
+    return _public_url(read.optional("SYNC_PUBLIC_URL")), _flag(
+        "SYNC_BC_WEBHOOKS", read.value("SYNC_BC_WEBHOOKS")
+    )
+
+
+def _public_url(value: str | None) -> str | None:
+    """The app's public base address for notification URLs: https, or plain http to a loopback host
+    (a function app hosted locally for development and tests; no cloud service can call that anyway)."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if (
+        parts.scheme not in ("https", "http")
+        or (parts.scheme == "http" and not loopback)
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(
+            "SYNC_PUBLIC_URL",
+            "must be the app's https:// address without query or fragment, e.g. https://<app>.azurewebsites.net",
+        )
+    return value.rstrip("/")
+
+
+def _flag(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered not in ("true", "false"):
+        raise ConfigError(name, "must be true or false")
+    return lowered == "true"
 
 
 def _number(name: str, value: str, low: float, high: float) -> float:

@@ -604,6 +604,7 @@ class Conformance:
             (BC_BATCH, self._bc_batch),
             (BC_COUNTRIES, self._bc_countries),
             (BC_PICTURES, self._bc_pictures),
+            (BC_WEBHOOKS, self._bc_webhooks),
         ):
             with self._step(name, "report this tenant's answer"):
                 try:
@@ -753,6 +754,28 @@ class Conformance:
             True,
         )
 
+    def _bc_webhooks(self, company: str) -> None:
+        """Whether this BC offers contacts webhooks (BEHAVIOUR §8.2). Either answer is conformant: the
+        documented list has no contacts, and without them the change poll does the job."""
+        api = self.bc_root.removesuffix("/v2.0")
+        got = self.bc.call(
+            "GET",
+            f"{api}/microsoft/runtime/beta/companies({company})/webhookSupportedResources",
+            headers={"Accept": "application/json"},
+        )
+        if got.status != 200 or not isinstance(got.body, dict):
+            raise StepFailed(
+                f"GET webhookSupportedResources answered {got.error()}",
+                "the app cannot tell whether contacts webhooks are offered and polls every minute instead; "
+                "report the answer",
+            )
+        names = [str(r.get("resource", "")) for r in got.body.get("value", []) if isinstance(r, dict)]
+        if "v2.0/contacts" in {n.lower() for n in names}:
+            saw = "contacts listed: the app subscribes to contact changes (BEHAVIOUR §8.2)"
+        else:
+            saw = f"{_count(len(names), 'resource', 'resources')}, not contacts: the change poll asks every minute"
+        self._add(BC_WEBHOOKS, saw, True)
+
 
 # The rows, in the order they are printed.
 SCRATCH_FOLDER = "Graph: scratch contact folder create/rename/find/use"
@@ -768,7 +791,9 @@ BC_METADATA = "BC: $metadata contact fields the mapping uses"
 BC_BATCH = "BC: read-only $batch answered in JSON"
 BC_COUNTRIES = "BC: countriesRegions readable"
 BC_PICTURES = "BC: contacts with $expand=picture (syncPhotos)"
-BC_ASSUMPTIONS = (BC_COMPANIES, BC_METADATA, BC_BATCH, BC_COUNTRIES, BC_PICTURES)
+
+BC_WEBHOOKS = "BC: webhookSupportedResources (contacts webhooks or the poll)"
+BC_ASSUMPTIONS = (BC_COMPANIES, BC_METADATA, BC_BATCH, BC_COUNTRIES, BC_PICTURES, BC_WEBHOOKS)
 
 
 def run_conformance(config: Config, user: str, *, tokens: TokenProvider, **kw: Any) -> ConformanceResult:

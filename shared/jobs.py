@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 QUEUE_NAME = "contact-sync-jobs"
 MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the two equal)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_JOB_REASONS = ("schedule", "http", "continuation", "poll")
+_JOB_REASONS = ("schedule", "http", "continuation", "poll", "webhook")
+# Jobs queued because BC changed (the change poll's answer, a BC webhook notification): they carry the
+# poll's coalescing mark, read BC afresh, and give way to a run in progress (BEHAVIOUR §8.1, §8.2).
+WAKE_REASONS = ("poll", "webhook")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Job:
     runId: str | None = None
     dryRun: bool = False
     force: bool = False
-    reason: str = "schedule"  # schedule | http | continuation | poll (the change poll, §8.1)
+    reason: str = "schedule"  # schedule | http | continuation | poll (§8.1) | webhook (§8.2)
 
     def to_message(self) -> str:
         return json.dumps(self.__dict__)
@@ -131,7 +134,7 @@ def _settings(store: Store, job: Job) -> UserSettings | None:
         )
         _give_up(store, job, f"the stored settings are invalid ({exc.detail}); fix them with PUT /api/users")
         return None  # retrying cannot fix it
-    if settings is None or (not settings.enabled and job.reason in ("schedule", "poll")):
+    if settings is None or (not settings.enabled and job.reason in ("schedule", *WAKE_REASONS)):
         log.info("job for a removed or disabled user skipped")
         if settings is None:
             _give_up(store, job, "the user's sync settings were deleted before the run started")
@@ -151,7 +154,7 @@ def work(msg: func.QueueMessage) -> RunReport | None:
         log.error("dropping an unreadable job message: %s", exc)
         return None  # retrying cannot fix it
     attempt = int(getattr(msg, "dequeue_count", 1) or 1)
-    if job.reason != "poll" or not job.runId:
+    if job.reason not in WAKE_REASONS or not job.runId:
         return _work(job, attempt)
     store = get_services().store
     try:
@@ -192,7 +195,7 @@ def _work(job: Job, attempt: int) -> RunReport | None:
         if job.reason == "schedule":
             log.info("scheduled run skipped: %s", exc)
             return None
-        if job.reason == "poll" and attempt >= MAX_DEQUEUE:
+        if job.reason in WAKE_REASONS and attempt >= MAX_DEQUEUE:
             log.info("change-poll run dropped, another run kept the lease: %s", exc)
             return None  # the next tick asks again: the other run's watermark shows what it missed
         if attempt >= MAX_DEQUEUE:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from azure.data.tables import TableServiceClient
@@ -22,6 +23,7 @@ from shared.bc_client import BcClient
 from shared.config import Config, ConfigError
 from shared.graph_client import IMMUTABLE_IDS, GraphClient
 from shared.http_client import HttpClient, RequestCounter, WindowPacer
+from shared.model import utcnow
 from shared.poll_tokens import STORED_KEY_NAME, PollTokens, key_from_setting, new_key
 from shared.store import Store, pooled_transport
 from shared.sync import BcReader
@@ -57,6 +59,9 @@ class Services:
     tokens: TokenProvider
     bc_reader: BcReader = field(default_factory=BcReader)  # shared by the runs of one schedule tick
     sleep: Callable[[float], None] = time.sleep
+    # "Now" for decisions on other services' time limits (BC webhook expiry); tests move it with the
+    # sandbox's clock instead of waiting days.
+    clock: Callable[[], datetime] = utcnow
     backoff_base: float = 0.5  # seconds; the first retry waits up to this when no Retry-After is sent
     _poll_tokens: PollTokens | None = field(default=None, repr=False)
 

@@ -12,6 +12,7 @@ hot read is a single-partition query:
 | {p}Runs        | ``run_`` + runId       | ``head``, ``chunk_{gen}_{n}``   | report, zlib-compressed chunks |
 | {p}Runs        | ``user_`` + user       | inverted start time + runId     | per-user index with a summary  |
 | {p}Leases      | user                   | ``lease``                       | holder, expiresAt              |
+| {p}State       | ``bcwebhook``          | BC company id                   | webhook support, subscription  |
 
 Keys go through `encode_key`, so a user or id may contain characters Table Storage refuses in keys.
 Limits that shape the code are those of "Understanding the Table service data model"
@@ -33,7 +34,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any, TypeVar
@@ -69,6 +70,7 @@ _SETTINGS_RK = "settings"
 _STATE_RK = "state"
 _CHANGE_POLL_RK = "changePoll"  # the run the change poll queued and that has not finished yet
 _LEASE_RK = "lease"
+_BC_WEBHOOK_PK = "bcwebhook"  # one row per BC company (BEHAVIOUR §8.2); never a user key either
 _APP_PK = "app"  # the app's own rows in State: never a user key (no '@', not a GUID)
 _HEAD_RK = "head"
 _SETTINGS_COLUMNS = frozenset(UserSettings.JSON_FIELDS) - {"user"}
@@ -651,6 +653,36 @@ class Store:
         with _storage_errors(table, f"delete poll mark of {user}"):
             client.delete_entity(encode_key(user), _CHANGE_POLL_RK)
 
+    # --- Business Central webhook subscriptions, one row per company (BEHAVIOUR §8.2) ---------------
+
+    def list_bc_webhooks(self) -> dict[str, BcWebhookRow]:
+        """Every company's row, by company id: one single-partition query (the notification endpoint
+        and the change poll both read them all; there are as many as companies with users)."""
+        client, table = self._client("State")
+        rows: dict[str, BcWebhookRow] = {}
+        with _storage_errors(table, "list BC webhook rows"):
+            for entity in client.query_entities(
+                "PartitionKey eq @pk", parameters={"pk": _BC_WEBHOOK_PK}, results_per_page=_PAGE
+            ):
+                row = _bc_webhook_from(entity)
+                rows[row.company_id] = row
+        return rows
+
+    def save_bc_webhook(self, row: BcWebhookRow) -> None:
+        client, table = self._client("State")
+        entity: dict[str, Any] = {"PartitionKey": _BC_WEBHOOK_PK, "RowKey": encode_key(row.company_id)}
+        for name, column in _BC_WEBHOOK_COLUMNS.items():
+            value = getattr(row, name)
+            if value is not None:
+                entity[column] = _as_utc(value) if isinstance(value, datetime) else value
+        with _storage_errors(table, "save a BC webhook row"):
+            client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def delete_bc_webhook(self, company_id: str) -> None:
+        client, table = self._client("State")
+        with _storage_errors(table, "delete a BC webhook row"):
+            client.delete_entity(_BC_WEBHOOK_PK, encode_key(company_id))
+
     # --- the app's own secrets (BEHAVIOUR §7.6: the poll-token key) ----------------------------------
 
     def app_secret(self, name: str, create: Callable[[], bytes]) -> bytes:
@@ -890,6 +922,57 @@ class Store:
             except HttpResponseError as err:
                 if err.status_code != 412:
                     raise
+
+
+@dataclass
+class BcWebhookRow:
+    """What the app knows about one company's Business Central contacts webhook (BEHAVIOUR §8.2).
+
+    `supported`/`checked_at`: the answer of `webhookSupportedResources` and when it was read (read
+    again daily). The subscription fields are BC's (`subscriptionId`, `@odata.etag`,
+    `expirationDateTime`) plus the random `client_state` the app chose for it and the
+    `notification_url` it was made for; `verified_at` is when BC last confirmed it exists.
+    """
+
+    company_id: str
+    supported: bool | None = None
+    checked_at: datetime | None = None
+    subscription_id: str | None = None
+    client_state: str | None = field(default=None, repr=False)
+    etag: str | None = None
+    expires_at: datetime | None = None
+    verified_at: datetime | None = None
+    notification_url: str | None = None
+
+    def forget_subscription(self) -> None:
+        self.subscription_id = self.client_state = self.etag = None
+        self.expires_at = self.verified_at = self.notification_url = None
+
+
+_BC_WEBHOOK_COLUMNS = {
+    "supported": "supported",
+    "checked_at": "checkedAt",
+    "subscription_id": "subscriptionId",
+    "client_state": "clientState",
+    "etag": "bcEtag",
+    "expires_at": "expiresAt",
+    "verified_at": "verifiedAt",
+    "notification_url": "notificationUrl",
+}
+
+
+def _bc_webhook_from(entity: Any) -> BcWebhookRow:
+    """A row as stored; a value of the wrong type reads as absent (the upkeep then starts afresh)."""
+    row = BcWebhookRow(decode_key(entity["RowKey"]))
+    for name, column in _BC_WEBHOOK_COLUMNS.items():
+        value = entity.get(column)
+        if name == "supported":
+            row.supported = value if isinstance(value, bool) else None
+        elif name.endswith("_at"):
+            setattr(row, name, _as_utc(value) if isinstance(value, datetime) else None)
+        else:
+            setattr(row, name, value if isinstance(value, str) and value else None)
+    return row
 
 
 def _lease_from(user: str, entity: Any) -> Lease:

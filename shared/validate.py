@@ -83,9 +83,11 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
             checks.append(_fields_check(bc.schema(), settings))
         except (ApiError, SchemaError) as exc:
             checks.append(Check("bcFields", False, str(exc)))
+        checks.append(_webhooks_check(services, bc, company_ids))
     else:
         checks.append(Check("bcCompany", False, "not checked: no Business Central token"))
         checks.append(Check("bcFields", False, "not checked: no Business Central token"))
+        checks.append(Check("bcWebhooks", True, "not checked: no Business Central token"))
     if graph_token:
         try:
             graph.get_user(settings.user)
@@ -124,6 +126,42 @@ def _companies_check(bc: Any, company_ids: list[str]) -> Check:
     if problems:
         return Check("bcCompany", False, " ".join(problems))
     return Check("bcCompany", True, f"ok: {', '.join(oks)}")
+
+
+def _webhooks_check(services: Any, bc: Any, company_ids: list[str]) -> Check:
+    """Whether each company's contacts can be subscribed to and whether the app's subscription is live
+    (BEHAVIOUR §8.2). Informational: without webhooks the change poll does the job, so it never fails."""
+    from shared.bc_webhooks import notification_url
+
+    url = notification_url(services)
+    if url is None:
+        why = "SYNC_BC_WEBHOOKS is false" if not services.config.bc_webhooks else "SYNC_PUBLIC_URL is not set"
+        return Check("bcWebhooks", True, f"ok: webhooks not used ({why}); {_POLL}")
+    if len(company_ids) == 1:
+        return Check("bcWebhooks", True, f"ok: {_webhooks_status(services, bc, url, company_ids[0])}")
+    parts = [f"company {n}: {_webhooks_status(services, bc, url, c)}" for n, c in enumerate(company_ids, 1)]
+    return Check("bcWebhooks", True, "ok: " + " ".join(parts))
+
+
+_POLL = "the change poll asks Business Central every minute"
+
+
+def _webhooks_status(services: Any, bc: Any, url: str, company_id: str) -> str:
+    from shared.bc_webhooks import is_live
+
+    try:
+        supported = bc.webhook_supports_contacts(company_id)
+    except ApiError as exc:
+        return f"could not read webhookSupportedResources ({exc}); {_POLL}"
+    if not supported:
+        return f"this Business Central offers no contacts webhooks; {_POLL}"
+    row = services.store.list_bc_webhooks().get(company_id)
+    if row is not None and is_live(row, url, services.clock()) and row.expires_at is not None:
+        return f"contacts webhooks supported; subscription live until {row.expires_at.isoformat()}"
+    return (
+        f"contacts webhooks supported; no live subscription yet (the next change-poll tick makes one, "
+        f"BC must reach {url}); {_POLL} meanwhile"
+    )
 
 
 def _fields_check(schema: BcSchema, settings: UserSettings) -> Check:

@@ -29,7 +29,7 @@ def test_users_validate_sync_and_report(world, tmp_path, capsys):
     assert [u["user"] for u in json.loads(out)["users"]] == [ALICE]
 
     code, out = run("validate", "--user", ALICE)
-    assert code == 0 and out.count("ok  ") == 6  # five checks and bcFields
+    assert code == 0 and out.count("ok  ") == 7  # five checks, bcFields and bcWebhooks
 
     code, out = run("sync", "--user", ALICE, "--mode", "full", "--dry-run")
     assert code == 0 and "(dry run)" in out and "outlookCreated" in out

@@ -369,7 +369,8 @@ def test_function_json_matches_main(folder):
     if folder.trigger["type"] == "httpTrigger":
         # BEHAVIOUR §7.7: the host checks the function key, except on the page (static files, no data),
         # on the people's door, whose code refuses every request without a valid Entra ID token, and on
-        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6).
+        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6), and on Business
+        # Central's webhook endpoint, which BC calls without a key (subscription id + clientState, §8.2).
         expected = "anonymous" if folder.name in ANONYMOUS_BY_DESIGN else "function"
         assert folder.trigger["authLevel"] == expected
         assert [r["type"] for r in returns] == ["http"]
@@ -378,12 +379,18 @@ def test_function_json_matches_main(folder):
         assert returns == [] and hints.get("return") is type(None)
 
 
-ANONYMOUS_BY_DESIGN = ("function_selfservice", "function_signed_in_http", "function_sync_poll")
+ANONYMOUS_BY_DESIGN = (
+    "function_bc_notify",
+    "function_selfservice",
+    "function_signed_in_http",
+    "function_sync_poll",
+)
 
 
-def test_the_functions_are_the_eight_expected_with_their_triggers():
+def test_the_functions_are_the_nine_expected_with_their_triggers():
     triggers = {f.name: f.trigger for f in function_folders()}
     assert {k: t["type"] for k, t in triggers.items()} == {
+        "function_bc_notify": "httpTrigger",
         "function_change_poll": "timerTrigger",
         "function_selfservice": "httpTrigger",
         "function_signed_in_http": "httpTrigger",
@@ -405,6 +412,9 @@ def test_the_functions_are_the_eight_expected_with_their_triggers():
     assert triggers["function_users_http"]["route"] == "users/{*rest}"
     assert triggers["function_sync_poll"]["route"] == "poll/{runId}"
     assert triggers["function_sync_poll"]["methods"] == ["get"]
+    assert triggers["function_bc_notify"]["route"] == "notify/bc"  # BEHAVIOUR §8.2
+    assert triggers["function_bc_notify"]["methods"] == ["post"]
+    assert outputs["function_bc_notify"] == outputs["function_sync_timer"]
     assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
     assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
     assert triggers["function_signed_in_http"]["route"] == "signed-in/{*rest}"

@@ -94,6 +94,7 @@ def test_1_4_connection_can_be_validated(world):
         "graphToken",
         "bcCompany",
         "bcFields",
+        "bcWebhooks",
         "mailbox",
         "contactsPermission",
     }

@@ -97,6 +97,16 @@ param syncSchedule string
 @description('SYNC_CHANGE_POLL_SCHEDULE (NCRONTAB, six fields): the change poll, BEHAVIOUR §8.1')
 param syncChangePollSchedule string
 
+@description('SYNC_PUBLIC_URL: the address Business Central (and Graph) send change notifications to; empty: https://<name>.azurewebsites.net')
+param syncPublicUrl string = ''
+
+@description('SYNC_BC_WEBHOOKS: true to use Business Central contacts webhooks where the tenant offers them (BEHAVIOUR §8.2)')
+@allowed([
+  'true'
+  'false'
+])
+param syncBcWebhooks string
+
 @description('SYNC_INLINE_BUDGET_SECONDS')
 param syncInlineBudgetSeconds int
 
@@ -130,6 +140,10 @@ var baseAppSettings = {
   SYNC_TABLE_PREFIX: syncTablePrefix
   SYNC_SCHEDULE: syncSchedule
   SYNC_CHANGE_POLL_SCHEDULE: syncChangePollSchedule
+  // The app's own default host name (no unique-hostname label scope is set, so it is <name>.azurewebsites.net);
+  // notifications must reach it from the internet (BEHAVIOUR §8.2).
+  SYNC_PUBLIC_URL: empty(syncPublicUrl) ? 'https://${name}.azurewebsites.net' : syncPublicUrl
+  SYNC_BC_WEBHOOKS: syncBcWebhooks
   SYNC_INLINE_BUDGET_SECONDS: string(syncInlineBudgetSeconds)
   SYNC_FULL_SYNC_HOURS: string(syncFullSyncHours)
   SYNC_API_AUDIENCE: syncApiAudience
