@@ -21,6 +21,8 @@ from shared.errors import ValidationError as ValidationError  # re-exported: cal
 from shared.filters import parse_filter
 
 DEFAULT_FOLDER = "Business Central"
+# The Outlook category every synced contact carries (BEHAVIOUR §5 `category`), unless set otherwise.
+DEFAULT_CATEGORY = "Business Central"
 
 # A mailbox address (UPN) or an Entra object id, as strict as Entra itself: the user name allows only
 # A-Z a-z 0-9 ' . - _ ! # ^ ~, at most 64 characters, not ending (nor, here, starting) with a period;
@@ -127,14 +129,34 @@ def normalize_company_id(value: Any) -> str | None:
     return value.strip().lower()
 
 
-def normalize_folder_name(value: Any) -> str:
+def normalize_folder_name(value: Any) -> str | None:
+    """A subfolder's name, or None: the user's default Contacts folder (the one phones show)."""
+    if value is None:
+        return None
     if not isinstance(value, str) or not value.strip():
-        raise ValidationError("folderName", "must be a non-empty text")
+        raise ValidationError(
+            "folderName", "must be a non-empty text, or null for the default Contacts folder"
+        )
     v = value.strip()
     if len(v) > 255:
         raise ValidationError("folderName", "must be at most 255 characters")
     if _BAD_FOLDER_CHARS.search(v):
         raise ValidationError("folderName", "must not contain control characters, '/' or '\\'")
+    return v
+
+
+def normalize_category(value: Any) -> str | None:
+    """An Outlook category name, or None: no category. Outlook shows categories as a comma-separated
+    list, so a comma in a name cannot be told apart there and is refused here."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError("category", "must be a non-empty text, or null for no category")
+    v = value.strip()
+    if len(v) > 255:
+        raise ValidationError("category", "must be at most 255 characters")
+    if _BAD_FOLDER_CHARS.search(v) or "," in v:
+        raise ValidationError("category", "must not contain control characters, ',', '/' or '\\'")
     return v
 
 
@@ -145,11 +167,12 @@ class UserSettings:
     user: str
     enabled: bool = True
     company_id: str | None = None
-    folder_name: str = DEFAULT_FOLDER
+    folder_name: str | None = DEFAULT_FOLDER  # None: the default Contacts folder
     filter: dict[str, str] = field(default_factory=dict)
     pull_new_from_outlook: bool = True
     pull_edits_from_outlook: bool = False
     remove_from_outlook: bool = True
+    category: str | None = DEFAULT_CATEGORY  # None: synced contacts get no category
 
     JSON_FIELDS: ClassVar[dict[str, str]] = {
         "user": "user",
@@ -160,6 +183,7 @@ class UserSettings:
         "pullNewFromOutlook": "pull_new_from_outlook",
         "pullEditsFromOutlook": "pull_edits_from_outlook",
         "removeFromOutlook": "remove_from_outlook",
+        "category": "category",
     }
 
     @classmethod
@@ -187,6 +211,8 @@ class UserSettings:
             kwargs["company_id"] = normalize_company_id(data["companyId"])
         if "folderName" in data:
             kwargs["folder_name"] = normalize_folder_name(data["folderName"])
+        if "category" in data:
+            kwargs["category"] = normalize_category(data["category"])
         if "filter" in data and data["filter"] is not None:
             filter_document = data["filter"]
             if not isinstance(filter_document, dict):
@@ -199,6 +225,12 @@ class UserSettings:
 
     def to_json(self) -> dict[str, Any]:
         return {j: getattr(self, a) for j, a in self.JSON_FIELDS.items()}
+
+    @property
+    def in_default_folder(self) -> bool:
+        """`folderName: null`: the sync shares the user's default Contacts folder with their own
+        contacts, so it changes or removes only what it manages (BEHAVIOUR §4.8)."""
+        return self.folder_name is None
 
 
 @dataclass
@@ -215,6 +247,9 @@ class Link:
     outlook_hash: str = ""
     email: str = ""
     etag: str | None = None  # Table Storage etag, for conditional writes
+    # The Outlook contact was the user's own before the sync linked it (matched by email): when it
+    # stops being synced it is released (tag and category removed), never deleted (BEHAVIOUR §4.8).
+    adopted: bool = False
 
 
 @dataclass
@@ -235,6 +270,15 @@ class UserState:
     # midway, and contacts it created may since have vanished from Outlook without the delta query
     # saying so (delta leaves out items created and deleted between two rounds): reconcile fully.
     writing_run: str | None = None
+    # The default Contacts folder's id, once known (it never changes: the folder cannot be deleted).
+    default_folder_id: str | None = None
+    # A move between folders in progress (BEHAVIOUR §4.8): the folder the synced contacts are leaving.
+    # Kept until a run empties it of them without a failure, so a run that stops midway is finished.
+    previous_folder_id: str | None = None
+    # JSON list of the categories the sync wrote: any that is no longer the current one is removed.
+    categories: str | None = None
+    # The category known to exist in the master category list ("!name": creating it was refused).
+    master_category: str | None = None
     etag: str | None = None
 
 
@@ -257,6 +301,8 @@ class ActionKind(Enum):
     LINK = ("link", "linked", True)  # adopt an Outlook contact, with BC's values when they differ
     # After a BC write: its BC id tag and BC's values onto the Outlook contact; counted with that write.
     TAG_OUTLOOK = ("tag_outlook", "", True)
+    # Stop syncing a user's own contact (adopted): remove our tag and category, keep the contact.
+    RELEASE_OUTLOOK = ("release_outlook", "", True)
     REFRESH_LINK = ("refresh_link", "", False)  # both sides agree again: store the new hashes
     UNLINK = ("unlink", "", False)  # stop syncing a contact, leaving Outlook alone
 

@@ -86,8 +86,16 @@ _STATE_COLUMNS = {
     "last_run_id": "lastRunId",
     "last_status": "lastStatus",
     "writing_run": "writingRun",
+    "default_folder_id": "defaultFolderId",
+    "previous_folder_id": "previousFolderId",
+    "categories": "categories",
+    "master_category": "masterCategory",
 }
-_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email"]
+_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email", "adopted"]
+# Table Storage holds no null: a settings row says "the default Contacts folder" with an empty
+# folderName, and "no category" by the category column's absence. A row written before the category
+# setting existed has no such column either, so it keeps syncing without one, as it did (BEHAVIOUR §5).
+_DEFAULT_FOLDER_COLUMN = ""
 
 T = TypeVar("T")
 
@@ -266,6 +274,8 @@ class Lease:
 def _settings_entity(settings: UserSettings) -> dict[str, Any]:
     entity: dict[str, Any] = {"PartitionKey": encode_key(settings.user), "RowKey": _SETTINGS_RK}
     for name, value in settings.to_json().items():
+        if name == "folderName" and value is None:
+            value = _DEFAULT_FOLDER_COLUMN
         if name == "user" or value is None:
             continue
         entity[name] = json.dumps(value, ensure_ascii=False, sort_keys=True) if name == "filter" else value
@@ -285,6 +295,9 @@ def _settings_from_entity(entity: dict[str, Any]) -> UserSettings:
         if name not in _SETTINGS_COLUMNS:
             raise ValidationError(name, f"unknown column (known: {', '.join(sorted(_SETTINGS_COLUMNS))})")
         data[name] = value
+    if data.get("folderName") == _DEFAULT_FOLDER_COLUMN:
+        data["folderName"] = None
+    data.setdefault("category", None)
     if "filter" in data:
         try:
             data["filter"] = json.loads(data["filter"]) if isinstance(data["filter"], str) else data["filter"]
@@ -511,6 +524,7 @@ class Store:
                     outlook_hash=entity.get("outlookHash") or "",
                     email=entity.get("email") or "",
                     etag=entity.metadata.get("etag"),
+                    adopted=bool(entity.get("adopted")),
                 )
         return links
 
@@ -535,6 +549,7 @@ class Store:
                     "bcHash": link.bc_hash,
                     "outlookHash": link.outlook_hash,
                     "email": link.email,
+                    "adopted": link.adopted,
                 },
                 {"mode": UpdateMode.REPLACE},
             )

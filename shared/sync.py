@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
+CATEGORY_COLOR = "preset7"  # Blue in Outlook's colour table (outlookcategory.md)
 MODES = (INCREMENTAL, FULL)
 
 
@@ -171,6 +172,11 @@ def settings_hash(settings: UserSettings, company_id: str) -> str:
         "pullEdits": settings.pull_edits_from_outlook,
         "remove": settings.remove_from_outlook,
     }
+    # Only when set, so that the scope of settings from before these existed hashes as it did.
+    if settings.category is not None:
+        scope["category"] = settings.category
+    if settings.in_default_folder:
+        scope["defaultFolder"] = True
     return hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -344,6 +350,11 @@ class _UserRun:
     state: UserState
     scope_hash: str
     mode: str
+    # The Outlook category this run writes (None: none). One attribute, so that whatever decides it
+    # (today the user's `category` setting) is the only place that knows where it comes from.
+    category: str | None = None
+    # Categories the sync wrote before and no longer writes (casefolded): taken off every contact.
+    stale_categories: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -380,8 +391,9 @@ def _run(
         if report.dryRun:
             _report_dry_run(report, result)
             return
-        if sides.folder_id is None:
+        if sides.folder_id is None and not run.settings.in_default_folder:
             raise RuntimeError("no Outlook folder to sync into")
+        _ensure_category(run, result)
         outcome = _apply(run, sides, sides.folder_id, result, heartbeat, checkpoint)
         checkpoint("before_watermark")
         _finish(run, sides, sides.folder_id, outcome)
@@ -395,7 +407,12 @@ def _name_items(report: RunReport, snapshot: Snapshot) -> None:
     for item in report.items:
         if item.name:
             continue
-        record = snapshot.bc.get(item.bcId or "") or snapshot.outlook.get(item.outlookId or "") or {}
+        record = (
+            snapshot.bc.get(item.bcId or "")
+            or snapshot.outlook.get(item.outlookId or "")
+            or snapshot.leftover.get(item.outlookId or "")
+            or {}
+        )
         name = str(record.get("displayName") or "").strip()
         item.name = name or None
 
@@ -416,7 +433,33 @@ def _start(
         if why_full:
             mode = FULL
             report.message = why_full
-    return _UserRun(settings, report, store, bc, graph, contact_filter, company_id, state, scope_hash, mode)
+    category = settings.category
+    stale = frozenset(c.casefold() for c in written_categories(state)) - (
+        {category.casefold()} if category else set()
+    )
+    return _UserRun(
+        settings,
+        report,
+        store,
+        bc,
+        graph,
+        contact_filter,
+        company_id,
+        state,
+        scope_hash,
+        mode,
+        category=category,
+        stale_categories=stale,
+    )
+
+
+def written_categories(state: UserState) -> list[str]:
+    """The categories the sync has written to this user's contacts and not yet taken off all of them."""
+    try:
+        names = json.loads(state.categories) if state.categories else []
+    except ValueError:
+        return []
+    return [str(n) for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str | None:
@@ -427,6 +470,8 @@ def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str 
         return "settings changed since the last run: a full sync was done"
     if state.writing_run:
         return "the previous run stopped while writing: a full sync was done"
+    if state.previous_folder_id:
+        return "contacts are still being moved from the previous sync folder: a full sync was done"
     if _full_due(state, full_sync_hours):
         return f"scheduled full reconcile (every {full_sync_hours:g} h)"
     return None
@@ -443,6 +488,7 @@ def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
     links = run.store.get_links(run.settings.user)
     if folder_id:
         delta = _read_partial(run.graph, run.settings, folder_id, delta, links, company.contacts, ctx)
+    leftover, leftover_tags = _read_leftover(run, folder_id)
     snapshot = Snapshot(
         mode=run.mode,
         bc=dict(company.contacts),
@@ -453,15 +499,64 @@ def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
         tags=dict(delta.tags),
         outlook_complete=run.mode == FULL,
         ctx=ctx,
+        category=run.category,
+        stale_categories=run.stale_categories,
+        default_folder=run.settings.in_default_folder,
+        leftover=leftover,
+        leftover_folder=run.state.previous_folder_id if leftover else None,
     )
+    for outlook_id, tag in leftover_tags.items():
+        snapshot.tags.setdefault(outlook_id, tag)
     return _BothSides(folder_id, delta, company, snapshot)
+
+
+def _read_leftover(
+    run: _UserRun, folder_id: str | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, str | None]]:
+    """Every contact of the folder a move leaves (BEHAVIOUR §4.8), with its BC id tag. A folder that
+    is gone, or the one the run syncs into again (switched back), leaves nothing to move."""
+    previous = run.state.previous_folder_id
+    if not previous or previous == folder_id:
+        run.state.previous_folder_id = None
+        return {}, {}
+    try:
+        contacts = run.graph.list_contacts(run.settings.user, previous)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        run.state.previous_folder_id = None
+        return {}, {}
+    tags: dict[str, str | None] = {}
+    leftover: dict[str, dict[str, Any]] = {}
+    for contact in contacts:
+        tags[contact["id"]] = tag_of(contact)
+        contact.pop("singleValueExtendedProperties", None)
+        leftover[contact["id"]] = contact
+    return leftover, tags
 
 
 def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
     """The sync folder (renamed, created or replaced as needed) and its delta since the last run."""
-    settings, report, graph = run.settings, run.report, run.graph
-    previous_folder = run.state.folder_id
+    settings, report, graph, state = run.settings, run.report, run.graph, run.state
+    was_default = bool(state.folder_id) and state.folder_id == state.default_folder_id
+    if state.folder_id and was_default != settings.in_default_folder:
+        # Between a subfolder and the default Contacts folder (BEHAVIOUR §4.8): the contacts move.
+        state.previous_folder_id = state.folder_id
+        state.folder_id = None
+        run.mode = FULL
+        report.message = "the sync folder changed: contacts are moved to " + (
+            "the default Contacts folder" if settings.in_default_folder else f"'{settings.folder_name}'"
+        )
+    if settings.in_default_folder:
+        folder_id = _default_folder(graph, settings, state)
+        if not folder_id:  # empty and without subfolders: nothing to read; created contacts tell its id
+            run.mode = FULL
+            return folder_id, DeltaPage()
+        return folder_id, _delta(run, folder_id)
+    previous_folder = state.folder_id
     folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
+    if state.previous_folder_id and state.previous_folder_id == folder_id:
+        state.previous_folder_id = None  # switched back before the move was finished: nothing to move
     if previous_folder and folder_id != previous_folder:
         # The user deleted the folder (it sits in Deleted Items, still readable, but is no longer
         # under Contacts): never write there; fill a folder under Contacts from scratch.
@@ -475,8 +570,29 @@ def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
     if not folder_id:
         return folder_id, DeltaPage()
     try:
+        return folder_id, _delta(run, folder_id)
+    except FolderGone:
+        run.state.folder_id = None
+        folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
+        run.mode = FULL
+        report.message = "the Outlook folder had been deleted: it was created again and fully synced"
+        return folder_id, graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
+
+
+def _default_folder(graph: GraphClient, settings: UserSettings, state: UserState) -> str | None:
+    """The default Contacts folder's id: remembered (it cannot be deleted, so it never changes and
+    needs no per-run check), else looked up (GraphClient.default_folder_id)."""
+    if not state.default_folder_id:
+        state.default_folder_id = graph.default_folder_id(settings.user)
+    return state.default_folder_id
+
+
+def _delta(run: _UserRun, folder_id: str) -> DeltaPage:
+    """The folder's delta since the last run, or a fresh round when Outlook or the stored link say so."""
+    settings, report, graph = run.settings, run.report, run.graph
+    try:
         delta_link = run.state.delta_link if run.mode == INCREMENTAL else None
-        return folder_id, graph.delta(settings.user, folder_id, delta_link)
+        return graph.delta(settings.user, folder_id, delta_link)
     except ForeignDeltaLink as exc:
         run.mode = FULL
         report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
@@ -486,17 +602,11 @@ def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
             "error": redact(str(exc), settings.user),
         }
         log.warning("stored delta link refused %s", log_fields(refused))
-        return folder_id, graph.delta(settings.user, folder_id, None)
+        return graph.delta(settings.user, folder_id, None)
     except DeltaExpired:
         run.mode = FULL
         report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
-        return folder_id, graph.delta(settings.user, folder_id, None)
-    except FolderGone:
-        run.state.folder_id = None
-        folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
-        run.mode = FULL
-        report.message = "the Outlook folder had been deleted: it was created again and fully synced"
-        return folder_id, graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
+        return graph.delta(settings.user, folder_id, None)
 
 
 def _read_bc(run: _UserRun, reader: BcReader) -> tuple[CompanyRead, BcContext]:
@@ -603,7 +713,7 @@ def _report_dry_run(report: RunReport, result: Plan) -> None:
 def _apply(
     run: _UserRun,
     sides: _BothSides,
-    folder_id: str,
+    folder_id: str | None,
     result: Plan,
     heartbeat: Callable[[], None],
     checkpoint: Callable[[str], None],
@@ -613,6 +723,9 @@ def _apply(
         contact_filter=run.contact_filter,
         company_id=run.company_id,
         folder_id=folder_id,
+        links=sides.snapshot.links,
+        category=run.category,
+        stale_categories=run.stale_categories,
         bc=run.bc,
         graph=run.graph,
         store=run.store,
@@ -631,14 +744,20 @@ def _apply(
 # Step 5: watermarks and report ---------------------------------------------------------------------
 
 
-def _finish(run: _UserRun, sides: _BothSides, folder_id: str, outcome: Outcome) -> None:
+def _finish(run: _UserRun, sides: _BothSides, folder_id: str | None, outcome: Outcome) -> None:
     """Advance the watermarks only past what was written (BEHAVIOUR §4.3.4), then finish the report."""
     state, report = run.state, run.report
     state.bc_watermark = _next_bc_watermark(state.bc_watermark, sides.company.contacts, outcome)
-    if not outcome.hold_delta and sides.delta.delta_link:
+    if folder_id and not outcome.hold_delta and sides.delta.delta_link:
         state.delta_link = _settled_delta_link(
             run.graph, run.settings.user, folder_id, sides.delta.delta_link, outcome, sides.snapshot.ctx
         )
+    if folder_id is None and outcome.folder_seen:
+        # The default folder was empty, its id unknown: the contacts just created tell it. No delta
+        # round has been read, so the next run starts one (a full sync, as after a first run).
+        folder_id = state.default_folder_id = outcome.folder_seen
+        state.delta_link = None
+    _settle_moves_and_categories(run, outcome)
     state.folder_id = folder_id
     state.folder_name = run.settings.folder_name
     state.company_id = run.company_id
@@ -650,6 +769,53 @@ def _finish(run: _UserRun, sides: _BothSides, folder_id: str, outcome: Outcome) 
     state.last_status = RunStatus.PARTIAL if outcome.failures else RunStatus.SUCCEEDED
     run.store.save_state(state)  # before the report says so: if this fails, the run failed
     runs.finish(report, failures=bool(outcome.failures))
+
+
+def _settle_moves_and_categories(run: _UserRun, outcome: Outcome) -> None:
+    """A full run without failures has handled every contact: a move is done (nothing of ours is
+    left in the previous folder) and only the current category is on the contacts. Otherwise the
+    next run must finish both: the previous folder stays in the state, and so do earlier categories."""
+    state = run.state
+    written = written_categories(state)
+    done = run.mode == FULL and not outcome.failures
+    if done:
+        state.previous_folder_id = None
+        written = []
+    if run.category and run.category.casefold() not in {c.casefold() for c in written}:
+        written.append(run.category)
+    state.categories = json.dumps(written, ensure_ascii=False) if written else None
+
+
+def _ensure_category(run: _UserRun, result: Plan) -> None:
+    """Create the run's category in the user's master category list once, with a colour, so Outlook
+    shows it coloured and offers it for filtering (Graph outlookCategory). Remembered in the state,
+    so no run after the first spends a request on it; a 409 means it exists already. Without the
+    MailboxSettings.ReadWrite permission (403) the contacts still get the category (Outlook shows it
+    without a colour); the report says so once, and full runs try again."""
+    category, state = run.category, run.state
+    if not category or state.master_category == category or not any(a.writes for a in result.actions):
+        return
+    refused = f"!{category}"
+    if state.master_category == refused and run.mode != FULL:
+        return
+    try:
+        run.graph.create_category(run.settings.user, category, CATEGORY_COLOR)
+    except ApiError as exc:
+        if exc.status not in (401, 403):
+            log.info("could not create the Outlook category: %s", redact(str(exc), run.settings.user))
+            return
+        if state.master_category != refused:
+            run.report.items.append(
+                ReportItem(
+                    "note",
+                    reason=f"the category '{category}' is on the contacts, but Outlook shows it without a "
+                    "colour: the app may not edit the master category list (it needs the Graph application "
+                    "permission MailboxSettings.ReadWrite)",
+                )
+            )
+        state.master_category = refused
+        return
+    state.master_category = category
 
 
 def _next_bc_watermark(current: str | None, contacts: dict[str, dict[str, Any]], outcome: Outcome) -> str:
@@ -755,6 +921,8 @@ def _ensure_folder(
     regard to case, as Exchange does, so an existing "business central" is used, never duplicated.
     """
     name = settings.folder_name
+    if name is None:
+        raise ValueError("the default Contacts folder is not ensured by name (see _default_folder)")
     if state.folder_id and not _under_contacts(
         graph, settings.user, state.folder_id, state.folder_name or name
     ):

@@ -98,7 +98,11 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
             graph.get_user(settings.user)
             checks.append(Check("mailbox", True, "ok"))
             try:
-                folder = graph.find_folder(settings.user, settings.folder_name)
+                folder = (
+                    graph.find_folder(settings.user, settings.folder_name)
+                    if settings.folder_name is not None
+                    else None
+                )
                 if folder:  # a write that changes nothing proves Contacts.ReadWrite, not just read access
                     graph.rename_folder(settings.user, folder["id"], folder["displayName"])
                     checks.append(Check("contactsPermission", True, "ok"))
