@@ -43,6 +43,7 @@ CONTACT_SELECT = (
     "parentFolderId",
     "categories",  # the sync's category and the user's own (BEHAVIOUR §4.8)
 )
+CATEGORY_COLOR = "preset7"  # the sync's category: Blue in Outlook's colour table (outlookcategory.md)
 _EXPAND_TAG = f"singleValueExtendedProperties($filter=id eq '{BC_ID_PROPERTY_ID}')"
 
 

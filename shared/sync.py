@@ -23,6 +23,7 @@ from shared.bc_client import BcClient, BcSchema, SchemaError
 from shared.executor import Executor, Outcome
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import (
+    CATEGORY_COLOR,
     DeltaExpired,
     DeltaPage,
     FolderGone,
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 15 * 60  # longer than any single batch; renewed between batches
 OVERLAP = timedelta(minutes=5)  # re-read window for BC commits stamped before they became visible
-CATEGORY_COLOR = "preset7"  # Blue in Outlook's colour table (outlookcategory.md)
 MODES = (INCREMENTAL, FULL)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError
 from shared.bc_client import BcSchema, SchemaError
+from shared.graph_client import CATEGORY_COLOR
 from shared.http_client import ApiError, RequestCounter
 from shared.model import UserSettings
 
@@ -110,6 +111,8 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
                     checks.append(_read_only_hint(services.tokens.token(GRAPH_SCOPE)))
             except ApiError as exc:
                 checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
+            if settings.category:
+                checks.append(_category_check(graph, settings.user, settings.category))
         except ApiError as exc:
             checks.append(Check("mailbox", False, _graph_hint(exc, settings.user)))
             checks.append(Check("contactsPermission", False, "not checked: mailbox not reachable"))
@@ -117,6 +120,27 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check("mailbox", False, "not checked: no Graph token"))
         checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
     return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def _category_check(graph: Any, user: str, category: str) -> Check:
+    """The sync puts its category in the user's master category list (BEHAVIOUR §4.8), which needs
+    MailboxSettings.ReadWrite. Creating it here is what the first sync would do anyway; a 409 (it
+    exists) also proves the write was allowed, since Graph authorizes before it looks."""
+    try:
+        graph.create_category(user, category, CATEGORY_COLOR)
+    except ApiError as exc:
+        if exc.status in (401, 403):
+            return Check(
+                "categoryPermission",
+                False,
+                f"Microsoft Graph refused to add the category '{category}' to the master category list "
+                f"({exc.status}). Synced contacts still get it, but Outlook shows it without a colour. Grant "
+                "MailboxSettings.ReadWrite: the Exchange role 'Application MailboxSettings.ReadWrite' in the "
+                "same management scope as Contacts.ReadWrite, or the Graph application permission with admin "
+                "consent (docs/DEPLOY.md step 2).",
+            )
+        return Check("categoryPermission", False, str(exc))
+    return Check("categoryPermission", True, "ok")
 
 
 def _fields_check(schema: BcSchema, settings: UserSettings) -> Check:

@@ -257,3 +257,11 @@ def test_settings_validation_names_the_problem_and_changes_nothing(client, world
         resp = client("PUT", f"users/{ALICE}", body)
         assert resp.status_code == 400 and field in resp.text
     assert client("GET", f"users/{ALICE}").json()["folderName"] == "Kunder"
+
+
+def test_the_connection_check_names_the_missing_category_permission(client, world):
+    _setup(client, world, grant_categories=False)
+    checks = {c["name"]: c for c in client("POST", f"users/{ALICE}/validate").json()["checks"]}
+    check = checks["categoryPermission"]
+    assert not check["ok"] and "403" in check["message"] and "MailboxSettings.ReadWrite" in check["message"]
+    assert checks["contactsPermission"]["ok"]

@@ -266,7 +266,15 @@ def test_validate_all_ok(client, world):
     resp = client("POST", f"users/{ALICE}/validate")
     checks = _checks(resp)
     assert resp.json()["ok"] is True and resp.json()["user"] == ALICE
-    assert set(checks) == {"bcToken", "graphToken", "bcCompany", "bcFields", "mailbox", "contactsPermission"}
+    assert set(checks) == {
+        "bcToken",
+        "graphToken",
+        "bcCompany",
+        "bcFields",
+        "mailbox",
+        "contactsPermission",
+        "categoryPermission",
+    }
     assert all(c["ok"] for c in checks.values())
     assert "CRONUS" in checks["bcCompany"]["message"]
 
