@@ -228,7 +228,7 @@ class Executor:
                 self.report.add(action.report_as, bc["id"], action.outlook_id, action.email, action.reason)
                 # Link now; an empty Outlook hash marks "not tagged yet" until the follow-up lands, so
                 # a run interrupted in between tags it next time (see planner).
-                link = self._link(bc, action.outlook, action.outlook_id)
+                link = self._link(bc, action.outlook, action.outlook_id, action.adopted)
                 if action.kind is ActionKind.CREATE_BC:
                     link.outlook_hash = ""
                 links.append(link)

@@ -644,7 +644,17 @@ def _new_in_outlook(planning: _Planning, outlook_id: str, outlook: dict[str, Any
     planning.new_by_email[key] = outlook_id
     planning.claimed_outlook.add(outlook_id)
     reason = "; ".join(["new in Outlook", *notes])
-    return Action(ActionKind.CREATE_BC, None, outlook_id, body, outlook=outlook, email=email, reason=reason)
+    # The user made it: in their default folder it is theirs, released rather than deleted (§4.8).
+    return Action(
+        ActionKind.CREATE_BC,
+        None,
+        outlook_id,
+        body,
+        outlook=outlook,
+        email=email,
+        reason=reason,
+        adopted=True,
+    )
 
 
 def _bc_only(planning: _Planning, bc: dict[str, Any]) -> Decision:
@@ -786,6 +796,12 @@ def _left_behind(planning: _Planning, outlook_id: str) -> Decision:
         )
     bc = snap.bc.get(tag)
     moved = bc is not None and _out_of_scope(bc, planning.contact_filter) is None
+    if not moved and not planning.settings.remove_from_outlook:
+        # No longer synced, and removeFromOutlook keeps such contacts: it stays, as the user's.
+        reason = "no longer synced; removeFromOutlook is off: kept in the old folder, without the sync's tag"
+        return _release(
+            snap, tag, outlook_id, reason, email=email, folder_id=snap.leftover_folder, unlinks=False
+        )
     reason = "moved to the new sync folder" if moved else "left the old sync folder; no longer synced"
     return Action(
         ActionKind.DELETE_OUTLOOK,
@@ -869,6 +885,23 @@ def after_bc_write(
     they differ; the report counts that with the BC write.
     """
     dropped = _out_of_scope(bc, contact_filter) if settings.remove_from_outlook else None
+    if dropped and settings.in_default_folder:
+        # The user's own contact in their default folder: it stays, without the sync's category.
+        body: dict[str, Any] = {"singleValueExtendedProperties": _tag_property("")}
+        categories = categories_for(None, stale_categories | _own(category), written.outlook)
+        if categories is not None:
+            body["categories"] = categories
+        reason = f"in Business Central now; not synced to you: {dropped}"
+        return Action(
+            ActionKind.RELEASE_OUTLOOK,
+            bc["id"],
+            written.outlook_id,
+            body,
+            bc=bc,
+            outlook=written.outlook,
+            email=bc.get("email"),
+            reason=reason,
+        )
     if dropped:
         reason = f"in Business Central now; removed from the sync folder: {dropped}"
         return _remove_from_folder(bc["id"], written.outlook_id, reason, bc=bc, email=bc.get("email"))
@@ -883,6 +916,7 @@ def after_bc_write(
             bc["id"],
             written.outlook_id,
             body,
+            adopted=written.adopted,
             bc=bc,
             outlook=written.outlook,
             email=bc.get("email"),

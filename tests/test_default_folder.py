@@ -265,3 +265,32 @@ def test_the_connection_check_names_the_missing_category_permission(client, worl
     check = checks["categoryPermission"]
     assert not check["ok"] and "403" in check["message"] and "MailboxSettings.ReadWrite" in check["message"]
     assert checks["contactsPermission"]["ok"]
+
+
+def test_a_contact_the_user_sent_to_bc_that_the_filter_leaves_out_stays_in_their_folder(client, world):
+    """In the default folder, a contact given the category goes to BC; when BC's record falls outside
+    the user's filter it is not deleted (it is theirs): the sync's tag and category come off."""
+    _setup(client, world, folderName=None, filter={"city": "Oslo"})
+    _sync(client, "full")
+    nina = _own(world, "New Nina", "nina@customer.example", categories=["VIP", CAT])
+    report = _sync(client)
+    assert report["counts"]["bcCreated"] == 1 and report["counts"]["outlookDeleted"] == 0
+    kept = _by_id(world)[nina["id"]]
+    assert not tag(kept) and kept["categories"] == ["VIP"]
+    assert "nina@customer.example" in world.bc_by_email()
+    assert _writes(_sync(client)) == 0
+
+
+def test_many_private_contacts_cost_one_listing_not_a_tag_read_each(client, world):
+    """A full run reads the tags of the default folder's untagged contacts with one listing (1,000 a
+    page) instead of 5 `$batch` reads of 20 for these 100."""
+    world.person("Ann Lee", "ann@fabrikam.example")
+    _setup(client, world, folderName=None)
+    for n in range(100):
+        _own(world, f"Private {n}", f"friend{n}@home.example")
+    report = _sync(client, "full")
+    assert report["counts"]["outlookCreated"] == 1
+    # the default folder's id (no subfolder: asked of the folders, then of the contacts), delta,
+    # listing, category, one write batch, the settling delta round; reading the tags by id would add 4
+    assert report["requests"]["graph"] <= 7, report["requests"]
+    assert _writes(_sync(client, "full")) == 0
