@@ -514,6 +514,13 @@ AFTER_CASES: dict[str, tuple[Action, dict[str, Any], UserSettings, ContactFilter
         OSLO_ONLY,
         ("tag_outlook", "tagged with its BC id"),
     ),
+    "created in BC outside the filter, in the default folder: released, it is the user's": (
+        created_from(ADA_IN_OUTLOOK),
+        ADA,
+        replace(USER, folder_name=None),
+        OSLO_ONLY,
+        ("release_outlook", "in Business Central now; not synced to you: does not match your filter"),
+    ),
     "updated in BC, BC answers what Outlook has: nothing": (
         replace(created_from(ADA_IN_OUTLOOK), kind=ActionKind.UPDATE_BC, bc_id="b1"),
         ADA,
