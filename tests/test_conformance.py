@@ -72,7 +72,7 @@ def test_every_assumption_holds_on_a_documented_tenant_and_nothing_is_left_behin
     assert code == 0, out
     assert "  differs  " not in out and "All assumptions hold." in out
     rows = [line for line in out.splitlines() if "  ok  " in line]
-    assert len(rows) == 13, out  # 2 tokens, 7 Graph, 4 Business Central
+    assert len(rows) == 15, out  # 2 tokens, 9 Graph, 4 Business Central
     for expected in ("immutable id differs from the REST id", "@removed", "JSON answer", "countries/regions"):
         assert expected in out
     # Outlook: the scratch folder and its contacts are gone; the user's own folder is untouched.
