@@ -301,8 +301,8 @@ class SyncMachine(RuleBasedStateMachine):
     @rule()
     def outlook_delete_folder(self) -> None:
         fid = self._folder_id()
-        if fid is None:
-            return
+        if fid is None or fid == self.cloud.graph.default_folder_id(self.user):
+            return  # the default Contacts folder cannot be deleted
         for c in self.cloud.graph.folder_contacts(self.user, fid):
             if c["id"] in self.user_made:
                 self.user_made[c["id"]].deleted = True
@@ -531,12 +531,13 @@ class SyncMachine(RuleBasedStateMachine):
         folders = self.cloud.graph.folders(self.user)
         in_default = self.settings.folder_name is None
         if in_default:
-            assert state.folder_id == self.cloud.graph.default_folder_id(self.user)
+            # Unknown (None) only while the default folder was empty, with no subfolder to tell its id.
+            assert state.folder_id in (None, self.cloud.graph.default_folder_id(self.user))
         else:
             wanted = str(self.settings.folder_name).lower()
             named = [f for f in folders if f["displayName"].lower() == wanted]
             assert [f["id"] for f in named] == [state.folder_id], (self.settings.folder_name, folders)
-        folder = self.cloud.graph.folder_contacts(self.user, state.folder_id)
+        folder = self.cloud.graph.folder_contacts(self.user, None if in_default else state.folder_id)
         elsewhere = [tag(c) for c in self._mailbox() if tag(c) and c["id"] not in {o["id"] for o in folder}]
         assert not elsewhere, (
             f"synced contacts left behind in another folder (a move not finished): {elsewhere}"
