@@ -44,7 +44,7 @@ const TEXT = {
       contactsPermission: "Permission to write contacts", categoryPermission: "Permission to add the Outlook category", bcCompany: "Business Central company", bcWrite: "Permission to write Business Central contacts" },
     actions: { failed: "failed", skipped: "skipped", outlookCreated: "created in Outlook", outlookUpdated: "updated in Outlook",
       outlookDeleted: "removed from Outlook", outlookRecreated: "recreated in Outlook", bcCreated: "created in BC",
-      bcUpdated: "updated in BC", linked: "linked", unlinked: "unlinked", safetyStop: "stopped for safety" },
+      bcUpdated: "updated in BC", linked: "linked", unlinked: "unlinked", released: "kept as your own, no longer synced", note: "note", safetyStop: "stopped for safety" },
   },
   nb: {
     title: "Kontaktsynkronisering", language: "Språk", signIn: "Logg på", signOut: "Logg av",
@@ -77,7 +77,7 @@ const TEXT = {
       contactsPermission: "Tillatelse til å skrive kontakter", categoryPermission: "Tillatelse til å legge til Outlook-kategorien", bcCompany: "Business Central-selskap", bcWrite: "Tillatelse til å skrive Business Central-kontakter" },
     actions: { failed: "feilet", skipped: "hoppet over", outlookCreated: "opprettet i Outlook", outlookUpdated: "oppdatert i Outlook",
       outlookDeleted: "fjernet fra Outlook", outlookRecreated: "gjenopprettet i Outlook", bcCreated: "opprettet i BC",
-      bcUpdated: "oppdatert i BC", linked: "koblet", unlinked: "frakoblet", safetyStop: "stoppet av sikkerhetshensyn" },
+      bcUpdated: "oppdatert i BC", linked: "koblet", unlinked: "frakoblet", released: "beholdt som din egen, ikke lenger synkronisert", note: "merknad", safetyStop: "stoppet av sikkerhetshensyn" },
   },
 };
 
