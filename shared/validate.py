@@ -95,31 +95,38 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check("bcCompany", False, "not checked: no Business Central token"))
         checks.append(Check("bcFields", False, "not checked: no Business Central token"))
     if graph_token:
-        try:
-            graph.get_user(settings.user)
-            checks.append(Check("mailbox", True, "ok"))
-            try:
-                folder = (
-                    graph.find_folder(settings.user, settings.folder_name)
-                    if settings.folder_name is not None
-                    else None
-                )
-                if folder:  # a write that changes nothing proves Contacts.ReadWrite, not just read access
-                    graph.rename_folder(settings.user, folder["id"], folder["displayName"])
-                    checks.append(Check("contactsPermission", True, "ok"))
-                else:
-                    checks.append(_read_only_hint(services.tokens.token(GRAPH_SCOPE)))
-            except ApiError as exc:
-                checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
-            if settings.category:
-                checks.append(_category_check(graph, settings.user, settings.category))
-        except ApiError as exc:
-            checks.append(Check("mailbox", False, _graph_hint(exc, settings.user)))
-            checks.append(Check("contactsPermission", False, "not checked: mailbox not reachable"))
+        checks += _graph_checks(services, graph, settings)
     else:
         checks.append(Check("mailbox", False, "not checked: no Graph token"))
         checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
     return {"user": settings.user, "ok": all(c.ok for c in checks), "checks": [asdict(c) for c in checks]}
+
+
+def _graph_checks(services: Any, graph: Any, settings: UserSettings) -> list[Check]:
+    """The mailbox, the permission to write contacts there, and the one to add the category."""
+    checks: list[Check] = []
+    try:
+        graph.get_user(settings.user)
+        checks.append(Check("mailbox", True, "ok"))
+        try:
+            folder = (
+                graph.find_folder(settings.user, settings.folder_name)
+                if settings.folder_name is not None
+                else None
+            )
+            if folder:  # a write that changes nothing proves Contacts.ReadWrite, not just read access
+                graph.rename_folder(settings.user, folder["id"], folder["displayName"])
+                checks.append(Check("contactsPermission", True, "ok"))
+            else:
+                checks.append(_read_only_hint(services.tokens.token(GRAPH_SCOPE)))
+        except ApiError as exc:
+            checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
+        if settings.category:
+            checks.append(_category_check(graph, settings.user, settings.category))
+    except ApiError as exc:
+        checks.append(Check("mailbox", False, _graph_hint(exc, settings.user)))
+        checks.append(Check("contactsPermission", False, "not checked: mailbox not reachable"))
+    return checks
 
 
 def _category_check(graph: Any, user: str, category: str) -> Check:
