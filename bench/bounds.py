@@ -61,7 +61,7 @@ class Need:
     delta_in: int = 0  # items the run's delta round must return (user changes, or everything in full)
     echo: int = 0  # our own Outlook writes, returned by the following delta round
     tag_reads: int = 0  # unknown Outlook contacts whose BC-id tag must be read
-    graph_fixed: int = 0  # folder lookup and creation on the first run, the folder check after it
+    graph_fixed: int = 0  # folder lookup/creation and the category on the first run, the folder check after
     bc_read_rows: int | None = None  # contacts in the company, when this run must page through all of them
     bc_read_requests: int = 0  # BC reads that are single requests (the changed-since query)
     bc_writes: int = 0  # BC contacts created/updated

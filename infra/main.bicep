@@ -68,7 +68,7 @@ param syncAuthorityHost string = 'https://login.microsoftonline.com'
 @description('Create the app registration, its service principal and (secretless mode) the federated credential of the managed identity with the Microsoft Graph Bicep extension. Needs Application Administrator or Cloud Application Administrator (or Application Developer) for the deployer.')
 param deployAppRegistration bool = false
 
-@description('Also grant the application permissions (app role assignments = admin consent): BC API.ReadWrite.All and Graph User.Read.All, plus Graph Contacts.ReadWrite when contactsPermission is entraConsent. Needs Privileged Role Administrator (or Global Administrator) for the deployer. Only with deployAppRegistration.')
+@description('Also grant the application permissions (app role assignments = admin consent): BC API.ReadWrite.All and Graph User.Read.All, plus Graph Contacts.ReadWrite and MailboxSettings.ReadWrite when contactsPermission is entraConsent. Needs Privileged Role Administrator (or Global Administrator) for the deployer. Only with deployAppRegistration.')
 param grantAppPermissions bool = false
 
 @description('exchangeRbac (recommended): Contacts.ReadWrite comes from Exchange Online RBAC for Applications, scoped to the salespeople, so the app registration must NOT hold the tenant-wide Graph permission. entraConsent: the Graph permission is requested (and granted with grantAppPermissions) and limited by an application access policy (docs/DEPLOY.md step 3).')

@@ -35,7 +35,14 @@ class Cloud:
         self.environment = environment
         self.entra = EntraService()
         self.entra.add_tenant(self.tenant_id)
-        self.entra.register_app(self.tenant_id, self.client_id, self.client_secret)
+        # The Graph permissions the deployment grants (docs/DEPLOY.md): contacts, the mailbox lookup,
+        # and the master category list the sync adds its category to (issue 12).
+        self.entra.register_app(
+            self.tenant_id,
+            self.client_id,
+            self.client_secret,
+            graph_roles=("Contacts.ReadWrite", "User.Read.All", "MailboxSettings.ReadWrite"),
+        )
         # The same app registration exposes the API people call (scope access_as_user, app role
         # ContactSync.Admin) and is the page's single-page-application client (BEHAVIOUR §7.7).
         self.entra.expose_api(self.tenant_id, self.client_id)

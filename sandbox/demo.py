@@ -6,7 +6,10 @@
 3. PUT the salesperson's settings and validate the connection (function_users_http);
 4. POST a full sync, then an incremental one (function_sync_http) and print both reports;
 5. change things on both sides as people would, and run an incremental sync again;
-6. with --serve, keep the self-service page up (the function app on http://127.0.0.1:7071) and print
+6. a second salesperson syncs into their default Contacts folder (the one phones show) with the
+   "Business Central" category, beside their own contacts: one BC also has is adopted, the others
+   are left alone (issue 12);
+7. with --serve, keep the self-service page up (the function app on http://127.0.0.1:7071) and print
    the colleagues who can sign in to it.
 """
 
@@ -97,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in body["checks"]:
             print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']:<20} {c['message']}")
 
-        def sync(mode: str, title: str) -> RunReport:
+        def sync(mode: str, title: str, user: str = USER) -> RunReport:
             started = time.monotonic()
-            status, body = call(sync_http, "POST", "sync", {"user": USER, "mode": mode}, jobs=Collector())
+            status, body = call(sync_http, "POST", "sync", {"user": user, "mode": mode}, jobs=Collector())
             print(
                 f"\n=== {title}: POST /api/sync mode={mode} → {status} in {time.monotonic() - started:.1f}s ==="
             )
@@ -145,26 +148,86 @@ def main(argv: list[str] | None = None) -> int:
             f"in Outlook {USER} deleted {victim['displayName']} and added Olav Trygg with a photo."
         )
         sync("incremental", "3. Incremental sync after the changes")
+        people = {USER: password, COLLEAGUE: default_folder_user(cloud, users_http, sync, contacts)}
         if args.serve:
-            serve_page(cloud, args.port, {USER: password})
+            serve_page(cloud, args.port, people)
         else:
             print("\nThe self-service page: ./scripts/demo.sh --serve keeps it up and says how to sign in.")
         reset_services()
     return 0
 
 
+def default_folder_user(cloud, users_http, sync, contacts: list[dict]) -> str:
+    """Step 6: a salesperson whose contacts go where the phone looks. Returns their password."""
+    _, password = cloud.add_person(COLLEAGUE, "Bjørn Berg")
+    own = [
+        ("Dentist Dahl", "post@dahl-tannlege.example", ["Personal"]),  # private: never touched
+        ("Mum", None, []),  # no email: never touched
+    ]
+    from shared.mapping import bc_is_eligible
+
+    shared = next(c for c in contacts if c.get("city") == "Oslo" and bc_is_eligible(c) is None)
+    own.append(
+        (f"{shared['displayName'].split()[0]} (phone)", shared["email"], ["Red category"])
+    )  # BC has it
+    own_ids = set()
+    for name, email, categories in own:
+        data: dict = {"displayName": name, "categories": categories}
+        if email:
+            data["emailAddresses"] = [{"address": email, "name": name}]
+        own_ids.add(cloud.graph.user_create_contact(COLLEAGUE, None, data)["id"])
+    print(
+        f"\n=== 6. {COLLEAGUE} syncs into the default Contacts folder (the one phones show), with a category ===\n"
+        f"Their default folder already holds {len(own)} contacts of their own; one has the email of a BC contact."
+    )
+    status, _ = call(
+        users_http,
+        "PUT",
+        f"users/{COLLEAGUE}",
+        {"folderName": None, "category": "Business Central", "filter": {"city": "Oslo"}},
+    )
+    print(f'PUT /api/users/{COLLEAGUE} {{"folderName": null, "category": "Business Central"}} → {status}')
+    sync("full", "6a. Full sync into the default folder", COLLEAGUE)
+    again = sync("incremental", "6b. Incremental sync right after", COLLEAGUE)
+    print(
+        f"Requests of the run right after: {again.requests} (no folder check: the default folder cannot go)"
+    )
+    default = cloud.graph.folder_contacts(COLLEAGUE, None)
+    print(f"\n{COLLEAGUE}'s default Contacts folder ({len(default)} contacts), the user's own first:")
+    print(f"  {'name':<28} {'email':<34} {'synced':<8} categories")
+    rows = sorted(
+        default, key=lambda c: (bool(c.get("singleValueExtendedProperties")), c.get("displayName") or "")
+    )
+    for c in rows[:12]:
+        email = ((c.get("emailAddresses") or [{}])[0] or {}).get("address") or "-"
+        tagged = any(p.get("value") for p in c.get("singleValueExtendedProperties") or [])
+        synced = ("adopted" if c["id"] in own_ids else "yes") if tagged else "no"
+        name = (c.get("displayName") or "-")[:28]
+        print(f"  {name:<28} {email[:34]:<34} {synced:<8} {', '.join(c.get('categories') or [])}")
+    if len(rows) > 12:
+        print(f"  … and {len(rows) - 12} more synced contacts")
+    colours = {c["displayName"]: c["color"] for c in cloud.graph.master_categories(COLLEAGUE)}
+    print(
+        f"Master category 'Business Central': colour {colours.get('Business Central', 'none (not created)')}"
+    )
+    return password
+
+
 def serve_page(cloud, port: int, people: dict[str, str]) -> None:
     """Serve the function app's HTTP routes on 127.0.0.1:`port` until Ctrl-C, with people to sign in."""
     from tests.local_host import LocalHost  # the repository's stand-in for the Functions host
 
-    _, people[COLLEAGUE] = cloud.add_person(COLLEAGUE, "Bjørn Berg")
     _, people[ADMIN] = cloud.add_person(ADMIN, "Ada Admin", admin=True)
     with LocalHost().serve(port) as base:
         page = f"{base}/api/selfservice"
         cloud.allow_redirect(page)
         print(f"\n=== The self-service page: {page} ===")
         print("Sign in (sandbox Entra ID) as one of:")
-        roles = {USER: "salesperson, set up above", COLLEAGUE: "salesperson, no sync yet", ADMIN: "admin"}
+        roles = {
+            USER: "salesperson, folder 'Business Central'",
+            COLLEAGUE: "salesperson, default Contacts folder",
+            ADMIN: "admin",
+        }
         for upn, secret in people.items():
             print(f"  {upn:<24} password {secret:<24} {roles[upn]}")
         print(

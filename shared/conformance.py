@@ -307,6 +307,8 @@ class Conformance:
             (EXT_FILTER, self._ext_filter),
             (IMMUTABLE, self._immutable_ids),
             (DELTA, self._delta_and_batch),
+            (DEFAULT_FOLDER, self._default_folder),
+            (CATEGORIES, self._categories),
         ]
         try:
             for name, step in steps:
@@ -381,6 +383,45 @@ class Conformance:
             self.contact_ids.append(created.body["id"])
             self._contacts[role] = created.body["id"]
         self._add(SCRATCH_FOLDER, "created, renamed and found by name; 2 contacts created in it", True)
+
+    def _default_folder(self) -> None:
+        """`folderName: null` (BEHAVIOUR §4.8): the default folder's id is the `parentFolderId` of a
+        folder under it (here the scratch folder), it answers by that id, and its delta runs in the
+        documented folder form. Read only: one delta page, the user's own contacts are not touched."""
+        todo = "the default Contacts folder setting (folderName null) relies on this: report this tenant's answer"
+        with self._step(DEFAULT_FOLDER, todo):
+            scratch = self.graph.call("GET", f"{self._folders_url()}/{quote(self.folder_id or '', safe='')}")
+            parent = (scratch.body or {}).get("parentFolderId") if scratch.status == 200 else None
+            if not parent:
+                raise StepFailed(f"the scratch folder's parentFolderId: {scratch.error()}")
+            url = f"{self._folders_url()}/{quote(parent, safe='')}"
+            got = self.graph.call("GET", url)
+            if got.status != 200 or (got.body or {}).get("id") != parent:
+                raise StepFailed(f"GET of the default folder by its id answered {got.error()}")
+            delta = self.graph.call(
+                "GET",
+                f"{url}/contacts/delta",
+                headers={"Prefer": f"odata.maxpagesize={DELTA_PAGE}"},
+                params={"$select": "id"},
+            )
+            links = {"@odata.nextLink", "@odata.deltaLink"} & set(delta.body or {})
+            if delta.status != 200 or not links:
+                raise StepFailed(f"its contacts/delta answered {delta.error()}")
+            self._add(DEFAULT_FOLDER, "its id answers, and its delta pages as a folder's does", True)
+
+    def _categories(self) -> None:
+        """The sync's category goes into the master category list (BEHAVIOUR §4.8). Reading it shows
+        the MailboxSettings permission reaches this mailbox; the check writes no category."""
+        todo = (
+            "the sync adds its Outlook category to the master category list: grant MailboxSettings.ReadWrite "
+            "(the Exchange role 'Application MailboxSettings.ReadWrite', or the Graph application permission; "
+            "docs/DEPLOY.md). Without it the category is still set, without a colour"
+        )
+        with self._step(CATEGORIES, todo):
+            got = self.graph.call("GET", f"{self._user_path}/outlook/masterCategories")
+            if got.status != 200 or not isinstance((got.body or {}).get("value"), list):
+                raise StepFailed(f"GET outlook/masterCategories answered {got.error()}", todo)
+            self._add(CATEGORIES, f"{len(got.body['value'])} categories listed", True)
 
     def _ext_expand(self) -> None:
         with self._step(
@@ -784,8 +825,20 @@ EXT_FILTER = "Graph: $filter on the BcContactId extended property"
 IMMUTABLE = 'Graph: Prefer IdType="ImmutableId" gives stable, distinct ids'
 BATCH = "Graph: $batch with per-item status"
 DELTA = "Graph: folder delta paging and @removed"
+DEFAULT_FOLDER = "Graph: the default Contacts folder by its id, with delta"
+CATEGORIES = "Graph: the master category list is readable"
 CLEANUP = "Graph: cleanup of the scratch folder"
-GRAPH_ASSUMPTIONS = (SCRATCH_FOLDER, EXT_EXPAND, EXT_FILTER, IMMUTABLE, BATCH, DELTA, CLEANUP)
+GRAPH_ASSUMPTIONS = (
+    SCRATCH_FOLDER,
+    EXT_EXPAND,
+    EXT_FILTER,
+    IMMUTABLE,
+    BATCH,
+    DELTA,
+    DEFAULT_FOLDER,
+    CATEGORIES,
+    CLEANUP,
+)
 BC_COMPANIES = "BC: companies list holds BC_COMPANY_ID"
 BC_METADATA = "BC: $metadata contact fields the mapping uses"
 BC_BATCH = "BC: read-only $batch answered in JSON"

@@ -42,6 +42,9 @@ class Outcome:
     written: dict[str, str] = field(default_factory=dict)  # Outlook id → fingerprint as written
     deleted: set[str] = field(default_factory=set)  # Outlook ids this run deleted
     photos_written: dict[str, str] = field(default_factory=dict)  # Outlook ids whose photo this run set
+    # The folder a contact created through `/users/{id}/contacts` landed in: the default Contacts
+    # folder's id, learnt from the first write when the folder was empty and its id unknown.
+    folder_seen: str | None = None
 
 
 # A failed Outlook write based on a BC record holds the BC watermark before that record; a failed BC
@@ -52,6 +55,7 @@ _HOLDS_BC_WATERMARK = frozenset(
         ActionKind.RECREATE_OUTLOOK,
         ActionKind.UPDATE_OUTLOOK,
         ActionKind.TAG_OUTLOOK,
+        ActionKind.RELEASE_OUTLOOK,
         ActionKind.LINK,
     }
 )
@@ -79,6 +83,7 @@ def route_of(action: Action) -> Route:
             | ActionKind.UPDATE_OUTLOOK
             | ActionKind.DELETE_OUTLOOK
             | ActionKind.TAG_OUTLOOK
+            | ActionKind.RELEASE_OUTLOOK
             | ActionKind.LINK
         ):
             return "graph"
@@ -105,7 +110,7 @@ class Executor:
         settings: UserSettings,
         contact_filter: ContactFilter,
         company_id: str,
-        folder_id: str,
+        folder_id: str | None,
         bc: BcClient,
         graph: GraphClient,
         store: Store,
@@ -114,6 +119,9 @@ class Executor:
         checkpoint: Callable[[str], None] = lambda name: None,
         ctx: BcContext = DEFAULT_CONTEXT,
         link_key: Callable[[str], str] = lambda bc_id: bc_id,
+        links: dict[str, Link] | None = None,
+        category: str | None = None,
+        stale_categories: frozenset[str] = frozenset(),
     ):
         self.settings = settings
         self.user = settings.user
@@ -131,6 +139,10 @@ class Executor:
         # Where a link of this company is stored: its BC id, or "{companyId}|{bcId}" for a company
         # other than the user's home one (BEHAVIOUR §5.4).
         self.link_key = link_key
+        # The links the plan was made from: an adopted contact stays adopted while its link is kept.
+        self.links = links or {}
+        self.category = category
+        self.stale_categories = stale_categories
         self.outcome = Outcome()
 
     # Bookkeeping --------------------------------------------------------------------------
@@ -146,16 +158,24 @@ class Executor:
             self.outcome.hold_delta = True
 
     def _link(
-        self, bc: dict[str, Any] | None, outlook: dict[str, Any] | None, outlook_id: str | None
+        self,
+        bc: dict[str, Any] | None,
+        outlook: dict[str, Any] | None,
+        outlook_id: str | None,
+        adopted: bool = False,
     ) -> Link:
         if bc is None or outlook is None or outlook_id is None:
             raise ValueError("a link needs both records and the Outlook id")
+        known = self.links.get(bc["id"])
+        if known is not None and known.outlook_id == outlook_id and known.adopted:
+            adopted = True
         return Link(
             bc_id=bc["id"],
             outlook_id=outlook_id,
             bc_hash=fingerprint(bc_view(bc, self.ctx)),
             outlook_hash=fingerprint(outlook_view(outlook, self.ctx)),
             email=bc.get("email") or "",
+            adopted=adopted,
         )
 
     def _save_links(self, upserts: list[Link], deletes: list[str]) -> None:
@@ -181,7 +201,7 @@ class Executor:
                 store_deletes.append(_bc_id(action))
                 self.report.items.append(_report_item("unlinked", action))
             else:  # refresh_link, or a link that writes nothing to Outlook
-                store_upserts.append(self._link(action.bc, action.outlook, action.outlook_id))
+                store_upserts.append(self._link(action.bc, action.outlook, action.outlook_id, action.adopted))
                 if action.kind is ActionKind.LINK:
                     self.report.add("linked", action.bc_id, action.outlook_id, action.email, action.reason)
         if store_upserts or store_deletes:
@@ -215,11 +235,19 @@ class Executor:
                 self.report.add(action.report_as, bc["id"], action.outlook_id, action.email, action.reason)
                 # Link now; an empty Outlook hash marks "not tagged yet" until the follow-up lands, so
                 # a run interrupted in between tags it next time (see planner).
-                link = self._link(bc, action.outlook, action.outlook_id)
+                link = self._link(bc, action.outlook, action.outlook_id, action.adopted)
                 if action.kind is ActionKind.CREATE_BC:
                     link.outlook_hash = ""
                 links.append(link)
-                follow_up = after_bc_write(action, bc, self.settings, self.contact_filter, self.ctx)
+                follow_up = after_bc_write(
+                    action,
+                    bc,
+                    self.settings,
+                    self.contact_filter,
+                    self.ctx,
+                    category=self.category,
+                    stale_categories=self.stale_categories,
+                )
                 if follow_up is not None:
                     follow_ups.append(follow_up)
             if links:
@@ -235,11 +263,12 @@ class Executor:
         return self.bc.write(self.company_id, writes)
 
     def _graph_item(self, action: Action) -> BatchItem:
+        folder = action.folder_id or self.folder_id
         if action.kind in (ActionKind.CREATE_OUTLOOK, ActionKind.RECREATE_OUTLOOK):
-            return self.graph.contact_op(self.user, self.folder_id, "POST", body=action.body)
+            return self.graph.contact_op(self.user, folder, "POST", body=action.body)
         if action.kind is ActionKind.DELETE_OUTLOOK:
-            return self.graph.contact_op(self.user, self.folder_id, "DELETE", action.outlook_id)
-        return self.graph.contact_op(self.user, self.folder_id, "PATCH", action.outlook_id, action.body)
+            return self.graph.contact_op(self.user, folder, "DELETE", action.outlook_id)
+        return self.graph.contact_op(self.user, folder, "PATCH", action.outlook_id, action.body)
 
     def _apply_graph(self, actions: list[Action]) -> None:
         for start in range(0, len(actions), GRAPH_CHUNK):
@@ -251,6 +280,8 @@ class Executor:
             for action, result in zip(chunk, results, strict=True):
                 if action.kind is ActionKind.DELETE_OUTLOOK:
                     self._deleted(action, result, deletes)
+                elif action.kind is ActionKind.RELEASE_OUTLOOK:
+                    self._released(action, result, deletes)
                 else:
                     self._written(action, result, upserts)
             if upserts or deletes:
@@ -268,6 +299,20 @@ class Executor:
         else:
             self._record_failure(action, result, result.error or f"status {result.status}")
 
+    def _released(self, action: Action, result: ItemResult, deletes: list[str]) -> None:
+        """The user's own contact no longer carries our tag and category: it is theirs again. Gone
+        already (404) is as good: nothing of ours is left on it."""
+        outlook_id = _outlook_id(action)
+        if result.ok or result.status == 404:
+            if result.ok and isinstance(result.body, dict):
+                # Our own write: the next delta shows it, and it must not read as a user change.
+                self.outcome.written[outlook_id] = fingerprint(outlook_view(result.body, self.ctx))
+            self.report.items.append(_report_item("released", action))
+            if action.bc_id and action.unlinks:
+                deletes.append(action.bc_id)
+        else:
+            self._record_failure(action, result, _failure_reason(result))
+
     def _written(self, action: Action, result: ItemResult, upserts: list[Link]) -> None:
         if not result.ok or not isinstance(result.body, dict):
             why = _failure_reason(result)
@@ -279,7 +324,11 @@ class Executor:
         new_id: str = body["id"] if "id" in body else _outlook_id(action)  # a create answers its id
         if action.report_as:
             self.report.add(action.report_as, action.bc_id, new_id, action.email, action.reason)
-        link = self._link(action.bc, body, new_id)
+        if action.kind in (ActionKind.CREATE_OUTLOOK, ActionKind.RECREATE_OUTLOOK) and body.get(
+            "parentFolderId"
+        ):
+            self.outcome.folder_seen = self.outcome.folder_seen or str(body["parentFolderId"])
+        link = self._link(action.bc, body, new_id, action.adopted)
         self.outcome.written[new_id] = link.outlook_hash
         upserts.append(link)
 

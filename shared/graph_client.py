@@ -42,9 +42,11 @@ CONTACT_SELECT = (
     "businessAddress",
     "businessHomePage",
     "parentFolderId",
-    # Which company a new Outlook contact goes to: the one whose category it carries (BEHAVIOUR §5.4).
+    # The sync's category and the user's own (BEHAVIOUR §4.8); a new Outlook contact goes to the
+    # company whose category it carries (BEHAVIOUR §5.4).
     "categories",
 )
+CATEGORY_COLOR = "preset7"  # the sync's category: Blue in Outlook's colour table (outlookcategory.md)
 _EXPAND_TAG = f"singleValueExtendedProperties($filter=id eq '{BC_ID_PROPERTY_ID}')"
 
 
@@ -148,6 +150,41 @@ class GraphClient:
             next_url = resp.body.get("@odata.nextLink")
             query = None
         return out
+
+    def default_folder_id(self, user: str) -> str | None:
+        """The id of the user's default Contacts folder, or None while it is empty and has no subfolder.
+
+        Graph v1.0 documents no way to address that folder by a name ("List contactFolders" lists its
+        children only; `/contacts/delta` without a folder id is undocumented). Its id is documented
+        indirectly: it is the `parentFolderId` of every folder under it (user-list-contactfolders)
+        and of every contact in it (`/users/{id}/contacts`, contactfolder-list-contacts). One request
+        each, asked once per user: the id is kept in the user's state (the folder cannot be deleted).
+        """
+        for path in ("contactFolders", "contacts"):
+            found = self.http.request(
+                "GET",
+                self._url(f"{self.user_path(user)}/{path}"),
+                params={"$select": "id,parentFolderId", "$top": "1"},
+            ).body.get("value", [])
+            if found and found[0].get("parentFolderId"):
+                return str(found[0]["parentFolderId"])
+        return None
+
+    def create_category(self, user: str, name: str, color: str) -> str:
+        """Add `name` to the user's master category list (outlookuser-post-mastercategories, which
+        needs MailboxSettings.ReadWrite). Returns "created" or "exists" (409: the name is taken, which
+        is what we wanted); an ApiError otherwise (403: the permission is missing)."""
+        try:
+            self.http.request(
+                "POST",
+                self._url(f"{self.user_path(user)}/outlook/masterCategories"),
+                json_body={"displayName": name, "color": color},
+            )
+        except ApiError as exc:
+            if exc.status == 409:
+                return "exists"
+            raise
+        return "created"
 
     def create_folder(self, user: str, name: str) -> dict[str, Any]:
         """Create the folder under Contacts; if Exchange says it exists (409 ErrorFolderExists, e.g.
@@ -344,14 +381,19 @@ class GraphClient:
     def contact_op(
         self,
         user: str,
-        folder_id: str,
+        folder_id: str | None,
         method: str,
         contact_id: str | None = None,
         body: dict[str, Any] | None = None,
         query: str = "",
     ) -> BatchItem:
-        """One `$batch` operation on the folder's contacts (the collection when no contact id)."""
-        path = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
+        """One `$batch` operation on the folder's contacts (the collection when no contact id). Without a
+        folder id, the default Contacts folder's (`/users/{id}/contacts`, user-post-contacts): only
+        while its id is unknown, i.e. it is empty and has no subfolder."""
+        if folder_id is None:
+            path = f"{self.user_path(user)}/contacts"
+        else:
+            path = f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts"
         if contact_id is not None:
             path += f"/{quote(contact_id, safe='')}"
         return BatchItem(method, path + query, body)

@@ -21,6 +21,8 @@ from shared.errors import ValidationError as ValidationError  # re-exported: cal
 from shared.filters import parse_filter
 
 DEFAULT_FOLDER = "Business Central"
+# The Outlook category every synced contact carries (BEHAVIOUR §5 `category`), unless set otherwise.
+DEFAULT_CATEGORY = "Business Central"
 
 # A mailbox address (UPN) or an Entra object id, as strict as Entra itself: the user name allows only
 # A-Z a-z 0-9 ' . - _ ! # ^ ~, at most 64 characters, not ending (nor, here, starting) with a period;
@@ -127,9 +129,14 @@ def normalize_company_id(value: Any) -> str | None:
     return value.strip().lower()
 
 
-def normalize_folder_name(value: Any) -> str:
+def normalize_folder_name(value: Any) -> str | None:
+    """A subfolder's name, or None: the user's default Contacts folder (the one phones show)."""
+    if value is None:
+        return None
     if not isinstance(value, str) or not value.strip():
-        raise ValidationError("folderName", "must be a non-empty text")
+        raise ValidationError(
+            "folderName", "must be a non-empty text, or null for the default Contacts folder"
+        )
     v = value.strip()
     if len(v) > 255:
         raise ValidationError("folderName", "must be at most 255 characters")
@@ -275,7 +282,7 @@ class UserSettings:
     user: str
     enabled: bool = True
     company_id: str | None = None
-    folder_name: str = DEFAULT_FOLDER
+    folder_name: str | None = DEFAULT_FOLDER  # None: the default Contacts folder
     filter: dict[str, str] = field(default_factory=dict)
     pull_new_from_outlook: bool = True
     pull_edits_from_outlook: bool = False
@@ -283,6 +290,7 @@ class UserSettings:
     sync_photos: bool = True  # BC's picture ↔ the Outlook contact's photo (BEHAVIOUR §4.6, shared/photos.py)
     # Several BC companies (BEHAVIOUR §5.4); None: `company_id` and `filter` say the one company.
     companies: tuple[CompanySetting, ...] | None = None
+    category: str | None = DEFAULT_CATEGORY  # None: synced contacts get no category
 
     JSON_FIELDS: ClassVar[dict[str, str]] = {
         "user": "user",
@@ -295,6 +303,7 @@ class UserSettings:
         "removeFromOutlook": "remove_from_outlook",
         "syncPhotos": "sync_photos",
         "companies": "companies",
+        "category": "category",
     }
 
     @classmethod
@@ -328,6 +337,8 @@ class UserSettings:
             kwargs["company_id"] = normalize_company_id(data["companyId"])
         if "folderName" in data:
             kwargs["folder_name"] = normalize_folder_name(data["folderName"])
+        if "category" in data:
+            kwargs["category"] = normalize_category(data["category"], "category")
         if "filter" in data and data["filter"] is not None:
             filter_document = data["filter"]
             if not isinstance(filter_document, dict):
@@ -337,14 +348,16 @@ class UserSettings:
             parse_filter(filter_document)  # raises ValidationError naming the field
             kwargs["filter"] = dict(filter_document)
         if data.get("companies") is not None:
-            clash = [name for name in ("companyId", "filter") if data.get(name) not in (None, {})]
+            clash = [name for name in ("companyId", "filter", "category") if data.get(name) not in (None, {})]
             if clash:
                 raise ValidationError(
                     "companies",
-                    f"cannot be combined with {' or '.join(clash)}: give each company's filter inside "
-                    "companies, or use companyId and filter without companies",
+                    f"cannot be combined with {' or '.join(clash)}: give each company's filter and "
+                    "category inside companies, or use companyId, filter and category without companies",
                 )
             kwargs["companies"] = normalize_companies(data["companies"])
+            # Each company names its own category; the top-level one says nothing (null in JSON).
+            kwargs["category"] = None
         return cls(**kwargs)
 
     def to_json(self) -> dict[str, Any]:
@@ -357,7 +370,7 @@ class UserSettings:
         contacts without a company's category). `default_company`: BC_COMPANY_ID, for users
         without `companyId`."""
         if self.companies is None:
-            return [Scope((self.company_id or default_company).lower(), dict(self.filter))]
+            return [Scope((self.company_id or default_company).lower(), dict(self.filter), self.category)]
         return [
             Scope(
                 c.company_id,
@@ -368,6 +381,12 @@ class UserSettings:
             )
             for c in self.companies
         ]
+
+    @property
+    def in_default_folder(self) -> bool:
+        """`folderName: null`: the sync shares the user's default Contacts folder with their own
+        contacts, so it changes or removes only what it manages (BEHAVIOUR §4.8)."""
+        return self.folder_name is None
 
 
 @dataclass
@@ -390,6 +409,9 @@ class Link:
     photo: str = ""
     photo_stamp: str = ""
     photo_etag: str = ""  # the Outlook photo's media etag when the hash was agreed ("" unknown)
+    # The Outlook contact was the user's own before the sync linked it (matched by email): when it
+    # stops being synced it is released (tag and category removed), never deleted (BEHAVIOUR §4.8).
+    adopted: bool = False
 
 
 @dataclass
@@ -413,6 +435,15 @@ class UserState:
     # Per company of `companies` (BEHAVIOUR §5.4): companyId → {"bcWatermark", "settingsHash"}. The
     # fields above keep serving a user without `companies`, and the company its bare tags belong to.
     companies: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The default Contacts folder's id, once known (it never changes: the folder cannot be deleted).
+    default_folder_id: str | None = None
+    # A move between folders in progress (BEHAVIOUR §4.8): the folder the synced contacts are leaving.
+    # Kept until a run empties it of them without a failure, so a run that stops midway is finished.
+    previous_folder_id: str | None = None
+    # JSON list of the categories the sync wrote: any that is no longer the current one is removed.
+    categories: str | None = None
+    # The category known to exist in the master category list ("!name": creating it was refused).
+    master_category: str | None = None
     etag: str | None = None
 
 
@@ -435,6 +466,8 @@ class ActionKind(Enum):
     LINK = ("link", "linked", True)  # adopt an Outlook contact, with BC's values when they differ
     # After a BC write: its BC id tag and BC's values onto the Outlook contact; counted with that write.
     TAG_OUTLOOK = ("tag_outlook", "", True)
+    # Stop syncing a user's own contact (adopted): remove our tag and category, keep the contact.
+    RELEASE_OUTLOOK = ("release_outlook", "", True)
     REFRESH_LINK = ("refresh_link", "", False)  # both sides agree again: store the new hashes
     UNLINK = ("unlink", "", False)  # stop syncing a contact, leaving Outlook alone
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from shared.filters import ContactFilter
 from shared.mapping import (
+    BC_ID_PROPERTY_ID,
     DEFAULT_CONTEXT,
     BcContext,
     MappingError,
@@ -37,6 +38,7 @@ from shared.mapping import (
     outlook_is_eligible,
     outlook_to_bc,
     outlook_view,
+    tag_value,
 )
 from shared.model import ActionKind, Link, ReportItem, UserSettings
 
@@ -61,6 +63,16 @@ class Snapshot:
     # Why this company's contacts are no longer synced at all (its company left `companies`,
     # BEHAVIOUR §5.4), or None: then `bc` and `bc_index` are empty and every contact leaves.
     retired: str | None = None
+    # The Outlook category this run puts on every synced contact (None: none), and the categories
+    # the sync wrote before and no longer writes (casefolded), which it takes off (BEHAVIOUR §4.8).
+    category: str | None = None
+    stale_categories: frozenset[str] = frozenset()
+    # The folder is the user's default Contacts folder, shared with their own contacts (§4.8).
+    default_folder: bool = False
+    # A move between folders in progress: every contact still in the folder the sync is leaving
+    # (their tags in `tags`), and that folder's id.
+    leftover: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leftover_folder: str | None = None
 
     def gone_from_outlook(self, outlook_id: str) -> bool:
         """The Outlook contact is known to be gone: delta said so, or the whole folder was read
@@ -109,6 +121,14 @@ class Action:
     # A delete_outlook also drops the link of bc_id. Not for an unlinked tagged duplicate: the link of
     # that BC id belongs to the contact that stays.
     unlinks: bool = True
+    # The link this action stores ties BC to the user's own contact (adopted by email), which is
+    # released, never deleted, when it stops being synced.
+    adopted: bool = False
+    # The folder the Outlook contact is in, when it is not the run's (a move's previous folder).
+    folder_id: str | None = None
+    # A delete that is half of a move: its BC contact gets (or has) a contact in the new folder, so
+    # the mass-removal guard does not count it.
+    move: bool = False
 
     def __post_init__(self) -> None:
         # A kind spelled as its string value is accepted; an unknown one raises ValueError here, so it
@@ -176,6 +196,43 @@ def _bc_by_email(index: dict[str, str]) -> dict[str, list[str]]:
     return by_email
 
 
+def categories_for(
+    category: str | None, stale: frozenset[str], outlook: dict[str, Any] | None
+) -> list[str] | None:
+    """The categories an Outlook contact should carry: the user's own kept, the sync's earlier ones
+    (`stale`, casefolded) taken off, `category` added. None when it carries exactly those already.
+    Outlook compares category names without regard to case, and so does this."""
+    current = [str(c) for c in (outlook or {}).get("categories") or []]
+    ours = set(stale) | ({category.casefold()} if category else set())
+    wanted = [c for c in current if c.casefold() not in ours] + ([category] if category else [])
+    if sorted(c.casefold() for c in wanted) == sorted(c.casefold() for c in current):
+        return None
+    return wanted
+
+
+def _categories(snap: Snapshot, outlook: dict[str, Any] | None) -> list[str] | None:
+    return categories_for(snap.category, snap.stale_categories, outlook)
+
+
+def _with_categories(body: dict[str, Any], snap: Snapshot, outlook: dict[str, Any] | None) -> dict[str, Any]:
+    categories = _categories(snap, outlook)
+    if categories is not None:
+        body["categories"] = categories
+    return body
+
+
+def _has_category(snap: Snapshot, outlook: dict[str, Any]) -> bool:
+    """The user gave this contact the sync's category: in the default folder, the only sign that a
+    contact of theirs is meant for Business Central (their private contacts never go there)."""
+    wanted = snap.category.casefold() if snap.category else None
+    return wanted is not None and any(str(c).casefold() == wanted for c in outlook.get("categories") or [])
+
+
+def _releases(snap: Snapshot, link: Link) -> bool:
+    """A linked contact that is the user's own in their default folder: released, never deleted."""
+    return snap.default_folder and link.adopted
+
+
 # needs() ------------------------------------------------------------------------------------------
 
 
@@ -224,11 +281,13 @@ def _records_for_linked(
 ) -> None:
     """Linked pairs: the records their case in `plan()` reads."""
     for bc_id, link in snap.links.items():
-        if bc_id not in snap.bc_index:
-            continue  # deleted in BC: nothing more to know
-        bc = snap.bc.get(bc_id)
         gone = snap.gone_from_outlook(link.outlook_id)
         outlook = snap.outlook.get(link.outlook_id)
+        if bc_id not in snap.bc_index:
+            if _releases(snap, link) and not gone and outlook is None:
+                wanted.outlook.add(link.outlook_id)  # its own categories are kept on release
+            continue  # deleted in BC: nothing more to know
+        bc = snap.bc.get(bc_id)
         if not link.outlook_hash and not gone:  # linked but never tagged: an interrupted run
             if bc is None:
                 wanted.bc.add(bc_id)
@@ -245,8 +304,9 @@ def _records_for_linked(
                 wanted.bc.add(bc_id)  # to push the edit with BC's etag
         elif not gone and outlook is None:
             bc_changed = fingerprint(bc_view(bc, snap.ctx)) != link.bc_hash
-            if bc_changed and _out_of_scope(bc, contact_filter) is None:
-                wanted.outlook.add(link.outlook_id)  # the update must preserve Outlook-only values
+            in_scope = _out_of_scope(bc, contact_filter) is None
+            if (bc_changed and in_scope) or (not in_scope and _releases(snap, link)):
+                wanted.outlook.add(link.outlook_id)  # the write must preserve Outlook-only values
 
 
 # plan(): the decision table -------------------------------------------------------------------------
@@ -292,6 +352,16 @@ def plan(
     |                           | its email is in BC                             | `_email_match`       |
     |                           | new                                            | `_new_in_outlook`    |
     | BC contact without a pair | out of scope / to create                       | `_bc_only`           |
+    | contact in the folder a   | untagged (the user's own)                      | nothing              |
+    | move leaves (`leftover`)  | adopted (the user's own): tag, category off    | `_left_behind`       |
+    |                           | created by the sync: deleted, after its copy   | `_left_behind`       |
+
+    In the default Contacts folder (`folderName: null`, BEHAVIOUR §4.8) the same rows apply, with
+    these differences: an untagged contact without the sync's category and whose email BC lacks is
+    the user's private contact and is left out (not even reported); a linked contact the sync
+    adopted is released (`_release`: tag and category off) instead of deleted when it stops being
+    synced. Every write to Outlook also sets the run's category (`categories_for`), keeping the
+    user's own categories and taking off the sync's earlier ones.
 
     Then the mass-removal guard (`_mass_removal_guard`) may stop the whole plan; `force=None` leaves
     the guard to the caller, which plans several companies and guards their sum (`removal_guard`).
@@ -306,6 +376,9 @@ def plan(
     for bc_id in sorted(snap.bc):
         if bc_id not in planning.claimed_bc:
             planning.record(_bc_only(planning, snap.bc[bc_id]))
+    # Last, so that a run stopping midway leaves a contact in both folders, never in neither.
+    for outlook_id in sorted(snap.leftover):
+        planning.record(_left_behind(planning, outlook_id))
     if force is not None:
         _mass_removal_guard(planning.result, snap, force)
     return planning.result
@@ -335,7 +408,12 @@ def _company_removed(
 ) -> Decision:
     """A contact of a company the user no longer syncs (BEHAVIOUR §5.4): it leaves the folder like a
     contact that left the filter, under the same mass-removal guard."""
-    reason = planning.snap.retired or "its company is no longer synced"
+    snap = planning.snap
+    reason = snap.retired or "its company is no longer synced"
+    link = snap.links.get(bc_id)
+    if linked and link is not None and _releases(snap, link) and not snap.gone_from_outlook(outlook_id):
+        why = f"no longer synced: {reason}; your own contact is kept, without the sync's tag and category"
+        return _release(snap, bc_id, outlook_id, why, email=email)
     return _stop_syncing(
         planning.settings,
         bc_id,
@@ -350,6 +428,10 @@ def _company_removed(
 
 
 def _deleted_in_bc(planning: _Planning, bc_id: str, link: Link) -> Decision:
+    snap = planning.snap
+    if _releases(snap, link) and not snap.gone_from_outlook(link.outlook_id):
+        reason = "deleted in Business Central; your own contact is kept, without the sync's tag and category"
+        return _release(snap, bc_id, link.outlook_id, reason, email=link.email)
     return _stop_syncing(
         planning.settings,
         bc_id,
@@ -364,6 +446,10 @@ def _deleted_in_bc(planning: _Planning, bc_id: str, link: Link) -> Decision:
 
 
 def _out_of_scope_pair(planning: _Planning, bc: dict[str, Any], link: Link, reason: str) -> Decision:
+    snap = planning.snap
+    if _releases(snap, link) and not snap.gone_from_outlook(link.outlook_id):
+        why = f"no longer synced: {reason}; your own contact is kept, without the sync's tag and category"
+        return _release(snap, bc["id"], link.outlook_id, why, bc=bc, email=bc.get("email"))
     return _stop_syncing(
         planning.settings,
         bc["id"],
@@ -386,21 +472,23 @@ def _gone_from_outlook(planning: _Planning, bc: dict[str, Any], link: Link) -> D
         return Action(
             ActionKind.RECREATE_OUTLOOK,
             bc["id"],
-            body=bc_to_outlook(bc, None, snap.ctx),
+            body=_with_categories(bc_to_outlook(bc, None, snap.ctx), snap, None),
             bc=bc,
             email=email,
             reason="deleted in Outlook, kept in Business Central",
         )
     planning.claimed_outlook.add(stand_in)
     outlook = snap.outlook[stand_in]
+    tagged = bool(snap.tags.get(stand_in))
     return Action(
         ActionKind.LINK,
         bc["id"],
         stand_in,
-        _align_body(bc, outlook, snap.ctx),
+        _align_body(snap, bc, outlook, tagged=tagged),
         bc=bc,
         outlook=outlook,
         email=email,
+        adopted=not tagged,
         reason="deleted in Outlook; the folder has another contact for it (same BC id tag "
         "or email), which is adopted instead of recreating one",
     )
@@ -415,18 +503,30 @@ def _pair_changed(planning: _Planning, bc: dict[str, Any], link: Link) -> Decisi
     outlook = snap.outlook.get(link.outlook_id)
     if outlook is None:
         # needs() asked for the Outlook contact; only a dry run without fetches gets here.
-        return _update_outlook(bc, link, None, "changed in Business Central", ctx) if bc_changed else None
+        return _update_outlook(snap, bc, link, None, "changed in Business Central") if bc_changed else None
     if not link.outlook_hash:
         # Created in BC from this Outlook contact, but the run stopped before tagging it.
         reason = "tagged with its Business Central id (an earlier run was interrupted)"
-        return _update_outlook(bc, link, outlook, reason, ctx)
+        return _update_outlook(snap, bc, link, outlook, reason)
     edited = _outlook_edited(outlook, link, ctx)
     in_sync = outlook_view(outlook, ctx) == bc_view(bc, ctx)
     if planning.settings.pull_edits_from_outlook and edited and not bc_changed and not in_sync:
         return _edited_in_outlook(bc, link, outlook, ctx)
     if not in_sync and (bc_changed or snap.mode == FULL):
         why = "changed in Business Central" if bc_changed else "edited in Outlook; Business Central wins"
-        return _update_outlook(bc, link, outlook, why, ctx)
+        return _update_outlook(snap, bc, link, outlook, why)
+    categories = _categories(snap, outlook)
+    if categories is not None:  # the category was turned on, renamed or off, or the user removed it
+        return Action(
+            ActionKind.UPDATE_OUTLOOK,
+            bc["id"],
+            link.outlook_id,
+            {"categories": categories},
+            bc=bc,
+            outlook=outlook,
+            email=bc.get("email"),
+            reason="Outlook category set",
+        )
     if in_sync and (bc_changed or edited):
         return Action(ActionKind.REFRESH_LINK, bc["id"], link.outlook_id, bc=bc, outlook=outlook)
     return None
@@ -462,10 +562,17 @@ def _unlinked_outlook(planning: _Planning, outlook_id: str) -> Decision:
     if tag:
         return _tagged(planning, outlook_id, outlook, tag)
     email = outlook_email(outlook)
+    matches = planning.bc_by_email.get(normalize_email(email), [])
+    if planning.snap.default_folder and not _has_category(planning.snap, outlook):
+        # The user's own contact in their default folder: adopted when BC has its email and it is
+        # synced to them, otherwise none of the sync's business (not sent to BC, not reported).
+        if not matches or outlook_is_eligible(outlook):
+            return None
+        adopted = _email_match(planning, outlook_id, outlook, matches)
+        return adopted if isinstance(adopted, Action) else None
     reason = outlook_is_eligible(outlook)
     if reason:
         return _skip(reason, None, outlook_id, email)
-    matches = planning.bc_by_email.get(normalize_email(email), [])
     if matches:
         # Adopting links the user's contact to BC's (BC's data wins) instead of making a second
         # Outlook contact for it; nothing is sent to BC, so it does not depend on pullNewFromOutlook.
@@ -514,7 +621,7 @@ def _tagged(planning: _Planning, outlook_id: str, outlook: dict[str, Any], tag: 
         ActionKind.LINK,
         tag,
         outlook_id,
-        _align_body(bc, outlook, snap.ctx),
+        _align_body(snap, bc, outlook, tagged=True),
         bc=bc,
         outlook=outlook,
         email=bc.get("email"),
@@ -541,11 +648,12 @@ def _email_match(
             ActionKind.LINK,
             bc["id"],
             outlook_id,
-            graph_patch(bc_to_outlook(bc, outlook, snap.ctx), outlook),
+            _with_categories(graph_patch(bc_to_outlook(bc, outlook, snap.ctx), outlook), snap, outlook),
             bc=bc,
             outlook=outlook,
             email=bc.get("email"),
             reason="matched a Business Central contact by email; BC's data kept",
+            adopted=True,
         )
     if not free:
         reason = "a contact with this email is already synced to this folder"
@@ -573,7 +681,17 @@ def _new_in_outlook(planning: _Planning, outlook_id: str, outlook: dict[str, Any
     planning.new_by_email[key] = outlook_id
     planning.claimed_outlook.add(outlook_id)
     reason = "; ".join(["new in Outlook", *notes])
-    return Action(ActionKind.CREATE_BC, None, outlook_id, body, outlook=outlook, email=email, reason=reason)
+    # The user made it: in their default folder it is theirs, released rather than deleted (§4.8).
+    return Action(
+        ActionKind.CREATE_BC,
+        None,
+        outlook_id,
+        body,
+        outlook=outlook,
+        email=email,
+        reason=reason,
+        adopted=True,
+    )
 
 
 def _bc_only(planning: _Planning, bc: dict[str, Any]) -> Decision:
@@ -585,7 +703,7 @@ def _bc_only(planning: _Planning, bc: dict[str, Any]) -> Decision:
     return Action(
         ActionKind.CREATE_OUTLOOK,
         bc["id"],
-        body=bc_to_outlook(bc, None, planning.snap.ctx),
+        body=_with_categories(bc_to_outlook(bc, None, planning.snap.ctx), planning.snap, None),
         bc=bc,
         email=bc.get("email"),
         reason="new in Business Central" if mode == INCREMENTAL else "missing in Outlook",
@@ -636,22 +754,116 @@ def _remove_from_folder(
     )
 
 
-def _align_body(bc: dict[str, Any], outlook: dict[str, Any], ctx: BcContext) -> dict[str, Any] | None:
-    """The PATCH that gives an adopted Outlook contact BC's values, or None when it has them."""
-    if outlook_view(outlook, ctx) == bc_view(bc, ctx):
+def _tag_property(bc_id: str, ctx: BcContext = DEFAULT_CONTEXT) -> list[dict[str, Any]]:
+    """The BC id tag ("" releases), in the companies tag format (`tag_value`, BEHAVIOUR §5.4)."""
+    return [{"id": BC_ID_PROPERTY_ID, "value": tag_value(bc_id, ctx.tag_company) if bc_id else ""}]
+
+
+def _align_body(
+    snap: Snapshot, bc: dict[str, Any], outlook: dict[str, Any], *, tagged: bool
+) -> dict[str, Any] | None:
+    """The PATCH that gives an adopted Outlook contact BC's values, its BC id tag and the run's
+    category, or None when it has them all."""
+    body: dict[str, Any] | None = None
+    if outlook_view(outlook, snap.ctx) != bc_view(bc, snap.ctx):
+        body = graph_patch(bc_to_outlook(bc, outlook, snap.ctx), outlook)
+    categories = _categories(snap, outlook)
+    if body is None and (categories is not None or not tagged):
+        body = {"singleValueExtendedProperties": _tag_property(bc["id"], snap.ctx)}
+    if body is not None and categories is not None:
+        body["categories"] = categories
+    return body
+
+
+def _release(
+    snap: Snapshot,
+    bc_id: str,
+    outlook_id: str,
+    reason: str,
+    *,
+    bc: dict[str, Any] | None = None,
+    email: str | None = None,
+    folder_id: str | None = None,
+    unlinks: bool = True,
+) -> Action:
+    """Stop syncing the user's own contact: an empty BC id tag (Graph documents no way to delete a
+    single-value extended property; an empty one reads as untagged) and the sync's categories off,
+    the user's own kept. The contact itself stays where the user had it."""
+    outlook = snap.outlook.get(outlook_id) or snap.leftover.get(outlook_id)
+    body: dict[str, Any] = {"singleValueExtendedProperties": _tag_property("")}
+    if outlook is not None:
+        categories = categories_for(None, snap.stale_categories | _own(snap.category), outlook)
+        if categories is not None:
+            body["categories"] = categories
+    return Action(
+        ActionKind.RELEASE_OUTLOOK,
+        bc_id,
+        outlook_id,
+        body,
+        bc=bc,
+        outlook=outlook,
+        email=email,
+        reason=reason,
+        folder_id=folder_id,
+        unlinks=unlinks,
+    )
+
+
+def _own(category: str | None) -> frozenset[str]:
+    return frozenset({category.casefold()}) if category else frozenset()
+
+
+def _left_behind(planning: _Planning, outlook_id: str) -> Decision:
+    """A contact in the folder a move leaves (BEHAVIOUR §4.8). Graph v1.0 has no move for contacts,
+    so a move is a copy in the new folder (the linked pair's `_gone_from_outlook` row) and this row:
+    the sync's own contact is deleted, the user's own (adopted) is released, untagged ones are the
+    user's and stay as they are. The links belong to the copies, so nothing here unlinks."""
+    snap = planning.snap
+    tag = snap.tags.get(outlook_id)
+    if not tag:
         return None
-    return graph_patch(bc_to_outlook(bc, outlook, ctx), outlook)
+    contact = snap.leftover[outlook_id]
+    email = outlook_email(contact)
+    link = snap.links.get(tag)
+    if link is not None and link.outlook_id == outlook_id and link.adopted:
+        reason = (
+            "moved to the new sync folder; your own contact is kept here, without the sync's tag and category"
+        )
+        return _release(
+            snap, tag, outlook_id, reason, email=email, folder_id=snap.leftover_folder, unlinks=False
+        )
+    bc = snap.bc.get(tag)
+    moved = bc is not None and _out_of_scope(bc, planning.contact_filter) is None
+    if not moved and not planning.settings.remove_from_outlook:
+        # No longer synced, and removeFromOutlook keeps such contacts: it stays, as the user's.
+        reason = "no longer synced; removeFromOutlook is off: kept in the old folder, without the sync's tag"
+        return _release(
+            snap, tag, outlook_id, reason, email=email, folder_id=snap.leftover_folder, unlinks=False
+        )
+    reason = "moved to the new sync folder" if moved else "left the old sync folder; no longer synced"
+    return Action(
+        ActionKind.DELETE_OUTLOOK,
+        tag,
+        outlook_id,
+        bc=bc,
+        email=email,
+        reason=reason,
+        unlinks=False,
+        folder_id=snap.leftover_folder,
+        move=moved,
+    )
 
 
 def _update_outlook(
-    bc: dict[str, Any], link: Link, outlook: dict[str, Any] | None, reason: str, ctx: BcContext
+    snap: Snapshot, bc: dict[str, Any], link: Link, outlook: dict[str, Any] | None, reason: str
 ) -> Action:
     """Write BC's values over the linked Outlook contact, keeping what only Outlook holds."""
+    ctx = snap.ctx
     return Action(
         ActionKind.UPDATE_OUTLOOK,
         bc["id"],
         link.outlook_id,
-        graph_patch(bc_to_outlook(bc, outlook, ctx), outlook),
+        _with_categories(graph_patch(bc_to_outlook(bc, outlook, ctx), outlook), snap, outlook),
         bc=bc,
         outlook=outlook,
         email=bc.get("email"),
@@ -682,7 +894,12 @@ def _stand_in(planning: _Planning, bc_id: str, email: str | None) -> str | None:
 def _mass_removal_guard(result: Plan, snap: Snapshot, force: bool) -> None:
     """Refuse a run that would empty much of the folder at once (a wrong filter, a wrong company)."""
     if not force:
-        result.safety_stop = removal_guard(result.count(ActionKind.DELETE_OUTLOOK), len(snap.links))
+        result.safety_stop = removal_guard(removals(result), len(snap.links))
+
+
+def removals(result: Plan) -> int:
+    """The deletions the mass-removal guard counts: not the half of a move whose copy is made."""
+    return sum(1 for a in result.actions if a.kind is ActionKind.DELETE_OUTLOOK and not a.move)
 
 
 def removal_guard(deletions: int, linked: int) -> str | None:
@@ -740,6 +957,9 @@ def after_bc_write(
     settings: UserSettings,
     contact_filter: ContactFilter,
     ctx: BcContext,
+    *,
+    category: str | None = None,
+    stale_categories: frozenset[str] = frozenset(),
 ) -> Action | None:
     """What follows a BC write that landed (`bc` is BC's answer), for the Outlook contact it came from.
 
@@ -749,15 +969,38 @@ def after_bc_write(
     they differ; the report counts that with the BC write.
     """
     dropped = _out_of_scope(bc, contact_filter) if settings.remove_from_outlook else None
+    if dropped and settings.in_default_folder:
+        # The user's own contact in their default folder: it stays, without the sync's category.
+        body: dict[str, Any] = {"singleValueExtendedProperties": _tag_property("")}
+        categories = categories_for(None, stale_categories | _own(category), written.outlook)
+        if categories is not None:
+            body["categories"] = categories
+        reason = f"in Business Central now; not synced to you: {dropped}"
+        return Action(
+            ActionKind.RELEASE_OUTLOOK,
+            bc["id"],
+            written.outlook_id,
+            body,
+            bc=bc,
+            outlook=written.outlook,
+            email=bc.get("email"),
+            reason=reason,
+        )
     if dropped:
         reason = f"in Business Central now; removed from the sync folder: {dropped}"
         return _remove_from_folder(bc["id"], written.outlook_id, reason, bc=bc, email=bc.get("email"))
-    if written.kind is ActionKind.CREATE_BC or outlook_view(written.outlook or {}, ctx) != bc_view(bc, ctx):
+    categories = categories_for(category, stale_categories, written.outlook)
+    differs = outlook_view(written.outlook or {}, ctx) != bc_view(bc, ctx)
+    if written.kind is ActionKind.CREATE_BC or differs or categories is not None:
+        body = graph_patch(bc_to_outlook(bc, written.outlook, ctx), written.outlook)
+        if categories is not None:
+            body["categories"] = categories
         return Action(
             ActionKind.TAG_OUTLOOK,
             bc["id"],
             written.outlook_id,
-            graph_patch(bc_to_outlook(bc, written.outlook, ctx), written.outlook),
+            body,
+            adopted=written.adopted,
             bc=bc,
             outlook=written.outlook,
             email=bc.get("email"),

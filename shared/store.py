@@ -88,10 +88,28 @@ _STATE_COLUMNS = {
     "last_run_id": "lastRunId",
     "last_status": "lastStatus",
     "writing_run": "writingRun",
+    "default_folder_id": "defaultFolderId",
+    "previous_folder_id": "previousFolderId",
+    "categories": "categories",
+    "master_category": "masterCategory",
 }
 # Per company of `companies` (BEHAVIOUR §5.4): {companyId: {"bcWatermark", "settingsHash"}}, as JSON.
 _COMPANIES_COLUMN = "companies"
-_LINK_COLUMNS = ["RowKey", "outlookId", "bcHash", "outlookHash", "email", "photo", "photoStamp", "photoEtag"]
+_LINK_COLUMNS = [
+    "RowKey",
+    "outlookId",
+    "bcHash",
+    "outlookHash",
+    "email",
+    "photo",
+    "photoStamp",
+    "photoEtag",
+    "adopted",
+]
+# Table Storage holds no null: a settings row says "the default Contacts folder" with an empty
+# folderName, and "no category" by the category column's absence. A row written before the category
+# setting existed has no such column either, so it keeps syncing without one, as it did (BEHAVIOUR §5).
+_DEFAULT_FOLDER_COLUMN = ""
 
 T = TypeVar("T")
 
@@ -270,6 +288,8 @@ class Lease:
 def _settings_entity(settings: UserSettings) -> dict[str, Any]:
     entity: dict[str, Any] = {"PartitionKey": encode_key(settings.user), "RowKey": _SETTINGS_RK}
     for name, value in settings.to_json().items():
+        if name == "folderName" and value is None:
+            value = _DEFAULT_FOLDER_COLUMN
         if name == "user" or value is None:
             continue
         json_column = name in ("filter", "companies")
@@ -290,6 +310,9 @@ def _settings_from_entity(entity: dict[str, Any]) -> UserSettings:
         if name not in _SETTINGS_COLUMNS:
             raise ValidationError(name, f"unknown column (known: {', '.join(sorted(_SETTINGS_COLUMNS))})")
         data[name] = value
+    if data.get("folderName") == _DEFAULT_FOLDER_COLUMN:
+        data["folderName"] = None
+    data.setdefault("category", None)
     for name in ("filter", "companies"):
         if name in data:
             try:
@@ -520,6 +543,7 @@ class Store:
                     photo=entity.get("photo") or "",
                     photo_stamp=entity.get("photoStamp") or "",
                     photo_etag=entity.get("photoEtag") or "",
+                    adopted=bool(entity.get("adopted")),
                 )
         return links
 
@@ -547,6 +571,7 @@ class Store:
                     "photo": link.photo,
                     "photoStamp": link.photo_stamp,
                     "photoEtag": link.photo_etag,
+                    "adopted": link.adopted,
                 },
                 {"mode": UpdateMode.REPLACE},
             )

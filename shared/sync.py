@@ -23,6 +23,7 @@ from shared.bc_client import BcClient, BcSchema, SchemaError
 from shared.executor import Executor, Outcome
 from shared.filters import ContactFilter, parse_filter
 from shared.graph_client import (
+    CATEGORY_COLOR,
     DeltaExpired,
     DeltaPage,
     FolderGone,
@@ -44,7 +45,6 @@ from shared.mapping import (
     parse_tag,
 )
 from shared.model import (
-    ActionKind,
     Link,
     ReportItem,
     RunReport,
@@ -69,6 +69,7 @@ from shared.planner import (
     needs,
     plan,
     removal_guard,
+    removals,
     route,
 )
 
@@ -388,6 +389,7 @@ class _ScopeRun:
     result: Plan | None = None
     outcome: Outcome | None = None
     error: str | None = None  # the company could not be read: its contacts wait for the next run
+    category: str | None = None  # a company's default category (its name), once `category_of` knows it
 
     @property
     def company_id(self) -> str:
@@ -453,11 +455,39 @@ class _UserRun:
         return self.names
 
     def category_of(self, scope: _ScopeRun) -> str | None:
-        """THE category of a company's contacts (BEHAVIOUR §5.4): the setting, else the company's
-        display name; None when the setting is null. The category writer reads it from here."""
-        if scope.scope.category_default and scope.scope.listed:
-            return self.company_names().get(scope.company_id)
-        return scope.scope.category
+        """THE category of a company's contacts (BEHAVIOUR §4.8, §5.4): for a user without `companies`
+        the `category` setting; for a company of `companies` its entry's, else the company's display
+        name; None when the setting is null. Every writer and reader of categories asks here.
+
+        A display name is read from BC by a full run (names change rarely) or when none is known, and
+        kept in the state (`companies[…].category`), so an idle incremental run spends no request."""
+        if not (scope.scope.category_default and scope.scope.listed):
+            return scope.scope.category
+        if scope.category is None:
+            saved = (self.state.companies.get(scope.company_id) or {}).get("category")
+            if self.mode == INCREMENTAL and saved:
+                scope.category = saved
+            else:
+                scope.category = self.company_names().get(scope.company_id)
+        return scope.category
+
+    def categories(self) -> dict[str, str | None]:
+        """Company id → its category, for every company still in the settings (`category_of`). A
+        name BC would not give counts as no category: its contacts are written without one."""
+        out: dict[str, str | None] = {}
+        for scope in self.scopes:
+            if scope.retired is not None:
+                continue
+            try:
+                out[scope.company_id] = self.category_of(scope)
+            except ApiError as exc:
+                log.info("could not read the company names: %s", redact(str(exc), self.settings.user))
+                out[scope.company_id] = None
+        return out
+
+    # Categories the sync wrote before and no longer writes for any company (casefolded): taken off
+    # every contact (BEHAVIOUR §4.8). Set once each company's category is known (`_read_both_sides`).
+    stale_categories: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -497,13 +527,15 @@ def _run(
         if report.dryRun:
             _report_dry_run(run)
             return
-        if sides.folder_id is None:
+        if sides.folder_id is None and not run.settings.in_default_folder:
             raise RuntimeError("no Outlook folder to sync into")
+        _ensure_categories(run)
         _apply(run, sides, sides.folder_id, heartbeat, checkpoint)
-        if run.settings.sync_photos:
+        folder_id = sides.folder_id or _folder_seen(run)
+        if run.settings.sync_photos and folder_id:
             for scope in _active(run):
                 if scope.result is not None and scope.outcome is not None:
-                    _sync_photos(run, scope, sides, sides.folder_id)
+                    _sync_photos(run, scope, sides, folder_id)
         checkpoint("before_watermark")
         _finish(run, sides, sides.folder_id)
     finally:
@@ -520,7 +552,12 @@ def _name_items(run: _UserRun) -> None:
             continue
         candidates = [snapshots[item.company]] if item.company in snapshots else list(snapshots.values())
         for snapshot in candidates:
-            record = snapshot.bc.get(item.bcId or "") or snapshot.outlook.get(item.outlookId or "") or {}
+            record = (
+                snapshot.bc.get(item.bcId or "")
+                or snapshot.outlook.get(item.outlookId or "")
+                or snapshot.leftover.get(item.outlookId or "")
+                or {}
+            )
             name = str(record.get("displayName") or "").strip()
             if name:
                 item.name = name
@@ -560,6 +597,10 @@ def settings_hash(settings: UserSettings, company_id: str, scope: Scope | None =
     if scope is not None and scope.listed:
         doc["category"] = scope.category
         doc["categoryDefault"] = scope.category_default
+    elif settings.category is not None:  # only when set: settings from before it hash as they did
+        doc["category"] = settings.category
+    if settings.in_default_folder:
+        doc["defaultFolder"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -600,6 +641,15 @@ def _start(
     return run
 
 
+def written_categories(state: UserState) -> list[str]:
+    """The categories the sync has written to this user's contacts and not yet taken off all of them."""
+    try:
+        names = json.loads(state.categories) if state.categories else []
+    except ValueError:
+        return []
+    return [str(n) for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
 def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str | None:
     """Why an incremental run must reconcile fully, or None."""
     if not state.delta_link or not state.bc_watermark:
@@ -608,6 +658,8 @@ def _why_full(state: UserState, scope_hash: str, full_sync_hours: float) -> str 
         return "settings changed since the last run: a full sync was done"
     if state.writing_run:
         return "the previous run stopped while writing: a full sync was done"
+    if state.previous_folder_id:
+        return "contacts are still being moved from the previous sync folder: a full sync was done"
     if _full_due(state, full_sync_hours):
         return f"scheduled full reconcile (every {full_sync_hours:g} h)"
     return None
@@ -640,27 +692,60 @@ def _read_both_sides(run: _UserRun, reader: BcReader) -> _BothSides:
         if run.listed:  # one company: every contact is its, and needs() reads the tags it must know
             _fetch_route_tags(run, folder_id, sides.delta)
     routed = _route_contacts(run, sides.delta.changed, sides.delta.tags)
+    categories = run.categories()
+    current = {c.casefold() for c in categories.values() if c}
+    run.stale_categories = frozenset(c.casefold() for c in written_categories(run.state)) - current
+    leftover = _route_leftover(run, *_read_leftover(run, folder_id))
     for scope in run.scopes:
         if scope.error is not None:
             continue
         contacts = routed.get(scope.company_id, [])
-        scope.snapshot = Snapshot(
-            mode=run.mode,
-            bc=dict(scope.company.contacts) if scope.company else {},
-            bc_index=scope.company.index if scope.company else {},
-            outlook={contact["id"]: contact for contact in contacts},
-            outlook_removed=set(sides.delta.removed),
-            links=scope.links,
-            tags={
-                contact["id"]: parse_tag(sides.delta.tags[contact["id"]])[1]
-                for contact in contacts
-                if contact["id"] in sides.delta.tags
-            },
-            outlook_complete=run.mode == FULL,
-            ctx=scope.ctx,
-            retired=scope.retired,
-        )
+        scope.snapshot = _snapshot(run, scope, categories.get(scope.company_id))
+        scope.snapshot.outlook = {contact["id"]: contact for contact in contacts}
+        scope.snapshot.outlook_removed = set(sides.delta.removed)
+        scope.snapshot.tags = {
+            contact["id"]: parse_tag(sides.delta.tags[contact["id"]])[1]
+            for contact in contacts
+            if contact["id"] in sides.delta.tags
+        }
+        scope.snapshot.outlook_complete = run.mode == FULL
+        for outlook_id, (contact, bc_id) in leftover.get(scope.company_id, {}).items():
+            scope.snapshot.leftover[outlook_id] = contact
+            scope.snapshot.tags.setdefault(outlook_id, bc_id)
+            scope.snapshot.leftover_folder = run.state.previous_folder_id
     return sides
+
+
+def _snapshot(run: _UserRun, scope: _ScopeRun, category: str | None) -> Snapshot:
+    """A company's snapshot before the Outlook contacts are added: its BC read, links and category."""
+    return Snapshot(
+        mode=run.mode,
+        bc=dict(scope.company.contacts) if scope.company else {},
+        bc_index=scope.company.index if scope.company else {},
+        outlook={},
+        outlook_removed=set(),
+        links=scope.links,
+        ctx=scope.ctx,
+        retired=scope.retired,
+        category=category,
+        stale_categories=run.stale_categories,
+        default_folder=run.settings.in_default_folder,
+    )
+
+
+def _route_leftover(
+    run: _UserRun, contacts: dict[str, dict[str, Any]], tags: dict[str, str | None]
+) -> dict[str, dict[str, tuple[dict[str, Any], str]]]:
+    """The tagged contacts of the folder a move leaves, by the company their tag names (a bare tag:
+    the home company), each with its BC id. Untagged ones are the user's own: nothing moves them."""
+    routed: dict[str, dict[str, tuple[dict[str, Any], str]]] = {}
+    for outlook_id, contact in contacts.items():
+        company, bc_id = parse_tag(tags.get(outlook_id))
+        if not bc_id:
+            continue
+        scope = run.scope_of(company or run.home)
+        routed.setdefault(scope.company_id, {})[outlook_id] = (contact, bc_id)
+    return routed
 
 
 def _assign_links(run: _UserRun, links: dict[str, Link]) -> None:
@@ -720,16 +805,9 @@ def _route_contacts(
         contact.get("categories") and contact["id"] not in owners and not tags.get(contact["id"])
         for contact in contacts
     )
-    categories: list[tuple[str, str | None]] = []
-    for scope in listed:
-        category = scope.scope.category
-        if needs_names and scope.scope.category_default:
-            try:
-                category = run.category_of(scope)
-            except ApiError as exc:  # without the names, new contacts go to the first company
-                log.info("could not read the company names: %s", redact(str(exc), run.settings.user))
-                category = None
-        categories.append((scope.company_id, category))
+    # Without the names (not needed, or BC would not give them), new contacts go to the first company.
+    named = run.categories() if needs_names else {}
+    categories = [(scope.company_id, named.get(scope.company_id, scope.scope.category)) for scope in listed]
     routed: dict[str, list[dict[str, Any]]] = {}
     for contact in contacts:
         raw = tags.get(contact["id"])
@@ -747,11 +825,53 @@ def _route_contacts(
     return routed
 
 
+def _read_leftover(
+    run: _UserRun, folder_id: str | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, str | None]]:
+    """Every contact of the folder a move leaves (BEHAVIOUR §4.8), with its BC id tag. A folder that
+    is gone, or the one the run syncs into again (switched back), leaves nothing to move."""
+    previous = run.state.previous_folder_id
+    if not previous or previous == folder_id:
+        run.state.previous_folder_id = None
+        return {}, {}
+    try:
+        contacts = run.graph.list_contacts(run.settings.user, previous)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        run.state.previous_folder_id = None
+        return {}, {}
+    tags: dict[str, str | None] = {}
+    leftover: dict[str, dict[str, Any]] = {}
+    for contact in contacts:
+        tags[contact["id"]] = tag_of(contact)
+        contact.pop("singleValueExtendedProperties", None)
+        leftover[contact["id"]] = contact
+    return leftover, tags
+
+
 def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
     """The sync folder (renamed, created or replaced as needed) and its delta since the last run."""
-    settings, report, graph = run.settings, run.report, run.graph
-    previous_folder = run.state.folder_id
+    settings, report, graph, state = run.settings, run.report, run.graph, run.state
+    was_default = bool(state.folder_id) and state.folder_id == state.default_folder_id
+    if state.folder_id and was_default != settings.in_default_folder:
+        # Between a subfolder and the default Contacts folder (BEHAVIOUR §4.8): the contacts move.
+        state.previous_folder_id = state.folder_id
+        state.folder_id = None
+        run.mode = FULL
+        report.message = "the sync folder changed: contacts are moved to " + (
+            "the default Contacts folder" if settings.in_default_folder else f"'{settings.folder_name}'"
+        )
+    if settings.in_default_folder:
+        folder_id = _default_folder(graph, settings, state)
+        if not folder_id:  # empty and without subfolders: nothing to read; created contacts tell its id
+            run.mode = FULL
+            return folder_id, DeltaPage()
+        return folder_id, _delta(run, folder_id)
+    previous_folder = state.folder_id
     folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
+    if state.previous_folder_id and state.previous_folder_id == folder_id:
+        state.previous_folder_id = None  # switched back before the move was finished: nothing to move
     if previous_folder and folder_id != previous_folder:
         # The user deleted the folder (it sits in Deleted Items, still readable, but is no longer
         # under Contacts): never write there; fill a folder under Contacts from scratch.
@@ -765,8 +885,29 @@ def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
     if not folder_id:
         return folder_id, DeltaPage()
     try:
+        return folder_id, _delta(run, folder_id)
+    except FolderGone:
+        run.state.folder_id = None
+        folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
+        run.mode = FULL
+        report.message = "the Outlook folder had been deleted: it was created again and fully synced"
+        return folder_id, graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
+
+
+def _default_folder(graph: GraphClient, settings: UserSettings, state: UserState) -> str | None:
+    """The default Contacts folder's id: remembered (it cannot be deleted, so it never changes and
+    needs no per-run check), else looked up (GraphClient.default_folder_id)."""
+    if not state.default_folder_id:
+        state.default_folder_id = graph.default_folder_id(settings.user)
+    return state.default_folder_id
+
+
+def _delta(run: _UserRun, folder_id: str) -> DeltaPage:
+    """The folder's delta since the last run, or a fresh round when Outlook or the stored link say so."""
+    settings, report, graph = run.settings, run.report, run.graph
+    try:
         delta_link = run.state.delta_link if run.mode == INCREMENTAL else None
-        return folder_id, graph.delta(settings.user, folder_id, delta_link)
+        return graph.delta(settings.user, folder_id, delta_link)
     except ForeignDeltaLink as exc:
         run.mode = FULL
         report.message = f"the stored Outlook delta link was not used ({exc}): a full sync was done"
@@ -776,17 +917,11 @@ def _read_outlook(run: _UserRun) -> tuple[str | None, DeltaPage]:
             "error": redact(str(exc), settings.user),
         }
         log.warning("stored delta link refused %s", log_fields(refused))
-        return folder_id, graph.delta(settings.user, folder_id, None)
+        return graph.delta(settings.user, folder_id, None)
     except DeltaExpired:
         run.mode = FULL
         report.message = "Outlook asked for a full resync (delta token expired): a full sync was done"
-        return folder_id, graph.delta(settings.user, folder_id, None)
-    except FolderGone:
-        run.state.folder_id = None
-        folder_id = _ensure_folder(graph, settings, run.state, report, report.dryRun)
-        run.mode = FULL
-        report.message = "the Outlook folder had been deleted: it was created again and fully synced"
-        return folder_id, graph.delta(settings.user, folder_id, None) if folder_id else DeltaPage()
+        return graph.delta(settings.user, folder_id, None)
 
 
 def _read_bc(run: _UserRun, scope: _ScopeRun, reader: BcReader) -> tuple[CompanyRead | None, BcContext]:
@@ -849,11 +984,12 @@ def _plan(run: _UserRun, sides: _BothSides, *, force: bool) -> str | None:
     if force:
         return None
     planned = [scope for scope in _active(run) if scope.result is not None]
-    deletions = sum(scope.result.count(ActionKind.DELETE_OUTLOOK) for scope in planned if scope.result)
+    deletions = sum(removals(scope.result) for scope in planned if scope.result)
     return removal_guard(deletions, sum(len(scope.links) for scope in planned))
 
 
 FETCH_ROUNDS = 4  # tags, then the BC/Outlook records they point at, then theirs
+TAGS_BY_ID_MAX = 40  # more unknown tags than two $batch calls read: list the folder instead
 
 
 def _complete(run: _UserRun, sides: _BothSides) -> None:
@@ -866,7 +1002,13 @@ def _complete(run: _UserRun, sides: _BothSides) -> None:
         for scope in _active(run):
             assert scope.snapshot is not None
             wanted = needs(scope.snapshot, run.settings, scope.contact_filter)
-            if wanted.records() and rounds.get(scope.company_id, 0) < FETCH_ROUNDS:
+            if _list_instead(run, sides, wanted):
+                # Many untagged contacts (the user's own, in their default folder): one listing of the
+                # folder with tags (1,000 a page) costs less than reading the tags 20 at a time.
+                _read_whole_folder(run, sides, str(sides.folder_id))
+                rounds.clear()
+                progress = True
+            elif wanted.records() and rounds.get(scope.company_id, 0) < FETCH_ROUNDS:
                 _fetch_records(run, scope, sides.folder_id, wanted)
                 rounds[scope.company_id] = rounds.get(scope.company_id, 0) + 1
                 progress = True
@@ -876,6 +1018,13 @@ def _complete(run: _UserRun, sides: _BothSides) -> None:
                 progress = True
         if not progress:
             return
+
+
+def _list_instead(run: _UserRun, sides: _BothSides, wanted: Needs) -> bool:
+    """More unknown tags than two $batch calls read, in a full run: list the folder once instead."""
+    return bool(
+        sides.folder_id and run.mode == FULL and not sides.folder_read and len(wanted.tags) > TAGS_BY_ID_MAX
+    )
 
 
 def _fetch_records(run: _UserRun, scope: _ScopeRun, folder_id: str | None, wanted: Needs) -> None:
@@ -916,16 +1065,7 @@ def _read_whole_folder(run: _UserRun, sides: _BothSides, folder_id: str) -> None
         if scope.error is not None:
             continue
         if scope.snapshot is None:  # a company that left the settings, seen only now
-            scope.snapshot = Snapshot(
-                mode=run.mode,
-                bc={},
-                bc_index={},
-                outlook={},
-                outlook_removed=set(),
-                links=scope.links,
-                ctx=scope.ctx,
-                retired=scope.retired,
-            )
+            scope.snapshot = _snapshot(run, scope, None)
         for contact in routed:
             scope.snapshot.tags.setdefault(contact["id"], parse_tag(tags[contact["id"]])[1])
             scope.snapshot.outlook.setdefault(contact["id"], contact)
@@ -958,7 +1098,7 @@ def _report_dry_run(run: _UserRun) -> None:
 def _apply(
     run: _UserRun,
     sides: _BothSides,
-    folder_id: str,
+    folder_id: str | None,
     heartbeat: Callable[[], None],
     checkpoint: Callable[[str], None],
 ) -> None:
@@ -984,6 +1124,9 @@ def _apply(
             checkpoint=checkpoint,
             ctx=scope.snapshot.ctx,
             link_key=scope.link_key,
+            links=scope.links,
+            category=scope.snapshot.category,
+            stale_categories=run.stale_categories,
         )
         start = len(run.report.items)
         try:
@@ -1066,7 +1209,7 @@ def _scope_links(run: _UserRun, scope: _ScopeRun) -> dict[str, Link]:
 # Step 5: watermarks and report ---------------------------------------------------------------------
 
 
-def _finish(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
+def _finish(run: _UserRun, sides: _BothSides, folder_id: str | None) -> None:
     """Advance the watermarks only past what was written (BEHAVIOUR §4.3.4), each company's its own,
     then finish the report. A company that could not be read holds the delta link, so the Outlook
     changes of its contacts come again next run."""
@@ -1075,7 +1218,7 @@ def _finish(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
     outcomes = [(scope.outcome, scope.ctx) for scope in done if scope.outcome is not None]
     failed_company = any(scope.error is not None for scope in run.scopes)
     hold_delta = failed_company or any(outcome.hold_delta for outcome, _ in outcomes)
-    if not hold_delta and sides.delta.delta_link:
+    if folder_id and not hold_delta and sides.delta.delta_link:
         state.delta_link = _settled_delta_link(
             run.graph, run.settings.user, folder_id, sides.delta.delta_link, outcomes
         )
@@ -1086,6 +1229,8 @@ def _finish(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
                 continue
             saved = state.companies.get(scope.company_id) or {}
             entry = {"settingsHash": scope.scope_hash}
+            if scope.scope.category_default and scope.category:
+                entry["category"] = scope.category  # the company's name, kept for incremental runs
             if scope.outcome is not None and scope.company is not None:
                 entry["bcWatermark"] = _next_bc_watermark(
                     scope.watermark, scope.company.contacts, scope.outcome
@@ -1102,6 +1247,13 @@ def _finish(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
         assert scope.company is not None and scope.outcome is not None
         state.bc_watermark = _next_bc_watermark(state.bc_watermark, scope.company.contacts, scope.outcome)
         state.companies = {}
+    seen = _folder_seen(run)
+    if folder_id is None and seen:
+        # The default folder was empty, its id unknown: the contacts just created tell it. No delta
+        # round has been read, so the next run starts one (a full sync, as after a first run).
+        folder_id = state.default_folder_id = seen
+        state.delta_link = None
+    _settle_moves_and_categories(run, failed_company or any(outcome.failures for outcome, _ in outcomes))
     state.folder_id = folder_id
     state.folder_name = run.settings.folder_name
     state.company_id = run.home
@@ -1114,6 +1266,88 @@ def _finish(run: _UserRun, sides: _BothSides, folder_id: str) -> None:
     state.last_status = RunStatus.PARTIAL if failures else RunStatus.SUCCEEDED
     run.store.save_state(state)  # before the report says so: if this fails, the run failed
     runs.finish(report, failures=failures)
+
+
+def _folder_seen(run: _UserRun) -> str | None:
+    """The folder the first contact created in an empty default folder landed in (`Outcome.folder_seen`)."""
+    seen = (scope.outcome.folder_seen for scope in run.scopes if scope.outcome is not None)
+    return next((folder for folder in seen if folder), None)
+
+
+def _current_categories(run: _UserRun) -> list[str]:
+    """The categories this run wrote: each planned company's (`category_of`), in settings order."""
+    out: list[str] = []
+    for scope in _active(run):
+        category = scope.snapshot.category if scope.snapshot is not None else None
+        if category and category.casefold() not in {c.casefold() for c in out}:
+            out.append(category)
+    return out
+
+
+def _settle_moves_and_categories(run: _UserRun, failures: bool) -> None:
+    """A full run without failures has handled every contact: a move is done (nothing of ours is
+    left in the previous folder) and only the current categories are on the contacts. Otherwise the
+    next run must finish both: the previous folder stays in the state, and so do earlier categories."""
+    state = run.state
+    written = written_categories(state)
+    if run.mode == FULL and not failures:
+        state.previous_folder_id = None
+        written = []
+    for category in _current_categories(run):
+        if category.casefold() not in {c.casefold() for c in written}:
+            written.append(category)
+    state.categories = json.dumps(written, ensure_ascii=False) if written else None
+
+
+def _master_categories(state: UserState) -> list[str]:
+    """The categories known to be in the master category list ("!name": creating it was refused).
+    A JSON list; a plain name (one category, as the state first stored it) reads as a list of one."""
+    raw = state.master_category
+    if not raw:
+        return []
+    try:
+        names = json.loads(raw)
+    except ValueError:
+        return [raw]
+    return [str(n) for n in names] if isinstance(names, list) else [raw]
+
+
+def _ensure_categories(run: _UserRun) -> None:
+    """Create each company's category in the user's master category list once, with a colour, so
+    Outlook shows it coloured and offers it for filtering (Graph outlookCategory). Remembered in the
+    state, so no run after the first spends a request on it; a 409 means it exists already. Without
+    the MailboxSettings.ReadWrite permission (403) the contacts still get the category (Outlook shows
+    it without a colour); the report says so once per category, and full runs try again."""
+    state = run.state
+    known = _master_categories(state)
+    for scope in _active(run):
+        category = scope.snapshot.category if scope.snapshot is not None else None
+        if not category or category in known or scope.result is None:
+            continue
+        if not any(a.writes for a in scope.result.actions):
+            continue
+        refused = f"!{category}"
+        if refused in known and run.mode != FULL:
+            continue
+        try:
+            run.graph.create_category(run.settings.user, category, CATEGORY_COLOR)
+        except ApiError as exc:
+            if exc.status not in (401, 403):
+                log.info("could not create the Outlook category: %s", redact(str(exc), run.settings.user))
+                continue
+            if refused not in known:
+                run.report.items.append(
+                    ReportItem(
+                        "note",
+                        reason=f"the category '{category}' is on the contacts, but Outlook shows it without "
+                        "a colour: the app may not edit the master category list (it needs the Graph "
+                        "application permission MailboxSettings.ReadWrite)",
+                    )
+                )
+                known.append(refused)
+            continue
+        known = [name for name in known if name != refused] + [category]
+    state.master_category = json.dumps(known, ensure_ascii=False) if known else None
 
 
 def _next_bc_watermark(current: str | None, contacts: dict[str, dict[str, Any]], outcome: Outcome) -> str:
@@ -1241,6 +1475,8 @@ def _ensure_folder(
     regard to case, as Exchange does, so an existing "business central" is used, never duplicated.
     """
     name = settings.folder_name
+    if name is None:
+        raise ValueError("the default Contacts folder is not ensured by name (see _default_folder)")
     if state.folder_id and not _under_contacts(
         graph, settings.user, state.folder_id, state.folder_name or name
     ):

@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.auth import BC_SCOPE, GRAPH_SCOPE, AuthError
 from shared.bc_client import BcSchema, SchemaError
+from shared.graph_client import CATEGORY_COLOR
 from shared.http_client import ApiError, RequestCounter
 from shared.model import UserSettings
 
@@ -89,21 +90,7 @@ def validate_user(services: Any, settings: UserSettings) -> dict[str, Any]:
         checks.append(Check("bcFields", False, "not checked: no Business Central token"))
         checks.append(Check("bcWebhooks", True, "not checked: no Business Central token"))
     if graph_token:
-        try:
-            graph.get_user(settings.user)
-            checks.append(Check("mailbox", True, "ok"))
-            try:
-                folder = graph.find_folder(settings.user, settings.folder_name)
-                if folder:  # a write that changes nothing proves Contacts.ReadWrite, not just read access
-                    graph.rename_folder(settings.user, folder["id"], folder["displayName"])
-                    checks.append(Check("contactsPermission", True, "ok"))
-                else:
-                    checks.append(_read_only_hint(services.tokens.token(GRAPH_SCOPE)))
-            except ApiError as exc:
-                checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
-        except ApiError as exc:
-            checks.append(Check("mailbox", False, _graph_hint(exc, settings.user)))
-            checks.append(Check("contactsPermission", False, "not checked: mailbox not reachable"))
+        checks += _graph_checks(services, graph, settings)
     else:
         checks.append(Check("mailbox", False, "not checked: no Graph token"))
         checks.append(Check("contactsPermission", False, "not checked: no Graph token"))
@@ -162,6 +149,64 @@ def _webhooks_status(services: Any, bc: Any, url: str, company_id: str) -> str:
         f"contacts webhooks supported; no live subscription yet (the next change-poll tick makes one, "
         f"BC must reach {url}); {_POLL} meanwhile"
     )
+
+
+def _graph_checks(services: Any, graph: Any, settings: UserSettings) -> list[Check]:
+    """The mailbox, the permission to write contacts there, and the one to add the category."""
+    checks: list[Check] = []
+    try:
+        graph.get_user(settings.user)
+        checks.append(Check("mailbox", True, "ok"))
+        try:
+            folder = (
+                graph.find_folder(settings.user, settings.folder_name)
+                if settings.folder_name is not None
+                else None
+            )
+            if folder:  # a write that changes nothing proves Contacts.ReadWrite, not just read access
+                graph.rename_folder(settings.user, folder["id"], folder["displayName"])
+                checks.append(Check("contactsPermission", True, "ok"))
+            else:
+                checks.append(_read_only_hint(services.tokens.token(GRAPH_SCOPE)))
+        except ApiError as exc:
+            checks.append(Check("contactsPermission", False, _graph_hint(exc, settings.user)))
+        category = _a_category(settings)
+        if category:
+            checks.append(_category_check(graph, settings.user, category))
+    except ApiError as exc:
+        checks.append(Check("mailbox", False, _graph_hint(exc, settings.user)))
+        checks.append(Check("contactsPermission", False, "not checked: mailbox not reachable"))
+    return checks
+
+
+def _a_category(settings: UserSettings) -> str | None:
+    """A category the sync writes, to prove the permission with: the `category` setting, or with
+    `companies` the first company's that names one (a company's default, its display name, would
+    cost a BC read; the permission is the same for every category)."""
+    if settings.companies is None:
+        return settings.category
+    return next((c.category for c in settings.companies if c.category), None)
+
+
+def _category_check(graph: Any, user: str, category: str) -> Check:
+    """The sync puts its category in the user's master category list (BEHAVIOUR §4.8), which needs
+    MailboxSettings.ReadWrite. Creating it here is what the first sync would do anyway; a 409 (it
+    exists) also proves the write was allowed, since Graph authorizes before it looks."""
+    try:
+        graph.create_category(user, category, CATEGORY_COLOR)
+    except ApiError as exc:
+        if exc.status in (401, 403):
+            return Check(
+                "categoryPermission",
+                False,
+                f"Microsoft Graph refused to add the category '{category}' to the master category list "
+                f"({exc.status}). Synced contacts still get it, but Outlook shows it without a colour. Grant "
+                "MailboxSettings.ReadWrite: the Exchange role 'Application MailboxSettings.ReadWrite' in the "
+                "same management scope as Contacts.ReadWrite, or the Graph application permission with admin "
+                "consent (docs/DEPLOY.md step 2).",
+            )
+        return Check("categoryPermission", False, str(exc))
+    return Check("categoryPermission", True, "ok")
 
 
 def _fields_check(schema: BcSchema, settings: UserSettings) -> Check:

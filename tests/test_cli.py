@@ -29,7 +29,7 @@ def test_users_validate_sync_and_report(world, tmp_path, capsys):
     assert [u["user"] for u in json.loads(out)["users"]] == [ALICE]
 
     code, out = run("validate", "--user", ALICE)
-    assert code == 0 and out.count("ok  ") == 7  # five checks, bcFields and bcWebhooks
+    assert code == 0 and out.count("ok  ") == 8  # five checks, bcFields, bcWebhooks and categoryPermission
 
     code, out = run("sync", "--user", ALICE, "--mode", "full", "--dry-run")
     assert code == 0 and "(dry run)" in out and "outlookCreated" in out
@@ -45,6 +45,21 @@ def test_users_validate_sync_and_report(world, tmp_path, capsys):
 
     code, out = run("sync", "--all")
     assert code == 0 and "Status: succeeded" in out
+
+
+def test_a_user_syncs_into_the_default_contacts_folder_through_the_cli(world, tmp_path):
+    """BEHAVIOUR §4.8 through the operator CLI: folderName null and a category of one's own."""
+    world.cloud.graph.add_mailbox(ALICE)
+    world.person("Cli Person", "cli@example.com")
+    settings = tmp_path / "alice.json"
+    settings.write_text(json.dumps({"folderName": None, "category": "Kunder"}))
+    code, out = run("users", "put", ALICE, "--file", str(settings))
+    assert code == 0 and json.loads(out)["folderName"] is None and json.loads(out)["category"] == "Kunder"
+    code, out = run("sync", "--user", ALICE, "--json")
+    assert code == 0 and json.loads(out)["counts"]["outlookCreated"] == 1
+    [contact] = world.cloud.graph.folder_contacts(ALICE, None)
+    assert contact["displayName"] == "Cli Person" and contact["categories"] == ["Kunder"]
+    assert world.cloud.graph.folders(ALICE) == []
 
 
 def test_clear_errors(world, capsys, monkeypatch):

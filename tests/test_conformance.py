@@ -72,7 +72,7 @@ def test_every_assumption_holds_on_a_documented_tenant_and_nothing_is_left_behin
     assert code == 0, out
     assert "  differs  " not in out and "All assumptions hold." in out
     rows = [line for line in out.splitlines() if "  ok  " in line]
-    assert len(rows) == 15, out  # 2 tokens, 7 Graph, 6 Business Central
+    assert len(rows) == 17, out  # 2 tokens, 9 Graph, 6 Business Central
     for expected in (
         "immutable id differs from the REST id",
         "@removed",

@@ -274,6 +274,7 @@ def test_validate_all_ok(client, world):
         "bcWebhooks",
         "mailbox",
         "contactsPermission",
+        "categoryPermission",
     }
     assert all(c["ok"] for c in checks.values())
     assert "CRONUS" in checks["bcCompany"]["message"]

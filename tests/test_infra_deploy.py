@@ -533,6 +533,7 @@ def test_granted_permissions_are_the_documented_ones_and_only_behind_parameters(
         "API.ReadWrite.All": role_ids["bcApiReadWriteAll"],
         "User.Read.All": role_ids["graphUserReadAll"],
         "Contacts.ReadWrite": role_ids["graphContactsReadWrite"],
+        "MailboxSettings.ReadWrite": role_ids["graphMailboxSettingsReadWrite"],
     }
     grants = bicep.resources("Microsoft.Graph/appRoleAssignedTo")
     assert len(grants) == 2 and all("if (grantPermissions)" in _text(g) for g in grants)

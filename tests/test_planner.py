@@ -15,7 +15,15 @@ import pytest
 
 from shared.executor import route_of
 from shared.filters import ContactFilter, parse_filter
-from shared.mapping import DEFAULT_CONTEXT, bc_to_outlook, bc_view, fingerprint, normalize_email, outlook_view
+from shared.mapping import (
+    BC_ID_PROPERTY_ID,
+    DEFAULT_CONTEXT,
+    bc_to_outlook,
+    bc_view,
+    fingerprint,
+    normalize_email,
+    outlook_view,
+)
 from shared.model import ACTIONS, WRITE_ACTIONS, ActionKind, Link, UserSettings
 from shared.planner import (
     FULL,
@@ -26,6 +34,7 @@ from shared.planner import (
     Plan,
     Snapshot,
     after_bc_write,
+    categories_for,
     needs,
     plan,
     removal_guard,
@@ -85,9 +94,12 @@ class Sides:
     mode: str = INCREMENTAL
     complete: bool | None = None  # default: a full run has read the whole folder
     retired: str | None = None  # the company left the settings (BEHAVIOUR §5.4)
+    default_folder: bool = False  # folderName null: the user's default Contacts folder
+    category: str | None = None  # the category the run writes
+    leftover: list[dict[str, Any]] = field(default_factory=list)  # in the folder a move leaves
 
     def snapshot(self) -> Snapshot:
-        tags: dict[str, str | None] = {c["id"]: None for c in self.contacts}
+        tags: dict[str, str | None] = {c["id"]: None for c in [*self.contacts, *self.leftover]}
         tags.update(self.tags)
         for outlook_id in self.unknown_tags:
             tags.pop(outlook_id, None)
@@ -101,6 +113,10 @@ class Sides:
             tags=tags,
             outlook_complete=self.mode == FULL if self.complete is None else self.complete,
             retired=self.retired,
+            default_folder=self.default_folder,
+            category=self.category,
+            leftover={c["id"]: c for c in self.leftover},
+            leftover_folder="old" if self.leftover else None,
         )
 
 
@@ -120,6 +136,9 @@ ADA_IN_OSLO = {**ADA, "city": "Oslo"}
 BOB = bc("b2", "Bob Baker", "bob@example.com")
 NEW_IN_OUTLOOK = outlook("o9", bc("n", "Nia New", "nia@example.com"))
 NO_MAIL = outlook("o8", bc("n", "Nemo Nomail", "x@example.com"), emailAddresses=[])
+CAT = "Business Central"
+ADA_ADOPTED = replace(ADA_LINK, adopted=True)
+PRIVATE = outlook("o7", bc("p", "Pat Private", "pat@home.example"))
 
 GONE = "its company is no longer in your settings"
 Row = tuple[Sides, UserSettings, ContactFilter, list[tuple[str, str | None, str | None, str]]]
@@ -260,6 +279,54 @@ PLAN_CASES: dict[str, Row] = {
     "bc only/full run: created in Outlook": (
         Sides(read=[BOB], mode=FULL), USER, EVERYONE,
         [("create_outlook", "b2", None, "missing in Outlook")]),
+    # The default Contacts folder (BEHAVIOUR §4.8) ---------------------------------------------------
+    "default folder/adopted, deleted in BC: released, not deleted": (
+        Sides(contacts=[ADA_IN_OUTLOOK], links=[ADA_ADOPTED], default_folder=True), USER, EVERYONE,
+        [("release_outlook", "b1", "o1",
+          "deleted in Business Central; your own contact is kept, without the sync's tag and category")]),
+    "default folder/adopted, out of scope: released, not deleted": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], links=[ADA_ADOPTED], default_folder=True), USER, OSLO_ONLY,
+        [("release_outlook", "b1", "o1", "no longer synced: does not match your filter; your own contact is "
+          "kept, without the sync's tag and category")]),
+    "default folder/created by the sync, deleted in BC: removed": (
+        Sides(contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK], default_folder=True), USER, EVERYONE,
+        [("delete_outlook", "b1", "o1", "deleted in Business Central")]),
+    "default folder/the user's contact without the category: left alone, not reported": (
+        Sides(contacts=[PRIVATE, NO_MAIL], default_folder=True, category=CAT), USER, EVERYONE,
+        []),
+    "default folder/the user's contact with the category: goes to BC": (
+        Sides(contacts=[{**PRIVATE, "categories": ["business central"]}], default_folder=True, category=CAT),
+        USER, EVERYONE,
+        [("create_bc", None, "o7", "new in Outlook")]),
+    "default folder/the user's contact, its email BC has: adopted": (
+        Sides(read=[ADA], contacts=[outlook("o5", ADA, jobTitle="Countess")], default_folder=True, category=CAT),
+        NO_PULL_NEW, EVERYONE,
+        [("link", "b1", "o5", "matched a Business Central contact by email; BC's data kept")]),
+    "default folder/the user's contact, its email BC has but not for them: left alone": (
+        Sides(read=[ADA], contacts=[outlook("o5", ADA)], default_folder=True, category=CAT), USER, OSLO_ONLY,
+        [("skipped", "b1", None, "does not match your filter")]),
+    # The category -----------------------------------------------------------------------------------
+    "category/a synced contact without it, full run: set": (
+        Sides(read=[ADA], contacts=[ADA_IN_OUTLOOK], links=[ADA_LINK], mode=FULL, category=CAT), USER, EVERYONE,
+        [("update_outlook", "b1", "o1", "Outlook category set")]),
+    "category/a synced contact with it: nothing": (
+        Sides(read=[ADA], contacts=[{**ADA_IN_OUTLOOK, "categories": ["VIP", CAT]}], links=[ADA_LINK], mode=FULL,
+              category=CAT), USER, EVERYONE,
+        []),
+    # A move between folders: the contacts left in the previous folder ---------------------------------
+    "move/the sync's contact, now in the new folder: deleted from the old one": (
+        Sides(read=[ADA], contacts=[outlook("o2", ADA)], links=[replace(ADA_LINK, outlook_id="o2")],
+              leftover=[ADA_IN_OUTLOOK], tags={"o2": "b1", "o1": "b1"}, mode=FULL), USER, EVERYONE,
+        [("delete_outlook", "b1", "o1", "moved to the new sync folder")]),
+    "move/the user's own contact the sync had adopted: released where it is": (
+        Sides(read=[ADA], leftover=[ADA_IN_OUTLOOK], links=[ADA_ADOPTED], tags={"o1": "b1"}, mode=FULL),
+        USER, EVERYONE,
+        [("recreate_outlook", "b1", None, "deleted in Outlook, kept in Business Central"),
+         ("release_outlook", "b1", "o1", "moved to the new sync folder; your own contact is kept here, "
+          "without the sync's tag and category")]),
+    "move/an untagged contact in the old folder: the user's, left alone": (
+        Sides(leftover=[PRIVATE], mode=FULL), USER, EVERYONE,
+        []),
     "bc only/out of scope: skipped": (
         Sides(read=[BOB, {**ADA_IN_OSLO, "type": "Company"}]), USER, OSLO_ONLY,
         [("skipped", "b1", None, "type is Company, only Person contacts are synchronized"),
@@ -275,6 +342,51 @@ def test_plan_decides_each_case_of_the_table(
     result = plan(sides.snapshot(), settings, contact_filter)
     assert decided(result) == expected
     assert result.safety_stop is None
+
+
+def test_a_move_copies_first_and_its_deletes_do_not_trip_the_mass_removal_guard() -> None:
+    """Every contact of a folder moves: as many deletes as links, all halves of moves, none a loss.
+    The copies come before the deletes, so a run that stops midway leaves two, never none."""
+    people = [bc(f"b{n}", f"Person {n}", f"p{n}@example.com") for n in range(SAFETY_MIN + 5)]
+    old = [outlook(f"old{n}", person) for n, person in enumerate(people)]
+    sides = Sides(
+        read=people,
+        leftover=old,
+        links=[link(person, contact) for person, contact in zip(people, old, strict=True)],
+        tags={contact["id"]: person["id"] for person, contact in zip(people, old, strict=True)},
+        mode=FULL,
+    )
+    result = plan(sides.snapshot(), USER, EVERYONE)
+    assert result.safety_stop is None
+    kinds = [action.kind for action in result.actions]
+    assert kinds == [ActionKind.RECREATE_OUTLOOK] * len(people) + [ActionKind.DELETE_OUTLOOK] * len(people)
+    assert all(
+        a.folder_id == "old" and not a.unlinks for a in result.actions if a.kind is ActionKind.DELETE_OUTLOOK
+    )
+
+
+def test_categories_keep_the_users_own_and_replace_the_syncs_earlier_one() -> None:
+    contact = {"categories": ["VIP", "Old name", "Red category"]}
+    assert categories_for("New name", frozenset({"old name"}), contact) == ["VIP", "Red category", "New name"]
+    assert categories_for(None, frozenset({"old name"}), contact) == ["VIP", "Red category"]
+    assert categories_for("vip", frozenset(), contact) is None  # Outlook ignores case
+    assert categories_for("CRM", frozenset(), None) == ["CRM"]
+
+
+def test_in_the_default_folder_an_adopted_contact_is_released_with_its_own_categories_kept() -> None:
+    mine = {**ADA_IN_OUTLOOK, "categories": ["Red category", CAT]}
+    snap = Sides(contacts=[mine], links=[ADA_ADOPTED], default_folder=True, category=CAT).snapshot()
+    [release] = plan(snap, USER, EVERYONE).actions
+    assert release.body == {
+        "singleValueExtendedProperties": [{"id": BC_ID_PROPERTY_ID, "value": ""}],
+        "categories": ["Red category"],
+    }
+    assert route_of(release) == "graph"
+
+
+def test_releasing_needs_the_contacts_own_categories_first() -> None:
+    sides = Sides(links=[ADA_ADOPTED], default_folder=True, category=CAT)
+    assert needs(sides.snapshot(), USER, EVERYONE).outlook == {"o1"}
 
 
 def test_an_adopted_contact_that_already_has_bcs_values_is_not_written() -> None:
@@ -421,6 +533,13 @@ AFTER_CASES: dict[str, tuple[Action, dict[str, Any], UserSettings, ContactFilter
         NO_REMOVE,
         OSLO_ONLY,
         ("tag_outlook", "tagged with its BC id"),
+    ),
+    "created in BC outside the filter, in the default folder: released, it is the user's": (
+        created_from(ADA_IN_OUTLOOK),
+        ADA,
+        replace(USER, folder_name=None),
+        OSLO_ONLY,
+        ("release_outlook", "in Business Central now; not synced to you: does not match your filter"),
     ),
     "updated in BC, BC answers what Outlook has: nothing": (
         replace(created_from(ADA_IN_OUTLOOK), kind=ActionKind.UPDATE_BC, bc_id="b1"),

@@ -97,6 +97,7 @@ def test_1_4_connection_can_be_validated(world):
         "bcWebhooks",
         "mailbox",
         "contactsPermission",
+        "categoryPermission",  # the sync's Outlook category (BEHAVIOUR §4.8)
     }
 
     # A secret revoked after a token was cached is still caught.

@@ -53,7 +53,8 @@ def invalid_upns(draw) -> str:
     broken = draw(st.sampled_from(["char", "name_len", "domain_len", "total_len", "period", "at", "no_at"]))
     if broken == "char":
         bad = draw(st.sampled_from(FORBIDDEN))
-        # Leading whitespace is trimmed, as a pasted address's would be: only inside it is it a break.
+        # Not whitespace first: surrounding whitespace is trimmed by design (the test above), so
+        # " 0@contoso.example" is a valid address typed with a space, not a forbidden character.
         at = draw(st.integers(1 if bad.isspace() else 0, len(name)))
         return f"{name[:at]}{bad}{name[at:]}@{domain}" if bad != "@" else f"{name}@{bad}{domain}"
     if broken == "name_len":

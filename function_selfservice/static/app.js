@@ -18,7 +18,7 @@ const TEXT = {
     welcome: "Set up your own contact sync",
     welcomeText: "Sign in with your work account to choose your Outlook folder and filters, check the connection and run a sync.",
     tabSettings: "My sync", tabCheck: "Check connection", tabRun: "Run", tabHistory: "My recent runs", tabAdmin: "Admin",
-    mailbox: "Mailbox", folderName: "Outlook folder", filters: "Filters (Business Central syntax)",
+    mailbox: "Mailbox", folderName: "Outlook folder", useDefaultFolder: "Use my default Contacts folder (the one my phone shows) instead", category: "Outlook category (empty: none)", filters: "Filters (Business Central syntax)",
     filterHelpTitle: "How to write a filter", helpOr: "starts with Contoso, or is Fabrikam", helpNot: "anything but Oslo",
     helpCase: "ignore upper and lower case", helpRange: "from 1000 to 1999", helpBlank: "blank",
     helpQuote: "quoted text is taken literally", switches: "What the sync may do",
@@ -42,18 +42,18 @@ const TEXT = {
     fields: { displayName: "Name", companyName: "Company name", companyNumber: "Company no.", number: "Contact no.",
       searchName: "Search name", jobTitle: "Job title", city: "City", state: "County/state", postalCode: "Postal code", country: "Country/region" },
     checks: { graphToken: "Sign-in to Microsoft Graph", bcToken: "Sign-in to Business Central", mailbox: "Mailbox",
-      contactsPermission: "Permission to write contacts", bcCompany: "Business Central company", bcWrite: "Permission to write Business Central contacts",
+      contactsPermission: "Permission to write contacts", categoryPermission: "Permission to add the Outlook category", bcCompany: "Business Central company", bcWrite: "Permission to write Business Central contacts",
       bcFields: "Business Central contact fields", bcWebhooks: "Business Central change notifications" },
     actions: { failed: "failed", skipped: "skipped", outlookCreated: "created in Outlook", outlookUpdated: "updated in Outlook",
       outlookDeleted: "removed from Outlook", outlookRecreated: "recreated in Outlook", bcCreated: "created in BC",
-      bcUpdated: "updated in BC", linked: "linked", unlinked: "unlinked", safetyStop: "stopped for safety" },
+      bcUpdated: "updated in BC", linked: "linked", unlinked: "unlinked", released: "kept as your own, no longer synced", note: "note", safetyStop: "stopped for safety" },
   },
   nb: {
     title: "Kontaktsynkronisering", language: "Språk", signIn: "Logg på", signOut: "Logg av",
     welcome: "Sett opp din egen kontaktsynkronisering",
     welcomeText: "Logg på med jobbkontoen din for å velge Outlook-mappe og filtre, sjekke tilkoblingen og kjøre en synkronisering.",
     tabSettings: "Min synkronisering", tabCheck: "Sjekk tilkoblingen", tabRun: "Kjør", tabHistory: "Mine siste kjøringer", tabAdmin: "Administrasjon",
-    mailbox: "Postboks", folderName: "Outlook-mappe", filters: "Filtre (Business Central-syntaks)",
+    mailbox: "Postboks", folderName: "Outlook-mappe", useDefaultFolder: "Bruk standardmappen Kontakter (den telefonen viser) i stedet", category: "Outlook-kategori (tom: ingen)", filters: "Filtre (Business Central-syntaks)",
     filterHelpTitle: "Slik skriver du et filter", helpOr: "begynner med Contoso, eller er Fabrikam", helpNot: "alt unntatt Oslo",
     helpCase: "skiller ikke mellom store og små bokstaver", helpRange: "fra 1000 til 1999", helpBlank: "tom",
     helpQuote: "tekst i anførselstegn tas bokstavelig", switches: "Hva synkroniseringen kan gjøre",
@@ -77,11 +77,11 @@ const TEXT = {
     fields: { displayName: "Navn", companyName: "Firmanavn", companyNumber: "Firmanr.", number: "Kontaktnr.",
       searchName: "Søkenavn", jobTitle: "Stilling", city: "Poststed", state: "Fylke/delstat", postalCode: "Postnummer", country: "Land/område" },
     checks: { graphToken: "Pålogging til Microsoft Graph", bcToken: "Pålogging til Business Central", mailbox: "Postboks",
-      contactsPermission: "Tillatelse til å skrive kontakter", bcCompany: "Business Central-selskap", bcWrite: "Tillatelse til å skrive Business Central-kontakter",
+      contactsPermission: "Tillatelse til å skrive kontakter", categoryPermission: "Tillatelse til å legge til Outlook-kategorien", bcCompany: "Business Central-selskap", bcWrite: "Tillatelse til å skrive Business Central-kontakter",
       bcFields: "Business Central-kontaktfelt", bcWebhooks: "Varsler om endringer fra Business Central" },
     actions: { failed: "feilet", skipped: "hoppet over", outlookCreated: "opprettet i Outlook", outlookUpdated: "oppdatert i Outlook",
       outlookDeleted: "fjernet fra Outlook", outlookRecreated: "gjenopprettet i Outlook", bcCreated: "opprettet i BC",
-      bcUpdated: "oppdatert i BC", linked: "koblet", unlinked: "frakoblet", safetyStop: "stoppet av sikkerhetshensyn" },
+      bcUpdated: "oppdatert i BC", linked: "koblet", unlinked: "frakoblet", released: "beholdt som din egen, ikke lenger synkronisert", note: "merknad", safetyStop: "stoppet av sikkerhetshensyn" },
   },
 };
 
@@ -192,6 +192,10 @@ function buildFilterFields() {
 function fillSettings(s) {
   $("mailbox").value = s.user;
   $("folderName").value = s.folderName || "";
+  $("useDefaultFolder").checked = s.folderName === null;
+  $("folderName").disabled = s.folderName === null;
+  $("category").value = s.category || "";
+  $("category").disabled = !!s.companies;  // each company of `companies` names its own (BEHAVIOUR §5.4)
   for (const f of FILTER_FIELDS) $(`filter-${f}`).value = (s.filter || {})[f] || "";
   for (const k of ["pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook", "syncPhotos"]) $(k).checked = !!s[k];
 }
@@ -216,7 +220,9 @@ async function saveSettings(event) {
   const user = $("mailbox").value;
   const filter = {};
   for (const f of FILTER_FIELDS) { const v = $(`filter-${f}`).value.trim(); if (v) filter[f] = v; }
-  const body = { folderName: $("folderName").value, filter };
+  const category = $("category").value.trim();
+  // folderName null: the default Contacts folder; category "" means none (BEHAVIOUR §5).
+  const body = { folderName: $("useDefaultFolder").checked ? null : $("folderName").value, category: category || null, filter };
   for (const k of ["pullNewFromOutlook", "pullEditsFromOutlook", "removeFromOutlook", "syncPhotos"]) body[k] = $(k).checked;
   const { status, data } = await call("PUT", `users/${enc(user)}`, body);
   if (status === 200 || status === 201) {
@@ -429,6 +435,7 @@ async function loadMe() {
     $("mailbox").value = data.username;
     $("mailbox").readOnly = false;
     $("folderName").value = "Business Central";
+    $("category").value = "Business Central";
     $("pullNewFromOutlook").checked = true;
     $("removeFromOutlook").checked = true;
     $("syncPhotos").checked = true;
@@ -443,6 +450,7 @@ async function start() {
   $("sign-in").addEventListener("click", () => state.msal.loginRedirect({ scopes: [state.config.scope] }));
   $("sign-out").addEventListener("click", () => state.msal.logoutRedirect({ account: state.account }));
   $("settings-form").addEventListener("submit", saveSettings);
+  $("useDefaultFolder").addEventListener("change", () => { $("folderName").disabled = $("useDefaultFolder").checked; });
   $("check").addEventListener("click", checkConnection);
   for (const b of document.querySelectorAll(".run")) b.addEventListener("click", runSync);
   $("item-filter").addEventListener("input", renderItems);

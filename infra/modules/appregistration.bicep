@@ -28,7 +28,7 @@ param adminPageRedirectUri string = ''
 @description('Grant the requested application permissions (admin consent). Needs Privileged Role Administrator or Global Administrator.')
 param grantPermissions bool = false
 
-@description('Request (and with grantPermissions grant) Graph Contacts.ReadWrite in Entra ID. Leave false with Exchange RBAC for Applications: the two grants add up, and the Entra one reaches every mailbox.')
+@description('Request (and with grantPermissions grant) Graph Contacts.ReadWrite and MailboxSettings.ReadWrite (the sync adds its category to the master category list) in Entra ID. Leave false with Exchange RBAC for Applications: the two grants add up, and the Entra one reaches every mailbox.')
 param grantContactsReadWrite bool = false
 
 // Well-known resource app ids and app-role ids (the same table as docs/DEPLOY.md step 2; the test suite
@@ -39,12 +39,16 @@ var roleIds = {
   bcApiReadWriteAll: 'a42b0b75-311e-488d-b67e-8fe84f924341'
   graphUserReadAll: 'df021288-bdef-4463-88db-98f22de89214'
   graphContactsReadWrite: '6918b873-d17a-4dc1-b314-35f528134491'
+  graphMailboxSettingsReadWrite: '6931bccd-447a-43d1-b442-00a195474933'
 }
 var graphRolesAlways = [
   roleIds.graphUserReadAll
 ]
+// Both reach every mailbox when consented in Entra: with Exchange RBAC for Applications they come from
+// the Exchange roles 'Application Contacts.ReadWrite' and 'Application MailboxSettings.ReadWrite' instead.
 var graphRolesEntraContacts = [
   roleIds.graphContactsReadWrite
+  roleIds.graphMailboxSettingsReadWrite
 ]
 var graphRoles = grantContactsReadWrite ? concat(graphRolesAlways, graphRolesEntraContacts) : graphRolesAlways
 

@@ -5,8 +5,10 @@ The expectation is derived from Business Central itself (it is the source of tru
 only remembers what BC cannot say: which contacts the test deleted, which Outlook contacts the user
 made or edited, and what each run reported. After every run the invariants that must hold even under
 faults are checked (nothing deleted in BC, no duplicate email in BC, no user contact lost without a
-report item, the lease released, contacts outside the sync folder untouched); after every run
-without injected faults that succeeds, the full set (see `check_converged`).
+report item, the lease released, the user's own contacts in the default Contacts folder never deleted
+and never changed unless the sync adopted them); after every run without injected faults that succeeds,
+the full set (see `check_converged`). The settings change too: the folder renamed, switched to the
+default Contacts folder (`folderName: null`) and back, the category renamed or turned off (issue 12).
 
 Profiles: fast by default (CI); `RELIABILITY_LONG=1` runs thousands of steps.
 """
@@ -57,6 +59,7 @@ FILTERS: list[dict[str, str]] = [
     {"displayName": "<>Z*"},
 ]
 FOLDERS = ["Business Central", "BC Contacts", "Kunder 'BC' & co"]
+CATEGORIES: list[str | None] = ["Business Central", "Kunder", None]
 CHECKPOINTS = ["after_bc_batch", "after_graph_batch", "before_links", "batch_done", "before_watermark"]
 FAULTS = [
     "throttle",
@@ -119,7 +122,8 @@ class SyncMachine(RuleBasedStateMachine):
         self.settings_changed_at = 0
         self.last_scope = settings_hash(self.settings, self.company)
         self.runs = 0
-        self.outside: dict[str, str] = {}  # contacts in the default folder: id → changeKey
+        self.outside: dict[str, str] = {}  # the user's own contacts in the default folder: id → changeKey
+        self.adopted: set[str] = set()  # those of them the sync has tagged at some point (adopted)
 
     # Helpers -------------------------------------------------------------------------------
     def _email(self) -> str:
@@ -127,9 +131,19 @@ class SyncMachine(RuleBasedStateMachine):
 
     def _folder_id(self) -> str | None:
         fid = self.store.get_state(self.user).folder_id
+        if fid and fid == self.cloud.graph.default_folder_id(self.user):
+            return fid  # folderName null: the default Contacts folder (it cannot be deleted)
         if fid and any(f["id"] == fid for f in self.cloud.graph.folders(self.user)):
             return fid
         return None
+
+    def _mailbox(self) -> list[dict[str, Any]]:
+        """Every contact of the default Contacts folder and the folders under it (not Deleted Items)."""
+        graph = self.cloud.graph
+        out = list(graph.folder_contacts(self.user, None))
+        for f in graph.folders(self.user):
+            out += graph.folder_contacts(self.user, f["id"])
+        return out
 
     def _folder(self) -> list[dict[str, Any]]:
         fid = self._folder_id()
@@ -264,7 +278,9 @@ class SyncMachine(RuleBasedStateMachine):
             "mobile": {"mobilePhone": f"+47 4{next(self.serial):07d}"},
             "email": {"emailAddresses": [{"address": self._email()}]},
         }[change]
-        self.cloud.graph.user_update_contact(self.user, self._folder_id(), contact["id"], **changes)
+        edited = self.cloud.graph.user_update_contact(self.user, self._folder_id(), contact["id"], **changes)
+        if contact["id"] in self.outside:  # the user may change their own contact, of course
+            self.outside[contact["id"]] = edited["changeKey"]
         self.dirty.add(contact["id"])
         if contact["id"] in self.user_made:
             self.user_made[contact["id"]].changed_at = self.runs
@@ -277,6 +293,7 @@ class SyncMachine(RuleBasedStateMachine):
             return
         contact = self._pick(folder, index)
         self.cloud.graph.user_delete_contact(self.user, self._folder_id(), contact["id"])
+        self.outside.pop(contact["id"], None)
         if contact["id"] in self.user_made:
             self.user_made[contact["id"]].deleted = True
         self.ctx.ops["outlook delete"] += 1
@@ -284,8 +301,8 @@ class SyncMachine(RuleBasedStateMachine):
     @rule()
     def outlook_delete_folder(self) -> None:
         fid = self._folder_id()
-        if fid is None:
-            return
+        if fid is None or fid == self.cloud.graph.default_folder_id(self.user):
+            return  # the default Contacts folder cannot be deleted
         for c in self.cloud.graph.folder_contacts(self.user, fid):
             if c["id"] in self.user_made:
                 self.user_made[c["id"]].deleted = True
@@ -314,6 +331,18 @@ class SyncMachine(RuleBasedStateMachine):
     def rename_folder(self, name: str) -> None:
         self._save_settings(folderName=name)
         self.ctx.ops["settings: folder rename"] += 1
+
+    @rule()
+    def use_default_folder(self) -> None:
+        """folderName null: the synced contacts move to the default Contacts folder (BEHAVIOUR §4.8);
+        `rename_folder` moves them back into a subfolder."""
+        self._save_settings(folderName=None)
+        self.ctx.ops["settings: default Contacts folder"] += 1
+
+    @rule(category=st.sampled_from(CATEGORIES))
+    def change_category(self, category: str | None) -> None:
+        self._save_settings(category=category)
+        self.ctx.ops[f"settings: category {category or 'off'}"] += 1
 
     @rule(flag=st.sampled_from(["pullEditsFromOutlook", "removeFromOutlook", "pullNewFromOutlook"]))
     def toggle(self, flag: str) -> None:
@@ -477,7 +506,8 @@ class SyncMachine(RuleBasedStateMachine):
         self.known_bc |= present  # contacts the sync created in BC are protected from now on too
         emails = Counter(normalize_email(c["email"]) for c in bc if c["email"])
         assert all(n == 1 for n in emails.values()), f"duplicate emails in BC: {emails.most_common(3)}"
-        folder_ids = {c["id"] for c in self._folder()}
+        mailbox = self._mailbox()
+        folder_ids = {c["id"] for c in mailbox}  # a move leaves the user's own contacts where they are
         for oid, made in self.user_made.items():
             if not made.deleted and oid not in folder_ids:
                 assert oid in self.mentioned, (
@@ -486,19 +516,32 @@ class SyncMachine(RuleBasedStateMachine):
                 made.deleted = True
         assert self.store.current_lease(self.user) is None, "the run left its lease behind"
         outside = {
-            c["id"]: c["changeKey"]
-            for c in self.cloud.graph.folder_contacts(self.user, None)
-            if c["id"] in self.outside
+            c["id"]: c for c in self.cloud.graph.folder_contacts(self.user, None) if c["id"] in self.outside
         }
-        assert outside == self.outside, "the sync touched a contact outside its folder"
+        assert set(outside) == set(self.outside), "the sync deleted a contact of the user's own"
+        self.adopted |= {oid for oid, c in outside.items() if tag(c)}
+        touched = {oid for oid, c in outside.items() if c["changeKey"] != self.outside[oid]}
+        assert touched <= self.adopted, "the sync changed a contact of the user's own it never adopted"
+        for oid in touched:
+            self.outside[oid] = outside[oid]["changeKey"]
 
     def check_converged(self) -> None:
         """After a run without injected faults that succeeded: BEHAVIOUR §4.5 in full."""
         state = self.store.get_state(self.user)
         folders = self.cloud.graph.folders(self.user)
-        named = [f for f in folders if f["displayName"].lower() == self.settings.folder_name.lower()]
-        assert [f["id"] for f in named] == [state.folder_id], (self.settings.folder_name, folders)
-        folder = self.cloud.graph.folder_contacts(self.user, state.folder_id)
+        in_default = self.settings.folder_name is None
+        if in_default:
+            # Unknown (None) only while the default folder was empty, with no subfolder to tell its id.
+            assert state.folder_id in (None, self.cloud.graph.default_folder_id(self.user))
+        else:
+            wanted = str(self.settings.folder_name).lower()
+            named = [f for f in folders if f["displayName"].lower() == wanted]
+            assert [f["id"] for f in named] == [state.folder_id], (self.settings.folder_name, folders)
+        folder = self.cloud.graph.folder_contacts(self.user, None if in_default else state.folder_id)
+        elsewhere = [tag(c) for c in self._mailbox() if tag(c) and c["id"] not in {o["id"] for o in folder}]
+        assert not elsewhere, (
+            f"synced contacts left behind in another folder (a move not finished): {elsewhere}"
+        )
         flt = parse_filter(self.settings.filter)
         bc = {c["id"]: c for c in self._bc()}
         eligible = {cid for cid, c in bc.items() if bc_is_eligible(c) is None and flt.matches(c)}
@@ -528,6 +571,9 @@ class SyncMachine(RuleBasedStateMachine):
             )
             if o["id"] not in self.dirty:
                 assert outlook_view(o) == bc_view(bc[cid]), (cid, outlook_view(o), bc_view(bc[cid]))
+            ours = {c.casefold() for c in o.get("categories") or []} & {c.casefold() for c in CATEGORIES if c}
+            wanted = {self.settings.category.casefold()} if self.settings.category else set()
+            assert ours == wanted, (cid, o.get("categories"), self.settings.category)
         tagged_emails = Counter(
             normalize_email(outlook_email(cs[0]))
             for t, cs in by_tag.items()
@@ -541,9 +587,13 @@ class SyncMachine(RuleBasedStateMachine):
         synced_at = {normalize_email(outlook_email(by_tag[t][0])): by_tag[t][0]["id"] for t in eligible}
         for c in untagged:
             made = self.user_made.get(c["id"])
+            if c["id"] in self.outside:
+                continue  # the user's own contact in the default folder (released, or never synced)
             assert made is not None, f"an untagged contact the user did not make: {c['id']}"
             if outlook_is_eligible(c) is not None:
                 continue
+            if in_default:
+                continue  # the default folder: private (the model never gives a contact the sync's category)
             email = normalize_email(outlook_email(c))
             since = max(made.changed_at, self.settings_changed_at)
             assert email in bc_emails or self.reasons.get(c["id"], -1) > since, (

@@ -91,6 +91,29 @@ def test_delta_on_the_default_folder_by_its_id_sees_only_its_own_contacts(
     assert [c["givenName"] for c in second] == ["Later"]
 
 
+def test_the_default_folders_id_is_the_parent_folder_id_of_its_subfolders_and_contacts(
+    client: GraphClient, graph: GraphService
+):
+    """How the sync finds the default folder's id (BEHAVIOUR §4.8), with the two `$top=1` reads it
+    makes. "contactFolder resource type" (https://learn.microsoft.com/en-us/graph/api/resources/
+    contactfolder): parentFolderId is "the ID of the folder's parent folder"; "List contactFolders"
+    (user-list-contactfolders) lists the folders *in the default Contacts folder*; "contact resource
+    type" (https://learn.microsoft.com/en-us/graph/api/resources/contact): a contact's parentFolderId;
+    "List contacts" (user-list-contacts) reads the default folder. `$top` and `$select` are the
+    generic OData options (https://learn.microsoft.com/en-us/graph/query-parameters)."""
+    root = graph.default_folder_id(ALICE)
+    query = {"$top": "1", "$select": "id,parentFolderId"}
+    assert client.get(f"/users/{ALICE}/contactFolders", params=query).json()["value"] == []
+    assert client.get(f"/users/{ALICE}/contacts", params=query).json()["value"] == []
+    graph.user_create_contact(ALICE, None, {"givenName": "Own"})
+    [contact] = client.get(f"/users/{ALICE}/contacts", params=query).json()["value"]
+    assert contact["parentFolderId"] == root
+    make_folder(client, "Business Central")
+    make_folder(client, "Other")
+    [folder] = client.get(f"/users/{ALICE}/contactFolders", params=query).json()["value"]
+    assert folder["parentFolderId"] == root
+
+
 def test_the_default_folder_cannot_be_deleted(client: GraphClient, graph: GraphService):
     resp = client.delete(f"/users/{ALICE}/contactFolders/{graph.default_folder_id(ALICE)}")
 
