@@ -924,6 +924,7 @@ def route(
     categories: list[str] | None,
     scopes: list[tuple[str, str | None]],
     home: str,
+    email_in: str | None = None,
 ) -> str:
     """The company whose plan decides an Outlook contact (BEHAVIOUR §5.4), first rule that applies:
 
@@ -932,10 +933,13 @@ def route(
     | linked                                    | the company of its link                     |
     | tagged with a BC id                       | the company its tag names (bare: home)      |
     | carries the category of a synced company  | that company (the first, in settings order) |
+    | its email is a BC contact's of a company  | that company (`email_in`, the first)        |
     | anything else (a new contact)             | the first company of the settings           |
 
     `scopes`: (company id, category or None) in settings order; `home`: the company bare tags and
-    links belong to. A returned company need not be among `scopes` (its company left the settings).
+    links belong to; `email_in`: the first company whose BC has the contact's email, where it is
+    adopted (or skipped, naming why), never doubled as a new contact of another company. A returned
+    company need not be among `scopes` (its company left the settings).
     """
     if linked_to is not None:
         return linked_to
@@ -945,7 +949,7 @@ def route(
     for company, category in scopes:
         if category is not None and category.casefold() in carried:
             return company
-    return scopes[0][0]
+    return email_in or scopes[0][0]
 
 
 # After a BC write ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from shared.mapping import (
     bc_view,
     fingerprint,
     normalize_email,
+    outlook_email,
     outlook_view,
     parse_tag,
 )
@@ -808,10 +809,16 @@ def _route_contacts(
     # Without the names (not needed, or BC would not give them), new contacts go to the first company.
     named = run.categories() if needs_names else {}
     categories = [(scope.company_id, named.get(scope.company_id, scope.scope.category)) for scope in listed]
+    emails = [
+        (scope.company_id, set(scope.company.index.values()) - {""})
+        for scope in listed
+        if run.listed and scope.company is not None
+    ]
     routed: dict[str, list[dict[str, Any]]] = {}
     for contact in contacts:
         raw = tags.get(contact["id"])
         tag_company, _ = parse_tag(raw)
+        email = normalize_email(outlook_email(contact))
         company = route(
             linked_to=owners.get(contact["id"]),
             tag_company=tag_company,
@@ -819,6 +826,7 @@ def _route_contacts(
             categories=contact.get("categories"),
             scopes=categories,
             home=run.home,
+            email_in=next((c for c, known in emails if email and email in known), None),
         )
         run.scope_of(company)  # a company that left the settings gets its (retired) scope
         routed.setdefault(company, []).append(contact)

@@ -630,6 +630,10 @@ ROUTE_CASES: dict[str, tuple[dict[str, Any], str]] = {
         {"linked_to": None, "tag_company": None, "tagged": False, "categories": ["Private"]}, "c1"),
     "new, no categories at all: the first company": (
         {"linked_to": None, "tag_company": None, "tagged": False, "categories": None}, "c1"),
+    "its email is a BC contact's of a company: that company (adopted there, not doubled)": (
+        {"linked_to": None, "tag_company": None, "tagged": False, "categories": ["Private"], "email_in": "c3"}, "c3"),
+    "a company's category wins over another company's email": (
+        {"linked_to": None, "tag_company": None, "tagged": False, "categories": ["Fabrikam"], "email_in": "c3"}, "c2"),
 }
 # fmt: on
 
