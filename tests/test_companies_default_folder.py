@@ -173,3 +173,25 @@ def test_photos_reach_a_contact_adopted_in_the_default_folder(client, world):
     assert tag(adopted) == ada["id"] and adopted["categories"] == ["Friends", "Business Central"]
     again = _sync(client)
     assert _writes(again) == 0 and again["photos"]["toOutlook"] == 0
+
+
+def test_moving_a_companies_user_into_the_default_folder_moves_each_companys_contacts(client, two):
+    """folderName from a subfolder to null: every company's contacts are copied into the default
+    folder (tags in their company's form) and then deleted from the subfolder; nothing doubles."""
+    world, _, fabrikam, settings = two
+    _put(client, {**settings, "folderName": "Business Central"})
+    _sync(client, "full")
+    [sub] = world.cloud.graph.folders(ALICE)
+    before = sorted(str(tag(c)) for c in world.cloud.graph.folder_contacts(ALICE, sub["id"]))
+    assert len(before) == 3 and any(t.startswith(f"{fabrikam}/") for t in before)
+
+    _put(client, settings)
+    moved = _sync(client)
+
+    assert moved["mode"] == "full" and moved["counts"]["outlookDeleted"] == 3, moved
+    assert not world.cloud.graph.folder_contacts(ALICE, sub["id"])
+    folder = _default(world)
+    assert sorted(str(tag(c)) for c in folder.values()) == before
+    assert folder["fay@fabrikam.example"]["categories"] == [FABRIKAM]
+    assert folder["ola@cronus.example"]["categories"] == [CRONUS_CAT]
+    assert _writes(_sync(client)) == 0 and _writes(_sync(client, "full")) == 0
