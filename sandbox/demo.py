@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def default_folder_user(cloud, users_http, sync, contacts: list[dict]) -> str:
-    """Step 6: a salesperson whose contacts go where the phone looks. Returns their password."""
+    """Step 4: a salesperson whose contacts go where the phone looks. Returns their password."""
     _, password = cloud.add_person(COLLEAGUE, "Bjørn Berg")
     own = [
         ("Dentist Dahl", "post@dahl-tannlege.example", ["Personal"]),  # private: never touched
@@ -177,7 +177,7 @@ def default_folder_user(cloud, users_http, sync, contacts: list[dict]) -> str:
             data["emailAddresses"] = [{"address": email, "name": name}]
         own_ids.add(cloud.graph.user_create_contact(COLLEAGUE, None, data)["id"])
     print(
-        f"\n=== 6. {COLLEAGUE} syncs into the default Contacts folder (the one phones show), with a category ===\n"
+        f"\n=== 4. {COLLEAGUE} syncs into the default Contacts folder (the one phones show), with a category ===\n"
         f"Their default folder already holds {len(own)} contacts of their own; one has the email of a BC contact."
     )
     status, _ = call(
@@ -187,21 +187,30 @@ def default_folder_user(cloud, users_http, sync, contacts: list[dict]) -> str:
         {"folderName": None, "category": "Business Central", "filter": {"city": "Oslo"}},
     )
     print(f'PUT /api/users/{COLLEAGUE} {{"folderName": null, "category": "Business Central"}} → {status}')
-    sync("full", "6a. Full sync into the default folder", COLLEAGUE)
-    again = sync("incremental", "6b. Incremental sync right after", COLLEAGUE)
+    sync("full", "4a. Full sync into the default folder", COLLEAGUE)
+    again = sync("incremental", "4b. Incremental sync right after", COLLEAGUE)
     print(
-        f"Requests of the run right after: {again.requests} (no folder check: the default folder cannot go)"
+        f"Requests of the run right after: Business Central {again.requests.get('bc', 0)}, "
+        f"Graph {again.requests.get('graph', 0)} (no folder check: the default folder cannot go)"
     )
     default = cloud.graph.folder_contacts(COLLEAGUE, None)
-    print(f"\n{COLLEAGUE}'s default Contacts folder ({len(default)} contacts), the user's own first:")
-    print(f"  {'name':<28} {'email':<34} {'synced':<8} categories")
-    rows = sorted(
-        default, key=lambda c: (bool(c.get("singleValueExtendedProperties")), c.get("displayName") or "")
+    print(
+        f"\n{COLLEAGUE}'s default Contacts folder ({len(default)} contacts): "
+        "the user's own, then adopted, then synced:"
     )
+    print(f"  {'name':<28} {'email':<34} {'synced':<8} categories")
+
+    def tagged(c: dict) -> bool:
+        return any(p.get("value") for p in c.get("singleValueExtendedProperties") or [])
+
+    def order(c: dict) -> tuple[int, str]:
+        kind = 2 if tagged(c) and c["id"] not in own_ids else 1 if tagged(c) else 0
+        return kind, c.get("displayName") or ""
+
+    rows = sorted(default, key=order)
     for c in rows[:12]:
         email = ((c.get("emailAddresses") or [{}])[0] or {}).get("address") or "-"
-        tagged = any(p.get("value") for p in c.get("singleValueExtendedProperties") or [])
-        synced = ("adopted" if c["id"] in own_ids else "yes") if tagged else "no"
+        synced = ("adopted" if c["id"] in own_ids else "yes") if tagged(c) else "no"
         name = (c.get("displayName") or "-")[:28]
         print(f"  {name:<28} {email[:34]:<34} {synced:<8} {', '.join(c.get('categories') or [])}")
     if len(rows) > 12:
