@@ -7,34 +7,28 @@ webhook-supported BC entities does not include contacts, so this poll is what wo
 
 The question, `lastModifiedDateTime gt <oldest watermark>` with `$top=1&$select=id`, sees creations
 and edits but not deletions (the API keeps no tombstones): those still arrive with the regular
-schedule's id listing. Coalescing: a queued poll job leaves a mark (run id, time) in the user's State
-partition until the worker has finished with it; while it is there the poll queues nothing more for the
-user, so a burst of ticks is one job, and a user whose run is in progress gets one follow-up at most.
+schedule's id listing. Coalescing (shared/wake.py, shared with change notifications): a queued job
+leaves a mark in the user's State partition until the worker has finished with it; while it is there
+the poll queues nothing more for the user, so a burst of ticks is one job, and a user whose run is in
+progress gets one follow-up at most.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import azure.functions as func
 
 from shared.bc_client import BcClient
 from shared.http_client import RequestCounter
-from shared.jobs import Job
-from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash, utcnow
-from shared.planner import INCREMENTAL
+from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash
 from shared.services import Services, get_services
+from shared.wake import wake
 
 log = logging.getLogger(__name__)
-
-# A mark older than this no longer blocks: its message was lost, or the worker died with it. Longer
-# than the queue's retries of one job (5 attempts, 30 s visibility timeout, host.json) take.
-MARK_EXPIRES = timedelta(minutes=10)
 
 
 @dataclass
@@ -65,17 +59,11 @@ def _watermarks(services: Services, users: list[UserSettings]) -> dict[str, str]
 
 
 def _queue(services: Services, users: list[str], tick: PollTick) -> None:
-    """One incremental job per user, unless the user's previous poll job has not finished yet."""
-    now = utcnow()
-    for user in users:
-        mark = services.store.get_change_poll_mark(user)
-        if mark is not None and now - mark[1] < MARK_EXPIRES:
-            tick.coalesced += 1
-            continue
-        run_id = uuid.uuid4().hex
-        services.store.set_change_poll_mark(user, run_id, now)
-        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, "poll").to_message())
-        tick.queued += 1
+    """One incremental job per user, unless the user's previous job has not finished yet (shared/wake.py)."""
+    messages = wake(services, users, "poll")
+    tick.messages.extend(messages)
+    tick.queued += len(messages)
+    tick.coalesced += len(users) - len(messages)
 
 
 def _ask(services: Services, bc: BcClient, company: str, users: list[UserSettings], tick: PollTick) -> None:

@@ -75,6 +75,26 @@ SETTINGS: tuple[Setting, ...] = (
         "Audience of the access tokens people sign in with: the app's client id (what v2.0 tokens carry; "
         "the default) or its Application ID URI",
     ),
+    Setting(
+        "SYNC_PUBLIC_URL",
+        False,
+        None,
+        "The function app's public https:// base URL (e.g. https://<app>.azurewebsites.net), which Graph "
+        "must be able to reach: turns on Outlook change notifications (BEHAVIOUR §8.2); unset, they are off",
+    ),
+    Setting(
+        "SYNC_NOTIFY_DEBOUNCE_SECONDS",
+        False,
+        "5",
+        "Seconds a change notification's run waits so a burst of notifications becomes one run (0-60)",
+    ),
+    Setting(
+        "SYNC_SAFETY_NET_MINUTES",
+        False,
+        "60",
+        "With a live subscription, the scheduled run of a user happens only this often (15-1440): "
+        "notifications and the change poll bring edits, this run brings BC deletions",
+    ),
 )
 
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
@@ -117,6 +137,9 @@ class Config:
     poll_token_key: str | None = field(default=None, repr=False)
     api_audience: str = ""
     change_poll_schedule: str = "0 * * * * *"
+    public_url: str | None = None
+    notify_debounce_seconds: float = 5.0
+    safety_net_minutes: float = 60.0
 
     @property
     def authority(self) -> str:
@@ -182,6 +205,13 @@ class Config:
             poll_token_key=poll_key,
             api_audience=_audience(read.optional("SYNC_API_AUDIENCE"), client_id.lower()),
             change_poll_schedule=change_poll,
+            public_url=_public_url(read.optional("SYNC_PUBLIC_URL")),
+            notify_debounce_seconds=_number(
+                "SYNC_NOTIFY_DEBOUNCE_SECONDS", read.value("SYNC_NOTIFY_DEBOUNCE_SECONDS"), 0, 60
+            ),
+            safety_net_minutes=_number(
+                "SYNC_SAFETY_NET_MINUTES", read.value("SYNC_SAFETY_NET_MINUTES"), 15, 1440
+            ),
         )
 
 
@@ -276,6 +306,20 @@ def _storage_settings(read: _Reader) -> tuple[str | None, str | None, str | None
     if queue_uri:
         queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
     return conn, table_uri, queue_uri
+
+
+def _public_url(value: str | None) -> str | None:
+    """The app's public base URL: https, or http only to this machine (the local host and the sandbox,
+    which delivers to loopback only; Graph itself calls https URLs only)."""
+    if not value:
+        return None
+    parts = urlsplit(value)
+    loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme not in ("https", "http") or (parts.scheme == "http" and not loopback):
+        raise ConfigError("SYNC_PUBLIC_URL", "must be an https:// URL that Graph can reach")
+    if not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError("SYNC_PUBLIC_URL", "must be a base URL without query or fragment")
+    return value.rstrip("/")
 
 
 def _audience(value: str | None, client_id: str) -> str:

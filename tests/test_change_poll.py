@@ -186,9 +186,9 @@ def test_a_lost_poll_job_holds_the_user_back_for_ten_minutes_at_most(world, queu
     world.user(ALICE)
     _synced(world, ALICE)
     world.cloud.bc.edit_contact(world.company, anna["id"], jobTitle="Owner")
-    world.services.store.set_change_poll_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=9))
+    world.services.store.set_wake_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=9))
     assert _tick() == []
-    world.services.store.set_change_poll_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=11))
+    world.services.store.set_wake_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=11))
     messages = _tick()
     assert _users(messages) == [ALICE]
     queue.send(messages)
