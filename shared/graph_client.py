@@ -336,7 +336,9 @@ class GraphClient:
     ) -> dict[str, Any]:
         """Subscribe to created/updated/deleted contacts of the user's sync folder. Graph validates both
         URLs by calling them before it answers (our endpoint echoes the token)."""
-        resource = f"{self.user_path(user).lstrip('/')}/contactFolders/{quote(folder_id, safe='')}/contacts"
+        resource = (
+            f"{self.user_path(user).lstrip('/')}/contactFolders/{folder_id}/contacts"  # ids are URL-safe
+        )
         return self.http.request(
             "POST",
             self._url("/subscriptions"),

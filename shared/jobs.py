@@ -239,4 +239,8 @@ def _work(job: Job, attempt: int) -> RunReport | None:
             report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"
             store.save_report(report)
         raise RuntimeError(f"sync run {report.runId} failed (attempt {attempt}): {report.message}")
+    if job.reason == "notify":
+        from shared.subscriptions import after_notify_run  # subscriptions imports services, as jobs does
+
+        after_notify_run(services, settings)
     return report

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import re
@@ -274,6 +275,7 @@ class WakeMark:
     run_id: str
     queued_at: datetime
     started_at: datetime | None = None
+    etag: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -655,11 +657,28 @@ class Store:
         entity = self._get_entity("State", encode_key(user), _WAKE_RK, f"read wake mark of {user}")
         if entity is None:
             return None
+        etag = str(entity.metadata.get("etag")) if getattr(entity, "metadata", None) else None
         run_id, queued = entity.get("runId"), entity.get("queuedAt")
         if not isinstance(run_id, str) or not isinstance(queued, datetime):
-            return None  # an unreadable mark must not block the user's runs for ever
+            # An unreadable mark must not block the user's runs for ever: it reads as long expired.
+            return WakeMark("", datetime(1970, 1, 1, tzinfo=UTC), None, etag)
         started = entity.get("startedAt")
-        return WakeMark(run_id, _as_utc(queued), _as_utc(started) if isinstance(started, datetime) else None)
+        started_at = _as_utc(started) if isinstance(started, datetime) else None
+        return WakeMark(run_id, _as_utc(queued), started_at, etag)
+
+    def claim_wake_mark(self, user: str, run_id: str, queued_at: datetime, seen: WakeMark | None) -> bool:
+        """Set the mark of a new job, but only if it is still `seen` (None: no mark): of two callers
+        that saw the same mark at once (the change poll, a notification, Graph's parallel deliveries),
+        one queues the job and the other learns it lost (False) and coalesces."""
+        client, table = self._client("State")
+        entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _WAKE_RK}
+        entity.update(runId=run_id, queuedAt=_as_utc(queued_at))
+        try:
+            with _storage_errors(table, f"save wake mark of {user}"):
+                _write_if_match(client, entity, seen.etag if seen is not None else None)
+        except _WriteLost:
+            return False
+        return True
 
     def set_wake_mark(self, user: str, run_id: str, queued_at: datetime) -> None:
         """A new pending job for `user` (replaces any older mark)."""
@@ -678,8 +697,8 @@ class Store:
         client, table = self._client("State")
         entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _WAKE_RK}
         entity.update(runId=run_id, queuedAt=mark.queued_at, startedAt=_as_utc(started_at))
-        with _storage_errors(table, f"save wake mark of {user}"):
-            client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        with contextlib.suppress(_WriteLost), _storage_errors(table, f"save wake mark of {user}"):
+            _write_if_match(client, entity, mark.etag)  # lost: a follow-up's mark took its place
 
     def clear_wake_mark(self, user: str, run_id: str) -> None:
         """Removes the mark if it is still the one of `run_id` (a newer mark stays)."""

@@ -52,7 +52,8 @@ def wake(services: Services, users: list[str], reason: str) -> list[str]:
         if fresh and mark is not None and (mark.started_at is None or reason == "poll"):
             continue  # a job is waiting (or, for the poll, running): it will see this change
         run_id = uuid.uuid4().hex
-        services.store.set_wake_mark(user, run_id, now)
+        if not services.store.claim_wake_mark(user, run_id, now, mark):
+            continue  # another caller queued the user's job at the same moment
         messages.append(Job(user, INCREMENTAL, run_id, False, False, reason).to_message())
     return messages
 
