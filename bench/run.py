@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users; repeatable",
+        help="only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users; "
+        "repeatable; `latency` alone: the change-notification latency case (bench/latency.py)",
     )
     p.add_argument("--users", type=int, help="users in the multi-user case (default 50; --quick: 5)")
     p.add_argument("--contacts-per-user", type=int, default=500, help="contacts in the multi-user case")
@@ -240,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     calibration: dict[str, Any] = {}
     memory_method = ""
+    if args.case == ["latency"]:  # issue 15: its own report (bench/latency.py)
+        from bench.latency import run_latency
+
+        with Azurite() as azurite:
+            return run_latency(azurite.connection_string, model, args.output)
     with Azurite() as azurite:
         conn = azurite.connection_string
         if not args.no_calibration:

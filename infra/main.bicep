@@ -122,6 +122,19 @@ param syncSchedule string = '0 */15 * * * *'
 @description('SYNC_CHANGE_POLL_SCHEDULE: NCRONTAB schedule of the change poll, one BC request per company (six fields).')
 param syncChangePollSchedule string = '0 * * * * *'
 
+@description('SYNC_PUBLIC_URL: the function app\'s public base URL, which Graph must reach to deliver change notifications (BEHAVIOUR §8.2). Empty: https://<app name>.azurewebsites.net.')
+param syncPublicUrl string = ''
+
+@description('SYNC_NOTIFY_DEBOUNCE_SECONDS: how long a change notification\'s run waits so a burst is one run.')
+@minValue(0)
+@maxValue(60)
+param syncNotifyDebounceSeconds int = 5
+
+@description('SYNC_SAFETY_NET_MINUTES: with live notifications, a user\'s scheduled run happens only this often.')
+@minValue(15)
+@maxValue(1440)
+param syncSafetyNetMinutes int = 60
+
 @description('SYNC_INLINE_BUDGET_SECONDS: how long POST /api/sync waits before answering 202.')
 @minValue(1)
 @maxValue(230)
@@ -266,6 +279,9 @@ module functionApp './modules/functionapp.bicep' = {
     syncTablePrefix: syncTablePrefix
     syncSchedule: syncSchedule
     syncChangePollSchedule: syncChangePollSchedule
+    syncPublicUrl: syncPublicUrl
+    syncNotifyDebounceSeconds: syncNotifyDebounceSeconds
+    syncSafetyNetMinutes: syncSafetyNetMinutes
     syncInlineBudgetSeconds: syncInlineBudgetSeconds
     syncFullSyncHours: syncFullSyncHours
   }

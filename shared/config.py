@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -147,8 +148,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        """The settings from `env` (default: the process environment), each checked in the order the
-        table lists them, so the first problem is the one named."""
+        """The settings from `env` (default: os.environ), checked in table order: the first problem is named."""
         read = _Reader(os.environ if env is None else env)
         tenant = read.matching(
             "SYNC_TENANT_ID",
@@ -205,13 +205,7 @@ class Config:
             poll_token_key=poll_key,
             api_audience=_audience(read.optional("SYNC_API_AUDIENCE"), client_id.lower()),
             change_poll_schedule=change_poll,
-            public_url=_public_url(read.optional("SYNC_PUBLIC_URL")),
-            notify_debounce_seconds=_number(
-                "SYNC_NOTIFY_DEBOUNCE_SECONDS", read.value("SYNC_NOTIFY_DEBOUNCE_SECONDS"), 0, 60
-            ),
-            safety_net_minutes=_number(
-                "SYNC_SAFETY_NET_MINUTES", read.value("SYNC_SAFETY_NET_MINUTES"), 15, 1440
-            ),
+            **_notify_settings(read),
         )
 
 
@@ -306,6 +300,19 @@ def _storage_settings(read: _Reader) -> tuple[str | None, str | None, str | None
     if queue_uri:
         queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
     return conn, table_uri, queue_uri
+
+
+def _notify_settings(read: _Reader) -> dict[str, Any]:
+    """Graph change notifications (BEHAVIOUR §8.2): the public URL, the debounce, the safety net."""
+    return {
+        "public_url": _public_url(read.optional("SYNC_PUBLIC_URL")),
+        "notify_debounce_seconds": _number(
+            "SYNC_NOTIFY_DEBOUNCE_SECONDS", read.value("SYNC_NOTIFY_DEBOUNCE_SECONDS"), 0, 60
+        ),
+        "safety_net_minutes": _number(
+            "SYNC_SAFETY_NET_MINUTES", read.value("SYNC_SAFETY_NET_MINUTES"), 15, 1440
+        ),
+    }
 
 
 def _public_url(value: str | None) -> str | None:

@@ -93,7 +93,7 @@ def maintain(
     at_graph = _ids_at_graph(graph)
     for user in sorted(enabled):
         try:
-            row = _ensure(services, graph, user, url, by_user.get(user, []), at_graph, tick)
+            kept = _ensure(services, graph, user, url, by_user.get(user, []), at_graph, tick)
         except Exception as exc:  # one user's subscription must never stop the others
             tick.failed += 1
             log.warning(
@@ -101,8 +101,8 @@ def maintain(
                 log_fields({"userHash": user_hash(user), "error": redact(str(exc), user)}),
             )
             continue
-        if row is not None:
-            tick.rows[user] = row
+        if kept is not None:
+            tick.rows[user] = kept
     return tick
 
 

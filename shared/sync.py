@@ -198,8 +198,7 @@ def run_user(
     `reader` shares BC reads between users of one scheduled run; without it the run reads BC afresh,
     so an on-demand run always sees the latest BC edits. `resume` continues the report of a run that
     was interrupted (its items and counts are kept; what it wrote is linked and is not written again).
-    `on_started` is called once the run holds the user's lease, before it reads (shared/wake.py: a
-    change notified after that earns a follow-up).
+    `on_started`: called once the run holds the lease, before it reads (shared/wake.py's follow-ups).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")

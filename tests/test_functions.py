@@ -369,7 +369,9 @@ def test_function_json_matches_main(folder):
     if folder.trigger["type"] == "httpTrigger":
         # BEHAVIOUR §7.7: the host checks the function key, except on the page (static files, no data),
         # on the people's door, whose code refuses every request without a valid Entra ID token, and on
-        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6).
+        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6), and on Graph's
+        # notification endpoint, which Graph calls without a key: each notification's subscription id and
+        # clientState are checked in code (BEHAVIOUR §8.2, §11).
         expected = "anonymous" if folder.name in ANONYMOUS_BY_DESIGN else "function"
         assert folder.trigger["authLevel"] == expected
         assert [r["type"] for r in returns] == ["http"]
@@ -378,13 +380,19 @@ def test_function_json_matches_main(folder):
         assert returns == [] and hints.get("return") is type(None)
 
 
-ANONYMOUS_BY_DESIGN = ("function_selfservice", "function_signed_in_http", "function_sync_poll")
+ANONYMOUS_BY_DESIGN = (
+    "function_graph_notify",
+    "function_selfservice",
+    "function_signed_in_http",
+    "function_sync_poll",
+)
 
 
-def test_the_functions_are_the_eight_expected_with_their_triggers():
+def test_the_functions_are_the_nine_expected_with_their_triggers():
     triggers = {f.name: f.trigger for f in function_folders()}
     assert {k: t["type"] for k, t in triggers.items()} == {
         "function_change_poll": "timerTrigger",
+        "function_graph_notify": "httpTrigger",
         "function_selfservice": "httpTrigger",
         "function_signed_in_http": "httpTrigger",
         "function_sync_http": "httpTrigger",
@@ -405,6 +413,8 @@ def test_the_functions_are_the_eight_expected_with_their_triggers():
     assert triggers["function_users_http"]["route"] == "users/{*rest}"
     assert triggers["function_sync_poll"]["route"] == "poll/{runId}"
     assert triggers["function_sync_poll"]["methods"] == ["get"]
+    assert triggers["function_graph_notify"]["route"] == "notify/graph"
+    assert triggers["function_graph_notify"]["methods"] == ["post"]  # Graph validates with a POST too
     assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
     assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
     assert triggers["function_signed_in_http"]["route"] == "signed-in/{*rest}"

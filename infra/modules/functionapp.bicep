@@ -100,6 +100,15 @@ param syncChangePollSchedule string
 @description('SYNC_INLINE_BUDGET_SECONDS')
 param syncInlineBudgetSeconds int
 
+@description('SYNC_PUBLIC_URL: the app\'s public base URL that Graph calls (BEHAVIOUR §8.2); empty = its default hostname')
+param syncPublicUrl string = ''
+
+@description('SYNC_NOTIFY_DEBOUNCE_SECONDS: how long a change notification\'s run waits to gather a burst')
+param syncNotifyDebounceSeconds int = 5
+
+@description('SYNC_SAFETY_NET_MINUTES: how often a user with live notifications still gets a scheduled run')
+param syncSafetyNetMinutes int = 60
+
 @description('SYNC_FULL_SYNC_HOURS')
 param syncFullSyncHours int
 
@@ -133,6 +142,10 @@ var baseAppSettings = {
   SYNC_INLINE_BUDGET_SECONDS: string(syncInlineBudgetSeconds)
   SYNC_FULL_SYNC_HOURS: string(syncFullSyncHours)
   SYNC_API_AUDIENCE: syncApiAudience
+  // Graph change notifications (BEHAVIOUR §8.2): Graph must reach this URL; the app's own default hostname.
+  SYNC_PUBLIC_URL: empty(syncPublicUrl) ? 'https://${name}.azurewebsites.net' : syncPublicUrl
+  SYNC_NOTIFY_DEBOUNCE_SECONDS: string(syncNotifyDebounceSeconds)
+  SYNC_SAFETY_NET_MINUTES: string(syncSafetyNetMinutes)
 }
 
 // Client-secret mode: a Key Vault reference, resolved by the platform with keyVaultReferenceIdentity
