@@ -47,7 +47,7 @@ EDIT_GAP = (2.0, 6.0)  # seconds between edits, uniform
 POLL_SECONDS = 60.0  # SYNC_CHANGE_POLL_SCHEDULE's default, every minute
 QUEUE_POLL_SECONDS = 2.0  # host.json maxPollingInterval
 VISIBILITY_SECONDS = 30.0  # host.json visibilityTimeout
-WORKERS = 4
+WORKERS = 8  # host.json batchSize: the host runs up to 8 queue messages at once per instance
 SETTLE_SECONDS = 150.0  # how long an edit may take before it counts as not arrived
 TARGET_P95 = 60.0
 BC_PATH = "change poll (BC webhooks not on main)"
@@ -89,13 +89,10 @@ class _Workers:
         import function_sync_worker
 
         while not self.stop.is_set():
-            got = list(
-                self.queue.receive_messages(messages_per_page=1, visibility_timeout=VISIBILITY_SECONDS)
-            )
-            if not got:
+            m = self.queue.receive_message(visibility_timeout=VISIBILITY_SECONDS)
+            if m is None:
                 self.stop.wait(QUEUE_POLL_SECONDS)
                 continue
-            m = got[0]
             with self.lock:
                 self.busy += 1
             try:
