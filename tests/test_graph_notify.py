@@ -144,9 +144,11 @@ def test_forged_client_state_and_unknown_subscription_are_refused_alike_without_
     unknown = {"subscriptionId": str(uuid.uuid4()), "clientState": sub.client_state, "changeType": "created"}
     answers = [app.post({"value": [item]}) for item in (forged, unknown)]
 
-    assert [(r.status_code, r.content, r.headers.get("Content-Type")) for r in answers] == [
-        (202, b"", answers[0].headers.get("Content-Type"))
-    ] * 2
+    forged_answer, unknown_answer = ((r.status_code, r.content, dict(r.headers)) for r in answers)
+    for headers in (forged_answer[2], unknown_answer[2]):
+        headers.pop("Date", None)
+    assert forged_answer == unknown_answer
+    assert forged_answer[:2] == (202, b"")
     assert app.pending() == []
     assert get_services().store.get_wake_mark(ALICE) is None
 

@@ -135,8 +135,15 @@ def test_no_secret_token_or_key_in_logs_reports_or_error_bodies(world, env, clou
 # BEHAVIOUR §7.7: the host checks the key everywhere except on the page (static files, no data), on
 # the people's door, whose code refuses every request without a valid Entra ID token
 # (tests/test_signed_in_api.py drives every route there with every kind of credential), and on the poll
-# URL of a 202, whose poll token is its authorization (BEHAVIOUR §7.6, tests/test_poll_tokens.py).
-ANONYMOUS_BY_DESIGN = {"function_selfservice", "function_signed_in_http", "function_sync_poll"}
+# URL of a 202, whose poll token is its authorization (BEHAVIOUR §7.6, tests/test_poll_tokens.py), and on
+# Graph's notification endpoint, which Graph calls without a key: a notification counts only with a stored
+# subscription id and its clientState (BEHAVIOUR §8.2, §11, tests/test_graph_notify.py).
+ANONYMOUS_BY_DESIGN = {
+    "function_graph_notify",
+    "function_selfservice",
+    "function_signed_in_http",
+    "function_sync_poll",
+}
 
 
 def test_every_http_route_requires_the_function_key_or_a_token(recorder):
