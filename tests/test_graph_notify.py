@@ -151,6 +151,11 @@ def test_forged_client_state_and_unknown_subscription_are_refused_alike_without_
     assert forged_answer[:2] == (202, b"")
     assert app.pending() == []
     assert get_services().store.get_wake_mark(ALICE) is None
+    genuine = app.post({"value": [{**forged, "clientState": sub.client_state}]})
+    headers = dict(genuine.headers)
+    headers.pop("Date", None)
+    assert (genuine.status_code, genuine.content, headers) == forged_answer  # the same answer
+    assert app.pending() != []  # but this one wakes the user
 
 
 def test_bad_bodies_get_a_clear_400_and_change_nothing(app: App) -> None:
@@ -275,6 +280,25 @@ def test_a_subscription_graph_lost_is_created_again_by_the_timer(app: App) -> No
     (again,) = app.subscriptions()
     assert again.id != sub.id
     assert [r.id for r in app.stored()] == [again.id]
+
+
+def test_a_recreated_folder_gets_a_subscription_of_its_own(app: App) -> None:
+    """The user deletes the sync folder; the next run makes a new one, the next tick moves the
+    subscription there (the old one is deleted), and Outlook edits in the new folder reach BC."""
+    sub = _subscribed(app)
+    app.world.cloud.graph.user_delete_folder(ALICE, sub.folder_id)
+    assert app.world.sync(ALICE).status == "succeeded"
+    new_folder = app.world.folder_id(ALICE)
+    assert new_folder != sub.folder_id
+    app.tick()
+    app.queue.queue.clear_messages()
+    (again,) = app.subscriptions()
+    assert again.folder_id == new_folder and again.id != sub.id
+    assert [(r.id, r.folder_id) for r in app.stored()] == [(again.id, new_folder)]
+    _new_outlook_contact(app, ALICE, "Ada Lovelace")
+    app.settle()
+    app.work()
+    assert "ada@example.com" in app.world.bc_by_email()
 
 
 def test_a_disabled_or_deleted_user_loses_the_subscription(app: App) -> None:
