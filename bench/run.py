@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=(
             "only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users, "
             "photos<N> for N contacts with pictures, companies<K> for one user syncing K companies of "
-            "500 contacts; repeatable"
+            "500 contacts; repeatable; `latency` alone: the change-notification latency case (bench/latency.py)"
         ),
     )
     p.add_argument("--users", type=int, help="users in the multi-user case (default 50; --quick: 5)")
@@ -258,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     calibration: dict[str, Any] = {}
     memory_method = ""
+    if args.case == ["latency"]:  # issue 15: its own report (bench/latency.py)
+        from bench.latency import run_latency
+
+        with Azurite() as azurite:
+            return run_latency(azurite.connection_string, model, args.output)
     with Azurite() as azurite:
         conn = azurite.connection_string
         if not args.no_calibration:

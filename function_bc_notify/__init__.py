@@ -1,4 +1,4 @@
-"""Business Central webhook notifications: POST /api/notify/bc (BEHAVIOUR §8.2).
+"""Business Central webhook notifications: POST /api/notify/bc (BEHAVIOUR §8.3).
 
 Anonymous at the host, because BC calls it without a key: each entry's subscription id and clientState,
 compared with the ones the app stored, are the authorization (shared/bc_webhooks.py).

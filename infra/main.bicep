@@ -122,7 +122,7 @@ param syncSchedule string = '0 */15 * * * *'
 @description('SYNC_CHANGE_POLL_SCHEDULE: NCRONTAB schedule of the change poll, one BC request per company (six fields).')
 param syncChangePollSchedule string = '0 * * * * *'
 
-@description('SYNC_PUBLIC_URL: the function app\'s public https address, where Business Central sends webhook notifications; empty: https://<app name>.azurewebsites.net. Set it for a custom domain or a sovereign cloud.')
+@description('SYNC_PUBLIC_URL: the function app\'s public https address, which Graph and Business Central must reach to deliver change notifications (BEHAVIOUR §8.2, §8.3). Empty: https://<app name>.azurewebsites.net. Set it for a custom domain.')
 param syncPublicUrl string = ''
 
 @description('SYNC_BC_WEBHOOKS: true to subscribe to Business Central contacts webhooks where the tenant offers them (the change poll then skips that company); false to always poll.')
@@ -131,6 +131,16 @@ param syncPublicUrl string = ''
   'false'
 ])
 param syncBcWebhooks string = 'true'
+
+@description('SYNC_NOTIFY_DEBOUNCE_SECONDS: how long a change notification\'s run waits so a burst is one run.')
+@minValue(0)
+@maxValue(60)
+param syncNotifyDebounceSeconds int = 5
+
+@description('SYNC_SAFETY_NET_MINUTES: with live notifications, a user\'s scheduled run happens only this often.')
+@minValue(15)
+@maxValue(1440)
+param syncSafetyNetMinutes int = 60
 
 @description('SYNC_INLINE_BUDGET_SECONDS: how long POST /api/sync waits before answering 202.')
 @minValue(1)
@@ -278,6 +288,8 @@ module functionApp './modules/functionapp.bicep' = {
     syncChangePollSchedule: syncChangePollSchedule
     syncPublicUrl: syncPublicUrl
     syncBcWebhooks: syncBcWebhooks
+    syncNotifyDebounceSeconds: syncNotifyDebounceSeconds
+    syncSafetyNetMinutes: syncSafetyNetMinutes
     syncInlineBudgetSeconds: syncInlineBudgetSeconds
     syncFullSyncHours: syncFullSyncHours
   }

@@ -190,7 +190,7 @@ class BcClient:
         value = resp.json_object().get("value")
         return isinstance(value, list) and len(value) > 0
 
-    # Webhooks (BEHAVIOUR §8.2): "Working with webhooks in Dynamics 365 Business Central",
+    # Webhooks (BEHAVIOUR §8.3): "Working with webhooks in Dynamics 365 Business Central",
     # learn.microsoft.com/dynamics365/business-central/dev-itpro/api-reference/v2.0/dynamics-subscriptions
 
     def contacts_resource(self, company_id: str) -> str:

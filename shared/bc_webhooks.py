@@ -1,4 +1,4 @@
-"""Business Central contacts webhooks (BEHAVIOUR §8.2): the subscriptions' upkeep and the notification
+"""Business Central contacts webhooks (BEHAVIOUR §8.3): the subscriptions' upkeep and the notification
 endpoint's decisions.
 
 Where a tenant's BC lists `v2.0/contacts` in a company's `webhookSupportedResources`, BC itself says
@@ -42,6 +42,7 @@ from shared.http_client import ApiError
 from shared.model import UserSettings, log_fields, parse_iso
 from shared.services import Services, get_services
 from shared.store import BcWebhookRow, StoreError
+from shared.wake import wake
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,6 @@ def handle(req: func.HttpRequest, jobs: func.Out[list[str]]) -> func.HttpRespons
     No BC or Graph call: only Table Storage reads and the queue, well inside BC's wait. A store that
     cannot be read answers 503, which BC retries (a 4xx would make BC delete the subscription).
     """
-    from shared.change_poll import wake  # change_poll imports this module for its upkeep
 
     token = req.params.get("validationToken")
     try:
@@ -325,7 +325,7 @@ def handle(req: func.HttpRequest, jobs: func.Out[list[str]]) -> func.HttpRespons
         if companies:
             users, _bad = services.store.list_settings_checked()
             for company in sorted(companies):
-                messages.extend(wake(services, users_of(services, users, company), "webhook").messages)
+                messages.extend(wake(services, users_of(services, users, company), "webhook"))
     except StoreError as exc:
         log.warning("BC notification not processed %s", log_fields({"error": exc.detail}))
         return func.HttpResponse(status_code=503, headers={"Retry-After": "60"})

@@ -5,22 +5,21 @@ BC → Outlook edits then arrive within about a minute instead of at the next qu
 idle tick costs one BC request per company and nothing else. Microsoft's documented list of
 webhook-supported BC entities does not include contacts, so this poll is what works on every tenant.
 Where a tenant does offer contacts webhooks, each tick first keeps that company's subscription
-(shared/bc_webhooks.py, BEHAVIOUR §8.2) and does not ask a company whose subscription is live.
+(shared/bc_webhooks.py, BEHAVIOUR §8.3) and does not ask a company whose subscription is live.
 
 The question, `lastModifiedDateTime gt <oldest watermark>` with `$top=1&$select=id`, sees creations
 and edits but not deletions (the API keeps no tombstones): those still arrive with the regular
-schedule's id listing. Coalescing: a queued poll job leaves a mark (run id, time) in the user's State
-partition until the worker has finished with it; while it is there the poll queues nothing more for the
-user, so a burst of ticks is one job, and a user whose run is in progress gets one follow-up at most.
+schedule's id listing. Coalescing (shared/wake.py, shared with change notifications): a queued job
+leaves a mark in the user's State partition until the worker has finished with it; while it is there
+the poll queues nothing more for the user, so a burst of ticks is one job, and a user whose run is in
+progress gets one follow-up at most.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import azure.functions as func
@@ -28,17 +27,12 @@ import azure.functions as func
 from shared.bc_client import BcClient
 from shared.bc_webhooks import upkeep
 from shared.http_client import RequestCounter
-from shared.jobs import Job
-from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash, utcnow
-from shared.planner import INCREMENTAL
+from shared.model import UserSettings, log_fields, parse_iso, redact, user_hash
 from shared.services import Services, get_services
 from shared.sync import company_watermarks
+from shared.wake import wake
 
 log = logging.getLogger(__name__)
-
-# A mark older than this no longer blocks: its message was lost, or the worker died with it. Longer
-# than the queue's retries of one job (5 attempts, 30 s visibility timeout, host.json) take.
-MARK_EXPIRES = timedelta(minutes=10)
 
 
 @dataclass
@@ -73,27 +67,12 @@ def _watermarks(members: dict[str, str | None]) -> dict[str, str]:
     return {user: mark for user, mark in members.items() if mark}
 
 
-def _queue(services: Services, users: list[str], tick: PollTick, reason: str = "poll") -> None:
-    """One incremental job per user, unless the user's previous poll job has not finished yet."""
-    now = utcnow()
-    for user in users:
-        mark = services.store.get_change_poll_mark(user)
-        if mark is not None and now - mark[1] < MARK_EXPIRES:
-            tick.coalesced += 1
-            continue
-        run_id = uuid.uuid4().hex
-        services.store.set_change_poll_mark(user, run_id, now)
-        tick.messages.append(Job(user, INCREMENTAL, run_id, False, False, reason).to_message())
-        tick.queued += 1
-
-
-def wake(services: Services, users: list[str], reason: str) -> PollTick:
-    """Queue coalesced incremental runs for `users` through the poll's mark (one pending job per user,
-    one follow-up for a run in progress). The public door for other hints that BC changed, such as a
-    webhook notification (BEHAVIOUR §8.2); the returned tick's `messages` go to the jobs queue."""
-    tick = PollTick()
-    _queue(services, users, tick, reason)
-    return tick
+def _queue(services: Services, users: list[str], tick: PollTick) -> None:
+    """One incremental job per user, unless the user's previous job has not finished yet (shared/wake.py)."""
+    messages = wake(services, users, "poll")
+    tick.messages.extend(messages)
+    tick.queued += len(messages)
+    tick.coalesced += len(users) - len(messages)
 
 
 def _ask(
@@ -132,7 +111,7 @@ def poll(timer: Any, jobs: func.Out[list[str]]) -> PollTick:
     counter = RequestCounter()
     bc, _graph = services.clients(counter)
     groups = _by_company(services, users)
-    # Webhook upkeep first: a company whose contacts webhook is live is not asked (BEHAVIOUR §8.2).
+    # Webhook upkeep first: a company whose contacts webhook is live is not asked (BEHAVIOUR §8.3).
     subscribed = upkeep(services, bc, set(groups))
     for company, members in sorted(groups.items()):
         tick.companies += 1

@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -61,8 +62,9 @@ SETTINGS: tuple[Setting, ...] = (
         "SYNC_PUBLIC_URL",
         False,
         None,
-        "The function app's public https address (https://<app>.azurewebsites.net): where Business Central "
-        "and Graph send change notifications; unset, no subscriptions are made and the change poll does the job",
+        "The function app's public https address (https://<app>.azurewebsites.net), which Graph and Business "
+        "Central must be able to reach: where they send change notifications (BEHAVIOUR §8.2, §8.3); unset, no "
+        "subscriptions are made, the schedule and the change poll do the job",
     ),
     Setting(
         "SYNC_BC_WEBHOOKS",
@@ -88,6 +90,19 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "Audience of the access tokens people sign in with: the app's client id (what v2.0 tokens carry; "
         "the default) or its Application ID URI",
+    ),
+    Setting(
+        "SYNC_NOTIFY_DEBOUNCE_SECONDS",
+        False,
+        "5",
+        "Seconds a change notification's run waits so a burst of notifications becomes one run (0-60)",
+    ),
+    Setting(
+        "SYNC_SAFETY_NET_MINUTES",
+        False,
+        "60",
+        "With a live subscription, the scheduled run of a user happens only this often (15-1440): "
+        "notifications and the change poll bring edits, this run brings BC deletions",
     ),
 )
 
@@ -133,6 +148,8 @@ class Config:
     change_poll_schedule: str = "0 * * * * *"
     public_url: str | None = None
     bc_webhooks: bool = True
+    notify_debounce_seconds: float = 5.0
+    safety_net_minutes: float = 60.0
 
     @property
     def authority(self) -> str:
@@ -140,8 +157,7 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
-        """The settings from `env` (default: the process environment), each checked in the order the
-        table lists them, so the first problem is the one named."""
+        """The settings from `env` (default: os.environ), checked in table order: the first problem is named."""
         read = _Reader(os.environ if env is None else env)
         tenant = read.matching(
             "SYNC_TENANT_ID",
@@ -192,6 +208,7 @@ class Config:
             change_poll_schedule=change_poll,
             public_url=public_url,
             bc_webhooks=bc_webhooks,
+            **_notify_settings(read),
         )
 
 
@@ -286,6 +303,18 @@ def _storage_settings(read: _Reader) -> tuple[str | None, str | None, str | None
     if queue_uri:
         queue_uri = _https_url("AzureWebJobsStorage__queueServiceUri", queue_uri)
     return conn, table_uri, queue_uri
+
+
+def _notify_settings(read: _Reader) -> dict[str, Any]:
+    """Graph change notifications (BEHAVIOUR §8.2): the debounce and the safety net."""
+    return {
+        "notify_debounce_seconds": _number(
+            "SYNC_NOTIFY_DEBOUNCE_SECONDS", read.value("SYNC_NOTIFY_DEBOUNCE_SECONDS"), 0, 60
+        ),
+        "safety_net_minutes": _number(
+            "SYNC_SAFETY_NET_MINUTES", read.value("SYNC_SAFETY_NET_MINUTES"), 15, 1440
+        ),
+    }
 
 
 def _audience(value: str | None, client_id: str) -> str:

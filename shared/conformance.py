@@ -796,7 +796,7 @@ class Conformance:
         )
 
     def _bc_webhooks(self, company: str) -> None:
-        """Whether this BC offers contacts webhooks (BEHAVIOUR §8.2). Either answer is conformant: the
+        """Whether this BC offers contacts webhooks (BEHAVIOUR §8.3). Either answer is conformant: the
         documented list has no contacts, and without them the change poll does the job."""
         api = self.bc_root.removesuffix("/v2.0")
         got = self.bc.call(
@@ -812,7 +812,7 @@ class Conformance:
             )
         names = [str(r.get("resource", "")) for r in got.body.get("value", []) if isinstance(r, dict)]
         if "v2.0/contacts" in {n.lower() for n in names}:
-            saw = "contacts listed: the app subscribes to contact changes (BEHAVIOUR §8.2)"
+            saw = "contacts listed: the app subscribes to contact changes (BEHAVIOUR §8.3)"
         else:
             saw = f"{_count(len(names), 'resource', 'resources')}, not contacts: the change poll asks every minute"
         self._add(BC_WEBHOOKS, saw, True)

@@ -407,3 +407,52 @@ class GraphClient:
         for item in items:
             item.headers.setdefault("Prefer", IMMUTABLE_IDS)
         return self.http.batch(f"{self.base}/$batch", items, BATCH_MAX)
+
+    # Change notifications (BEHAVIOUR §8.2) ----------------------------------------------------
+    # "Create subscription", "Update subscription", "Delete subscription" (Microsoft Graph v1.0):
+    # resource `users/{id}/contactFolders/{id}/contacts`, expiry at most 4,230 minutes ahead for contacts.
+    def create_subscription(
+        self,
+        user: str,
+        folder_id: str,
+        notification_url: str,
+        client_state: str,
+        expires: str,
+    ) -> dict[str, Any]:
+        """Subscribe to created/updated/deleted contacts of the user's sync folder. Graph validates both
+        URLs by calling them before it answers (our endpoint echoes the token)."""
+        resource = (
+            f"{self.user_path(user).lstrip('/')}/contactFolders/{folder_id}/contacts"  # ids are URL-safe
+        )
+        return self.http.request(
+            "POST",
+            self._url("/subscriptions"),
+            json_body={
+                "changeType": "created,updated,deleted",
+                "notificationUrl": notification_url,
+                "lifecycleNotificationUrl": notification_url,
+                "resource": resource,
+                "expirationDateTime": expires,
+                "clientState": client_state,
+            },
+        ).json_object()
+
+    def renew_subscription(self, subscription_id: str, expires: str) -> dict[str, Any]:
+        """A new expiry; renewing also reauthorizes a subscription that asked for it."""
+        return self.http.request(
+            "PATCH",
+            self._url(f"/subscriptions/{quote(subscription_id, safe='')}"),
+            json_body={"expirationDateTime": expires},
+        ).json_object()
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        """Delete it; one Graph no longer has (404) is as good as deleted."""
+        try:
+            self.http.request("DELETE", self._url(f"/subscriptions/{quote(subscription_id, safe='')}"))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def list_subscriptions(self) -> list[dict[str, Any]]:
+        """The app's live subscriptions (Graph lists those the calling app created), all pages."""
+        return self._get_all(self._url("/subscriptions"), {})

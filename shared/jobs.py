@@ -11,7 +11,9 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import azure.functions as func
@@ -26,6 +28,7 @@ from shared.model import (
     normalize_user,
     redact,
     user_hash,
+    utcnow,
 )
 from shared.planner import FULL, INCREMENTAL
 from shared.services import get_services
@@ -37,10 +40,11 @@ log = logging.getLogger(__name__)
 QUEUE_NAME = "contact-sync-jobs"
 MAX_DEQUEUE = 5  # host.json extensions.queues.maxDequeueCount (a test keeps the two equal)
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_JOB_REASONS = ("schedule", "http", "continuation", "poll", "webhook")
-# Jobs queued because BC changed (the change poll's answer, a BC webhook notification): they carry the
-# poll's coalescing mark, read BC afresh, and give way to a run in progress (BEHAVIOUR §8.1, §8.2).
-WAKE_REASONS = ("poll", "webhook")
+_JOB_REASONS = ("schedule", "http", "continuation", "poll", "notify", "webhook")
+# Jobs queued through shared/wake.py because something changed (the change poll's answer, a Graph change
+# notification, a BC webhook notification): they carry a coalescing mark, read BC afresh, and give way to
+# a run in progress (BEHAVIOUR §8.1-§8.3).
+WAKE_REASONS = ("poll", "notify", "webhook")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Job:
     runId: str | None = None
     dryRun: bool = False
     force: bool = False
-    reason: str = "schedule"  # schedule | http | continuation | poll (§8.1) | webhook (§8.2)
+    reason: str = "schedule"  # schedule | http | continuation | poll (§8.1) | notify (§8.2) | webhook (§8.3)
 
     def to_message(self) -> str:
         return json.dumps(self.__dict__)
@@ -80,8 +84,13 @@ def fan_out(timer: Any, jobs: func.Out[list[str]]) -> int:
     """One queue message per enabled user; the worker function runs each under its lease.
 
     Each job carries its own run id, so the queue's retries of one job share one run report (the
-    last attempt's report says whether it gave up).
+    last attempt's report says whether it gave up). With change notifications on (BEHAVIOUR §8.2) the
+    tick first keeps the Graph subscriptions, then thins the runs: a user whose subscription is live
+    gets a scheduled run only every SYNC_SAFETY_NET_MINUTES (edits arrive through notifications and the
+    change poll; this run brings BC deletions and catches anything a lost notification missed).
     """
+    from shared.subscriptions import is_live, maintain  # subscriptions imports services, as jobs does
+
     services = get_services()
     if getattr(timer, "past_due", False):
         log.warning("timer is past due; enqueuing one run per user now (missed ticks are not replayed)")
@@ -92,18 +101,36 @@ def fan_out(timer: Any, jobs: func.Out[list[str]]) -> int:
             "skipping a user with invalid settings %s",
             log_fields({"userHash": user_hash(key), "error": redact(str(err), key)}),
         )
-    messages = [
-        Job(u.user, INCREMENTAL, uuid.uuid4().hex, False, False, "schedule").to_message()
-        for u in users
-        if u.enabled
-    ]
+    try:
+        subs = maintain(services, users, frozenset(key for key, _ in bad))
+    except Exception as exc:  # the subscriptions must never stop the schedule itself
+        log.warning("graph subscriptions not kept this tick %s", log_fields({"error": str(exc)}))
+        subs = None
+    now = utcnow()
+    net = timedelta(minutes=services.config.safety_net_minutes)
+    messages: list[str] = []
+    thinned = 0
+    for u in users:
+        if not u.enabled:
+            continue
+        row = subs.rows.get(u.user) if subs is not None else None
+        if row is not None and is_live(row, now):
+            if row.safety_net_at is not None and now - row.safety_net_at < net:
+                thinned += 1
+                continue
+            row.safety_net_at = now
+            services.store.save_subscription(row)
+        messages.append(Job(u.user, INCREMENTAL, uuid.uuid4().hex, False, False, "schedule").to_message())
     jobs.set(messages)
-    scheduled = {
+    scheduled: dict[str, Any] = {
         "users": len(messages),
+        "thinned": thinned,
         "disabled": sum(1 for u in users if not u.enabled),
         "invalid": len(bad),
         "pastDue": bool(getattr(timer, "past_due", False)),
     }
+    if subs is not None and services.config.public_url:
+        scheduled["subscriptions"] = subs.summary()
     log.info("scheduled contact sync %s", log_fields(scheduled))
     return len(messages)
 
@@ -145,8 +172,8 @@ def _settings(store: Store, job: Job) -> UserSettings | None:
 def work(msg: func.QueueMessage) -> RunReport | None:
     """Run one queued job. Raising makes the queue retry it, then move it to the poison queue.
 
-    A job the change poll queued clears its mark once the worker is done with it for good (ran,
-    dropped or given up), so the poll may queue the user's next one (BEHAVIOUR §8.1).
+    A job the change poll or a notification queued (shared/wake.py) clears its mark once the worker is
+    done with it for good (ran, dropped or given up), so the user's next one may be queued (§8.1, §8.2).
     """
     try:
         job = Job.from_message(msg.get_body().decode("utf-8"))
@@ -161,10 +188,18 @@ def work(msg: func.QueueMessage) -> RunReport | None:
         report = _work(job, attempt)
     except Exception:
         if attempt >= MAX_DEQUEUE:
-            store.clear_change_poll_mark(job.user, job.runId)
+            store.clear_wake_mark(job.user, job.runId)
         raise
-    store.clear_change_poll_mark(job.user, job.runId)
+    store.clear_wake_mark(job.user, job.runId)
     return report
+
+
+def _started(store: Store, job: Job) -> Callable[[], None]:
+    """What a run calls once it holds the lease: a wake job's mark says it is running now."""
+    run_id = job.runId
+    if job.reason not in WAKE_REASONS or not run_id:
+        return lambda: None
+    return lambda: store.start_wake_mark(job.user, run_id, utcnow())
 
 
 def _work(job: Job, attempt: int) -> RunReport | None:
@@ -190,14 +225,15 @@ def _work(job: Job, attempt: int) -> RunReport | None:
             # Not for poll jobs: a read cached before the change the poll saw would hide it.
             reader=services.bc_reader if job.reason == "schedule" else None,
             resume=resume,
+            on_started=_started(store, job),
         )
     except RunInProgress as exc:
         if job.reason == "schedule":
             log.info("scheduled run skipped: %s", exc)
             return None
         if job.reason in WAKE_REASONS and attempt >= MAX_DEQUEUE:
-            log.info("change-poll run dropped, another run kept the lease: %s", exc)
-            return None  # the next tick asks again: the other run's watermark shows what it missed
+            log.info("change-poll or notification run dropped, another run kept the lease: %s", exc)
+            return None  # the next tick (or the safety-net run) catches up through watermark and delta
         if attempt >= MAX_DEQUEUE:
             _give_up(store, job, f"gave up after {attempt} attempts: {exc}")
         raise  # an on-demand or change-poll run waits its turn through the queue's retry
@@ -206,4 +242,8 @@ def _work(job: Job, attempt: int) -> RunReport | None:
             report.message = f"{report.message} (gave up after {attempt} attempts; moved to the poison queue)"
             store.save_report(report)
         raise RuntimeError(f"sync run {report.runId} failed (attempt {attempt}): {report.message}")
+    if job.reason == "notify":
+        from shared.subscriptions import after_notify_run  # subscriptions imports services, as jobs does
+
+        after_notify_run(services, settings)
     return report

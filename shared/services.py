@@ -35,6 +35,9 @@ GRAPH_WINDOW_SECONDS = 600.0
 # Read timeouts (seconds): BC's queue limit is 8 minutes and its request limit 10 minutes
 # (operational-limits-online, dynamics-current-limits), so 630 s = 10 min + 30 s of margin; Graph 120 s.
 BC_READ_TIMEOUT = 630.0
+# The newest Queue service version the pinned Azurite accepts (the SDK's default can be newer); Azure
+# Storage accepts it too.
+QUEUE_API_VERSION = "2025-11-05"
 GRAPH_READ_TIMEOUT = 120.0
 
 # The Azure SDK's HTTP logging policy writes every request URL at INFO, and a Table Storage URL holds
@@ -64,6 +67,37 @@ class Services:
     clock: Callable[[], datetime] = utcnow
     backoff_base: float = 0.5  # seconds; the first retry waits up to this when no Retry-After is sent
     _poll_tokens: PollTokens | None = field(default=None, repr=False)
+    _jobs_queue: Any = field(default=None, repr=False)
+
+    def jobs_queue(self) -> Any:
+        """The jobs queue as an `azure.storage.queue.QueueClient`, for messages that must wait before
+        they are seen (shared/wake.py: a notification's debounce), which an output binding cannot do.
+        Base64 like the bindings (host.json `messageEncoding`)."""
+        if self._jobs_queue is None:
+            from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+            from shared.jobs import QUEUE_NAME  # jobs imports services
+
+            codec: dict[str, Any] = {
+                "message_encode_policy": TextBase64EncodePolicy(),
+                "message_decode_policy": TextBase64DecodePolicy(),
+                "api_version": QUEUE_API_VERSION,
+            }
+            config = self.config
+            if config.storage_connection_string:
+                self._jobs_queue = QueueClient.from_connection_string(
+                    config.storage_connection_string, QUEUE_NAME, **codec
+                )
+            elif config.queue_service_uri:
+                self._jobs_queue = QueueClient(
+                    config.queue_service_uri,
+                    QUEUE_NAME,
+                    credential=ManagedIdentityCredential(config.storage_client_id),
+                    **codec,
+                )
+            else:
+                raise ConfigError("AzureWebJobsStorage__queueServiceUri", "is missing (needed to queue runs)")
+        return self._jobs_queue
 
     def poll_tokens(self) -> PollTokens:
         """The poll-token signer (shared/poll_tokens.py): the configured key, else the one the app keeps

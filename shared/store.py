@@ -9,6 +9,8 @@ hot read is a single-partition query:
 | {p}Settings    | user                   | ``settings``                    | BEHAVIOUR §5 settings, one per user |
 | {p}Links       | user                   | BC contact id                   | outlookId, both hashes, email  |
 | {p}State       | user                   | ``state``                       | watermarks, delta link, folder |
+| {p}State       | user                   | ``changePoll``                  | the pending wake-up job (§8.1) |
+| {p}State       | ``graphSubscriptions`` | subscription id                 | user, folder, clientState, expiry (§8.2) |
 | {p}Runs        | ``run_`` + runId       | ``head``, ``chunk_{gen}_{n}``   | report, zlib-compressed chunks |
 | {p}Runs        | ``user_`` + user       | inverted start time + runId     | per-user index with a summary  |
 | {p}Leases      | user                   | ``lease``                       | holder, expiresAt              |
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import re
@@ -68,9 +71,11 @@ _KEY_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 
 _SETTINGS_RK = "settings"
 _STATE_RK = "state"
-_CHANGE_POLL_RK = "changePoll"  # the run the change poll queued and that has not finished yet
+_WAKE_RK = "changePoll"  # the wake-up job queued and not finished yet (the name predates notifications)
+_SUBS_PK = "graphSubscriptions"  # Graph subscriptions in State: never a user key (no '@')
+_SUBSCRIPTION_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # Graph gives GUIDs; anything else is not ours
 _LEASE_RK = "lease"
-_BC_WEBHOOK_PK = "bcwebhook"  # one row per BC company (BEHAVIOUR §8.2); never a user key either
+_BC_WEBHOOK_PK = "bcwebhook"  # one row per BC company (BEHAVIOUR §8.3); never a user key either
 _APP_PK = "app"  # the app's own rows in State: never a user key (no '@', not a GUID)
 _HEAD_RK = "head"
 _SETTINGS_COLUMNS = frozenset(UserSettings.JSON_FIELDS) - {"user"}
@@ -285,6 +290,47 @@ class Lease:
     etag: str
 
 
+@dataclass(frozen=True)
+class WakeMark:
+    """A queued wake-up job (shared/wake.py): its run id, when it was queued, when it took the lease."""
+
+    run_id: str
+    queued_at: datetime
+    started_at: datetime | None = None
+    etag: str | None = field(default=None, compare=False)
+
+
+@dataclass
+class GraphSubscriptionRow:
+    """One Graph subscription we created (BEHAVIOUR §8.2). `client_state` is the secret Graph echoes in
+    every notification; it is never logged. `action`: "" (live), "renew" (reauthorization required) or
+    "recreate" (Graph removed it); `safety_net_at`: when the timer last queued the user's safety-net run."""
+
+    id: str
+    user: str
+    folder_id: str
+    client_state: str = field(repr=False)
+    expires_at: datetime
+    action: str = ""
+    safety_net_at: datetime | None = None
+
+
+def _subscription_from(entity: Any) -> GraphSubscriptionRow | None:
+    user, folder, state, expires = (entity.get(k) for k in ("user", "folderId", "clientState", "expiresAt"))
+    if not all(isinstance(v, str) and v for v in (user, folder, state)) or not isinstance(expires, datetime):
+        return None  # unreadable: the timer finds the user without a live subscription and makes one
+    net = entity.get("safetyNetAt")
+    return GraphSubscriptionRow(
+        id=entity["RowKey"],
+        user=user,
+        folder_id=folder,
+        client_state=state,
+        expires_at=_as_utc(expires),
+        action=str(entity.get("action") or ""),
+        safety_net_at=_as_utc(net) if isinstance(net, datetime) else None,
+    )
+
+
 def _settings_entity(settings: UserSettings) -> dict[str, Any]:
     entity: dict[str, Any] = {"PartitionKey": encode_key(settings.user), "RowKey": _SETTINGS_RK}
     for name, value in settings.to_json().items():
@@ -487,7 +533,7 @@ class Store:
         for kind, rk, what in (
             ("Settings", _SETTINGS_RK, "settings"),
             ("State", _STATE_RK, "state"),
-            ("State", _CHANGE_POLL_RK, "poll mark"),
+            ("State", _WAKE_RK, "wake mark"),
         ):
             client, table = self._client(kind)
             with _storage_errors(table, f"delete {what} of {user}"):
@@ -649,36 +695,115 @@ class Store:
                 raise ConcurrencyError(table, operation, lost.detail, lost.status) from lost.__cause__
         return replace(state, etag=etag)
 
-    # --- the change poll's pending job (BEHAVIOUR §8.1) ---------------------------------------------
+    # --- the pending wake-up job (BEHAVIOUR §8.1, §8.2) ------------------------------------------------
 
-    def get_change_poll_mark(self, user: str) -> tuple[str, datetime] | None:
-        """The run id and time of the job the change poll queued for `user` that has not finished, if
-        any: while it is there, the poll queues nothing more for the user (coalescing)."""
-        entity = self._get_entity("State", encode_key(user), _CHANGE_POLL_RK, f"read poll mark of {user}")
+    def get_wake_mark(self, user: str) -> WakeMark | None:
+        """The job the change poll or a change notification queued for `user` that has not finished, if
+        any: while it is there, nothing more is queued for the user (coalescing, shared/wake.py)."""
+        entity = self._get_entity("State", encode_key(user), _WAKE_RK, f"read wake mark of {user}")
         if entity is None:
             return None
+        etag = str(entity.metadata.get("etag")) if getattr(entity, "metadata", None) else None
         run_id, queued = entity.get("runId"), entity.get("queuedAt")
         if not isinstance(run_id, str) or not isinstance(queued, datetime):
-            return None  # an unreadable mark must not block the user's poll runs for ever
-        return run_id, _as_utc(queued)
+            # An unreadable mark must not block the user's runs for ever: it reads as long expired.
+            return WakeMark("", datetime(1970, 1, 1, tzinfo=UTC), None, etag)
+        started = entity.get("startedAt")
+        started_at = _as_utc(started) if isinstance(started, datetime) else None
+        return WakeMark(run_id, _as_utc(queued), started_at, etag)
 
-    def set_change_poll_mark(self, user: str, run_id: str, queued_at: datetime) -> None:
+    def claim_wake_mark(self, user: str, run_id: str, queued_at: datetime, seen: WakeMark | None) -> bool:
+        """Set the mark of a new job, but only if it is still `seen` (None: no mark): of two callers
+        that saw the same mark at once (the change poll, a notification, Graph's parallel deliveries),
+        one queues the job and the other learns it lost (False) and coalesces."""
         client, table = self._client("State")
-        entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _CHANGE_POLL_RK}
+        entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _WAKE_RK}
         entity.update(runId=run_id, queuedAt=_as_utc(queued_at))
-        with _storage_errors(table, f"save poll mark of {user}"):
+        try:
+            with _storage_errors(table, f"save wake mark of {user}"):
+                _write_if_match(client, entity, seen.etag if seen is not None else None)
+        except _WriteLost:
+            return False
+        return True
+
+    def set_wake_mark(self, user: str, run_id: str, queued_at: datetime) -> None:
+        """A new pending job for `user` (replaces any older mark)."""
+        client, table = self._client("State")
+        entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _WAKE_RK}
+        entity.update(runId=run_id, queuedAt=_as_utc(queued_at))
+        with _storage_errors(table, f"save wake mark of {user}"):
             client.upsert_entity(entity, mode=UpdateMode.REPLACE)
 
-    def clear_change_poll_mark(self, user: str, run_id: str) -> None:
-        """Removes the mark if it is still the one of `run_id` (a newer mark stays)."""
-        mark = self.get_change_poll_mark(user)
-        if mark is None or mark[0] != run_id:
+    def start_wake_mark(self, user: str, run_id: str, started_at: datetime) -> None:
+        """The job `run_id` holds the user's lease now: a change notified from here on may not be in
+        what it reads, so it earns one follow-up. A newer mark (a follow-up already queued) stays."""
+        mark = self.get_wake_mark(user)
+        if mark is None or mark.run_id != run_id:
             return
         client, table = self._client("State")
-        with _storage_errors(table, f"delete poll mark of {user}"):
-            client.delete_entity(encode_key(user), _CHANGE_POLL_RK)
+        entity: dict[str, Any] = {"PartitionKey": encode_key(user), "RowKey": _WAKE_RK}
+        entity.update(runId=run_id, queuedAt=mark.queued_at, startedAt=_as_utc(started_at))
+        with contextlib.suppress(_WriteLost), _storage_errors(table, f"save wake mark of {user}"):
+            _write_if_match(client, entity, mark.etag)  # lost: a follow-up's mark took its place
 
-    # --- Business Central webhook subscriptions, one row per company (BEHAVIOUR §8.2) ---------------
+    def clear_wake_mark(self, user: str, run_id: str) -> None:
+        """Removes the mark if it is still the one of `run_id` (a newer mark stays)."""
+        mark = self.get_wake_mark(user)
+        if mark is None or mark.run_id != run_id:
+            return
+        client, table = self._client("State")
+        with _storage_errors(table, f"delete wake mark of {user}"):
+            client.delete_entity(encode_key(user), _WAKE_RK)
+
+    # --- Graph change-notification subscriptions (BEHAVIOUR §8.2) ------------------------------------
+
+    def get_subscription(self, subscription_id: str) -> GraphSubscriptionRow | None:
+        """The subscription we hold under this id, or None (an unknown id, or not one Graph gives)."""
+        if not _SUBSCRIPTION_ID.match(subscription_id):
+            return None
+        entity = self._get_entity("State", _SUBS_PK, subscription_id, "read a subscription")
+        return _subscription_from(entity) if entity is not None else None
+
+    def list_subscriptions(self) -> list[GraphSubscriptionRow]:
+        client, table = self._client("State")
+        with _storage_errors(table, "list subscriptions"):
+            rows = client.query_entities(
+                "PartitionKey eq @pk", parameters={"pk": _SUBS_PK}, results_per_page=_PAGE
+            )
+            found = [_subscription_from(e) for e in rows]
+        return [r for r in found if r is not None]
+
+    def subscriptions_of(self, user: str) -> list[GraphSubscriptionRow]:
+        client, table = self._client("State")
+        with _storage_errors(table, "list subscriptions of a user"):
+            rows = client.query_entities(
+                "PartitionKey eq @pk and user eq @user", parameters={"pk": _SUBS_PK, "user": user}
+            )
+            found = [_subscription_from(e) for e in rows]
+        return [r for r in found if r is not None]
+
+    def save_subscription(self, row: GraphSubscriptionRow) -> None:
+        client, table = self._client("State")
+        entity: dict[str, Any] = {
+            "PartitionKey": _SUBS_PK,
+            "RowKey": row.id,
+            "user": row.user,
+            "folderId": row.folder_id,
+            "clientState": row.client_state,
+            "expiresAt": _as_utc(row.expires_at),
+            "action": row.action,
+        }
+        if row.safety_net_at is not None:
+            entity["safetyNetAt"] = _as_utc(row.safety_net_at)
+        with _storage_errors(table, "save a subscription"):
+            client.upsert_entity(entity, mode=UpdateMode.REPLACE)
+
+    def delete_subscription(self, subscription_id: str) -> None:
+        client, table = self._client("State")
+        with _storage_errors(table, "delete a subscription"):
+            client.delete_entity(_SUBS_PK, subscription_id)
+
+    # --- Business Central webhook subscriptions, one row per company (BEHAVIOUR §8.3) ---------------
 
     def list_bc_webhooks(self) -> dict[str, BcWebhookRow]:
         """Every company's row, by company id: one single-partition query (the notification endpoint
@@ -951,7 +1076,7 @@ class Store:
 
 @dataclass
 class BcWebhookRow:
-    """What the app knows about one company's Business Central contacts webhook (BEHAVIOUR §8.2).
+    """What the app knows about one company's Business Central contacts webhook (BEHAVIOUR §8.3).
 
     `supported`/`checked_at`: the answer of `webhookSupportedResources` and when it was read (read
     again daily). The subscription fields are BC's (`subscriptionId`, `@odata.etag`,

@@ -218,12 +218,14 @@ def run_user(
     reader: BcReader | None = None,
     resume: RunReport | None = None,
     checkpoint: Callable[[str], None] = lambda name: None,
+    on_started: Callable[[], None] = lambda: None,
 ) -> RunReport:
     """Run one user's sync. Never raises for sync problems: they end up in the report.
 
     `reader` shares BC reads between users of one scheduled run; without it the run reads BC afresh,
     so an on-demand run always sees the latest BC edits. `resume` continues the report of a run that
     was interrupted (its items and counts are kept; what it wrote is linked and is not written again).
+    `on_started`: called once the run holds the lease, before it reads (shared/wake.py's follow-ups).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}")
@@ -234,6 +236,7 @@ def run_user(
     elif run_id:
         report.runId = run_id
     lease = None if dry_run else _take_lease(store, settings.user, report.runId)
+    on_started()
     counter = RequestCounter()
     store.save_report(report)
     started = time.monotonic()

@@ -117,7 +117,7 @@ def _companies_check(bc: Any, company_ids: list[str]) -> Check:
 
 def _webhooks_check(services: Any, bc: Any, company_ids: list[str]) -> Check:
     """Whether each company's contacts can be subscribed to and whether the app's subscription is live
-    (BEHAVIOUR §8.2). Informational: without webhooks the change poll does the job, so it never fails."""
+    (BEHAVIOUR §8.3). Informational: without webhooks the change poll does the job, so it never fails."""
     from shared.bc_webhooks import notification_url
 
     url = notification_url(services)

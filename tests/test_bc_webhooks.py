@@ -1,4 +1,4 @@
-"""Business Central contacts webhooks (BEHAVIOUR §8.2) end to end: the change-poll tick keeps the
+"""Business Central contacts webhooks (BEHAVIOUR §8.3) end to end: the change-poll tick keeps the
 subscriptions, the sandbox's BC performs the handshake with and delivers to the locally hosted
 `POST /api/notify/bc`, and `QueueHost` hands the queued jobs to the worker.
 
@@ -232,7 +232,7 @@ def test_forged_or_unknown_notifications_get_the_same_answer_and_cause_no_work(w
     ]
     assert {(a.status_code, a.content) for a in answers} == {(202, b"")}
     assert hooks.host.queued(QUEUE_NAME) == []
-    assert world.services.store.get_change_poll_mark(ALICE) is None
+    assert world.services.store.get_wake_mark(ALICE) is None
 
     genuine = hooks.post(entry(sub.id, sub.client_state))
     assert (genuine.status_code, genuine.content) == (202, b"")  # the same answer, but work

@@ -186,11 +186,19 @@ def test_a_lost_poll_job_holds_the_user_back_for_ten_minutes_at_most(world, queu
     world.user(ALICE)
     _synced(world, ALICE)
     world.cloud.bc.edit_contact(world.company, anna["id"], jobTitle="Owner")
-    world.services.store.set_change_poll_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=9))
+    world.services.store.set_wake_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=9))
     assert _tick() == []
-    world.services.store.set_change_poll_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=11))
+    world.services.store.set_wake_mark(ALICE, "f" * 32, utcnow() - timedelta(minutes=11))
     messages = _tick()
     assert _users(messages) == [ALICE]
     queue.send(messages)
     assert [a.error for a in queue.drain(function_sync_worker.main)] == [None]
     assert world.outlook_by_email(ALICE)["anna.berg@example.com"]["jobTitle"] == "Owner"
+
+
+def test_the_worker_and_the_wake_helper_agree_on_which_jobs_carry_a_mark():
+    """A job queued through shared/wake.py leaves a mark that only the worker clears: a reason known to
+    one and not the other would leave a mark that blocks the user's wake-ups for ten minutes."""
+    from shared import jobs, wake
+
+    assert set(jobs.WAKE_REASONS) == set(wake.WAKE_REASONS) == {"poll", "notify", "webhook"}

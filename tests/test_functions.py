@@ -369,8 +369,9 @@ def test_function_json_matches_main(folder):
     if folder.trigger["type"] == "httpTrigger":
         # BEHAVIOUR §7.7: the host checks the function key, except on the page (static files, no data),
         # on the people's door, whose code refuses every request without a valid Entra ID token, and on
-        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6), and on Business
-        # Central's webhook endpoint, which BC calls without a key (subscription id + clientState, §8.2).
+        # the poll URL of a 202, whose token is its authorization (BEHAVIOUR §7.6), and on the two
+        # notification endpoints, which Graph and Business Central call without a key: each notification's
+        # subscription id and clientState are checked in code (BEHAVIOUR §8.2, §8.3, §11).
         expected = "anonymous" if folder.name in ANONYMOUS_BY_DESIGN else "function"
         assert folder.trigger["authLevel"] == expected
         assert [r["type"] for r in returns] == ["http"]
@@ -381,6 +382,7 @@ def test_function_json_matches_main(folder):
 
 ANONYMOUS_BY_DESIGN = (
     "function_bc_notify",
+    "function_graph_notify",
     "function_selfservice",
     "function_signed_in_http",
     "function_sync_poll",
@@ -392,6 +394,7 @@ def test_the_functions_are_the_nine_expected_with_their_triggers():
     assert {k: t["type"] for k, t in triggers.items()} == {
         "function_bc_notify": "httpTrigger",
         "function_change_poll": "timerTrigger",
+        "function_graph_notify": "httpTrigger",
         "function_selfservice": "httpTrigger",
         "function_signed_in_http": "httpTrigger",
         "function_sync_http": "httpTrigger",
@@ -412,9 +415,11 @@ def test_the_functions_are_the_nine_expected_with_their_triggers():
     assert triggers["function_users_http"]["route"] == "users/{*rest}"
     assert triggers["function_sync_poll"]["route"] == "poll/{runId}"
     assert triggers["function_sync_poll"]["methods"] == ["get"]
-    assert triggers["function_bc_notify"]["route"] == "notify/bc"  # BEHAVIOUR §8.2
+    assert triggers["function_bc_notify"]["route"] == "notify/bc"  # BEHAVIOUR §8.3
     assert triggers["function_bc_notify"]["methods"] == ["post"]
     assert outputs["function_bc_notify"] == outputs["function_sync_timer"]
+    assert triggers["function_graph_notify"]["route"] == "notify/graph"
+    assert triggers["function_graph_notify"]["methods"] == ["post"]  # Graph validates with a POST too
     assert set(triggers["function_sync_http"]["methods"]) == {"get", "post"}
     assert set(triggers["function_users_http"]["methods"]) == {"get", "put", "delete", "post"}
     assert triggers["function_signed_in_http"]["route"] == "signed-in/{*rest}"

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 
 from shared.model import UserSettings, user_hash
+from shared.subscriptions import maintain
 from tests.test_infra import INFRA, MAIN, ROOT, BicepFile, Unevaluable, _named, _text
 
 OPERATIONS = INFRA / "modules" / "operations.bicep"
@@ -238,6 +239,10 @@ def logged(world, caplog) -> list[logging.LogRecord]:
     assert world.sync(ALICE, mode="full").status == "succeeded"
     ghost = world.services.store.put_settings(UserSettings.from_json({"user": GHOST}))  # no mailbox
     assert world.sync(ghost, mode="full").status == "failed"
+    # A timer tick whose public URL Graph cannot reach: the subscription fails validation (BEHAVIOUR §8.2).
+    world.services.config = replace(world.services.config, public_url="https://127.0.0.1:9")
+    settings = world.services.store.get_settings(ALICE)
+    assert settings is not None and maintain(world.services, [settings]).failed == 1
     return list(caplog.records)
 
 
@@ -248,7 +253,7 @@ def _run_records(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
 
 def test_every_field_the_workbook_and_alerts_query_is_logged(logged):
     queries = all_queries()
-    assert len(workbook_queries()) >= 6 and len(alert_queries()) == 3
+    assert len(workbook_queries()) >= 6 and len(alert_queries()) == 4
     assert drift(queries, logged) == []
     read: dict[str, set[str]] = {}
     for q in queries:

@@ -97,10 +97,10 @@ param syncSchedule string
 @description('SYNC_CHANGE_POLL_SCHEDULE (NCRONTAB, six fields): the change poll, BEHAVIOUR §8.1')
 param syncChangePollSchedule string
 
-@description('SYNC_PUBLIC_URL: the address Business Central (and Graph) send change notifications to; empty: https://<name>.azurewebsites.net')
+@description('SYNC_PUBLIC_URL: the address Graph and Business Central send change notifications to (BEHAVIOUR §8.2, §8.3); empty: https://<name>.azurewebsites.net')
 param syncPublicUrl string = ''
 
-@description('SYNC_BC_WEBHOOKS: true to use Business Central contacts webhooks where the tenant offers them (BEHAVIOUR §8.2)')
+@description('SYNC_BC_WEBHOOKS: true to use Business Central contacts webhooks where the tenant offers them (BEHAVIOUR §8.3)')
 @allowed([
   'true'
   'false'
@@ -109,6 +109,12 @@ param syncBcWebhooks string
 
 @description('SYNC_INLINE_BUDGET_SECONDS')
 param syncInlineBudgetSeconds int
+
+@description('SYNC_NOTIFY_DEBOUNCE_SECONDS: how long a change notification\'s run waits to gather a burst')
+param syncNotifyDebounceSeconds int = 5
+
+@description('SYNC_SAFETY_NET_MINUTES: how often a user with live notifications still gets a scheduled run')
+param syncSafetyNetMinutes int = 60
 
 @description('SYNC_FULL_SYNC_HOURS')
 param syncFullSyncHours int
@@ -141,12 +147,14 @@ var baseAppSettings = {
   SYNC_SCHEDULE: syncSchedule
   SYNC_CHANGE_POLL_SCHEDULE: syncChangePollSchedule
   // The app's own default host name (no unique-hostname label scope is set, so it is <name>.azurewebsites.net);
-  // notifications must reach it from the internet (BEHAVIOUR §8.2).
+  // Graph and Business Central must reach it from the internet (BEHAVIOUR §8.2, §8.3).
   SYNC_PUBLIC_URL: empty(syncPublicUrl) ? 'https://${name}.azurewebsites.net' : syncPublicUrl
   SYNC_BC_WEBHOOKS: syncBcWebhooks
   SYNC_INLINE_BUDGET_SECONDS: string(syncInlineBudgetSeconds)
   SYNC_FULL_SYNC_HOURS: string(syncFullSyncHours)
   SYNC_API_AUDIENCE: syncApiAudience
+  SYNC_NOTIFY_DEBOUNCE_SECONDS: string(syncNotifyDebounceSeconds)
+  SYNC_SAFETY_NET_MINUTES: string(syncSafetyNetMinutes)
 }
 
 // Client-secret mode: a Key Vault reference, resolved by the platform with keyVaultReferenceIdentity

@@ -139,6 +139,45 @@ resource poisonQueueAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = 
   }
 }
 
+// Graph subscriptions that keep failing (BEHAVIOUR §8.2): two or more failures within an hour (four timer
+// ticks), so one transient error does not page anyone.
+resource subscriptionsAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'alert-subscriptions-${resourceToken}'
+  location: location
+  tags: tags
+  properties: {
+    displayName: 'BC Contact Sync: Graph change notifications keep failing'
+    description: 'The timer could not create or renew Graph subscriptions. Check that Microsoft Graph can reach SYNC_PUBLIC_URL over HTTPS and that the app still has Contacts.ReadWrite. Users fall back to the regular schedule meanwhile.'
+    severity: 3
+    enabled: true
+    scopes: [
+      appInsights.id
+    ]
+    evaluationFrequency: 'PT1H'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: loadTextContent('../monitoring/alert-subscriptions-failing.kql')
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: [
+        actionGroup.id
+      ]
+    }
+  }
+}
+
 // Hourly, over the last two days (the longest query range a log alert takes): users the timer still queues
 // whose last successful sync is older than staleUserHours.
 resource staleUsersAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {

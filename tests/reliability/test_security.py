@@ -135,11 +135,13 @@ def test_no_secret_token_or_key_in_logs_reports_or_error_bodies(world, env, clou
 # BEHAVIOUR §7.7: the host checks the key everywhere except on the page (static files, no data), on
 # the people's door, whose code refuses every request without a valid Entra ID token
 # (tests/test_signed_in_api.py drives every route there with every kind of credential), and on the poll
-# URL of a 202, whose poll token is its authorization (BEHAVIOUR §7.6, tests/test_poll_tokens.py), and
-# on Business Central's webhook endpoint, which BC calls without a key: only a subscription id and
-# clientState the app gave BC make it do anything (BEHAVIOUR §8.2, tests/test_bc_webhooks.py).
+# URL of a 202, whose poll token is its authorization (BEHAVIOUR §7.6, tests/test_poll_tokens.py), and on
+# the two notification endpoints, which Graph and Business Central call without a key: a notification
+# counts only with a stored subscription id and its clientState (BEHAVIOUR §8.2, §8.3, §11,
+# tests/test_graph_notify.py, tests/test_bc_webhooks.py).
 ANONYMOUS_BY_DESIGN = {
     "function_bc_notify",
+    "function_graph_notify",
     "function_selfservice",
     "function_signed_in_http",
     "function_sync_poll",
