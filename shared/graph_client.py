@@ -289,7 +289,11 @@ class GraphClient:
         created contacts, tenants that send updates whole) costs nothing more. A contact gone by now
         counts as removed. The BC-id tags come along and are kept in `page.tags`.
         """
-        ids = [c["id"] for c in page.changed if is_partial(c)]
+        return self.read_whole(user, folder_id, page, [c["id"] for c in page.changed if is_partial(c)])
+
+    def read_whole(self, user: str, folder_id: str, page: DeltaPage, ids: list[str]) -> DeltaPage:
+        """Replace the items `ids` of `page` by the whole contacts with their tags (`$batch`, ≤ 20 a
+        call); one gone by now counts as removed."""
         if not ids:
             return page
         found, missing = self.get_contacts(user, folder_id, ids)

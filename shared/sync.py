@@ -781,21 +781,7 @@ def _fetch_route_tags(run: _UserRun, folder_id: str, delta: DeltaPage) -> None:
     """The BC-id tags of the changed contacts no link knows: they say which company a contact is of."""
     owners = _link_owners(run)
     ids = sorted(c["id"] for c in delta.changed if c["id"] not in owners and c["id"] not in delta.tags)
-    if not ids:
-        return
-    found, missing = run.graph.get_contacts(run.settings.user, folder_id, ids)
-    changed = []
-    for contact in delta.changed:
-        cid = contact["id"]
-        if cid in missing:
-            continue
-        if cid in found:
-            contact = found[cid]
-            delta.tags[cid] = tag_of(contact)
-            contact.pop("singleValueExtendedProperties", None)
-        changed.append(contact)
-    delta.changed = changed
-    delta.removed = [*delta.removed, *(i for i in ids if i in missing and i not in delta.removed)]
+    run.graph.read_whole(run.settings.user, folder_id, delta, ids)
 
 
 def _route_contacts(
