@@ -81,13 +81,16 @@ def test_percentiles_are_nearest_rank():
 def test_idle_cost_shares_the_company_part_among_its_users():
     from bench.latency import IdleCost
 
-    today = IdleCost(per_user=16)  # 4 no-op runs of 2 Graph + 2 BC requests
-    poll = IdleCost(per_user=4 + 1 / 34, per_company=60)  # one safety-net run, renewal; 60 questions
-    hooks = IdleCost(per_user=4 + 1 / 34, per_company=4 + 1 / 48 + 1 / 24)
-    assert [round(poll.per_user_hour(k), 2) for k in (1, 3, 10)] == [64.03, 24.03, 10.03]
-    assert today.per_user_hour(1) == today.per_user_hour(10) == 16
-    # The poll costs more than today's schedule up to 5 users a company; webhooks less from one user on.
-    assert poll.per_user_hour(5) > today.per_user_hour(5) > poll.per_user_hour(6)
+    # Graph per user, BC per company: 4 no-op runs of 2 Graph requests each, their BC reads shared.
+    today = IdleCost(per_user=8, per_company=8)
+    # One safety-net run, 4 subscription listings for 10 users, the renewal; its BC read and 60 questions.
+    poll = IdleCost(per_user=2 + 0.4 + 1 / 34, per_company=2 + 60)
+    hooks = IdleCost(per_user=2 + 0.4 + 1 / 34, per_company=2 + 4 + 1 / 48 + 1 / 24)
+    assert [round(today.per_user_hour(k), 2) for k in (1, 3, 10)] == [16, 10.67, 8.8]
+    assert [round(poll.per_user_hour(k), 2) for k in (1, 3, 10)] == [64.43, 23.1, 8.63]
+    # The poll costs more than today's schedule up to 9 users a company; webhooks less from one user on.
+    assert poll.per_user_hour(9) > today.per_user_hour(9)
+    assert poll.per_user_hour(10) < today.per_user_hour(10)
     assert hooks.per_user_hour(1) < today.per_user_hour(1)
     with pytest.raises(ValueError, match="at least 1"):
         poll.per_user_hour(0)
@@ -96,16 +99,16 @@ def test_idle_cost_shares_the_company_part_among_its_users():
 def test_an_edit_that_never_arrives_fails_the_case_whatever_the_p95():
     from datetime import UTC, datetime
 
-    from bench.latency import USERS, Edit, IdleCost, ModeResult, render
+    from bench.latency import UPNS, Edit, IdleCost, ModeResult, render
 
     def mode(name: str, lost: bool) -> ModeResult:
         edits = [Edit("outlook", f"a{i}@x.example", 0.0, seen={"bc": 10.0}) for i in range(40)]
         for i in range(40):
-            seen = {f"u{n}": 20.0 for n in range(USERS - (1 if lost and i == 0 else 0))}
+            seen = {u: 20.0 for u in UPNS[: len(UPNS) - (1 if lost and i == 0 else 0)]}
             edits.append(Edit("bc", f"Title {i}", 0.0, f"c{i}", seen))
         return ModeResult(name, edits)
 
-    idle = {"today": IdleCost(16), "poll": IdleCost(4, 60), "webhooks": IdleCost(4, 4)}
+    idle = {"today": IdleCost(8, 8), "poll": IdleCost(2, 62), "webhooks": IdleCost(2, 6)}
     report = render(
         {"poll": mode("poll", False), "webhooks": mode("webhooks", True)}, idle, MODEL, datetime.now(UTC), 5
     )
@@ -114,7 +117,11 @@ def test_an_edit_that_never_arrives_fails_the_case_whatever_the_p95():
         "| BC webhooks | BC → Outlook (job title, per mailbox) | 40 (399) | 20.0 s | 20.0 s | 20.0 s | 1 |"
         in (report.markdown)
     )
-    assert "| notifications + change poll | 64.0 | 24.0 | 10.0 |" in report.markdown
+    assert "| BC webhooks | BC → Outlook, only the 5 mailboxes without Outlook edits | 40 (199) |" in (
+        report.markdown
+    )
+    assert "| today's 15-minute schedule | 16.0 | 10.7 | 8.8 |" in report.markdown
+    assert "| notifications + change poll | 64.0 | 22.7 | 8.2 |" in report.markdown
 
 
 def test_a_full_run_writes_the_latency_section_and_fails_with_its_targets(tmp_path):
