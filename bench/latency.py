@@ -381,10 +381,20 @@ def run_latency(conn: str, model: Model, output: Path | None, write: bool = True
                 )
                 return result
 
+            def quiet_start() -> None:
+                """A tick of each timer, drained, not counted: what the edits or the switch of
+                schedule left to do (follow-up runs, deleting subscriptions today's app would not
+                hold) is done, so the hour measured is a quiet one."""
+                drain()
+                tick(function_sync_timer)
+                drain()
+                tick(function_change_poll)
+                drain()
+
             def idle_hour(webhooks: bool) -> IdleCost:
                 """Notifications on: 4 timer ticks (the first an hour after the last safety-net run)
                 and 60 poll ticks, drained after each."""
-                drain()
+                quiet_start()
                 for row in services.store.list_subscriptions():
                     row.safety_net_at = utcnow() - timedelta(minutes=61)  # the hour since the last one
                     services.store.save_subscription(row)
@@ -399,6 +409,8 @@ def run_latency(conn: str, model: Model, output: Path | None, write: bool = True
                                 services.store.save_bc_webhook(hook)
                     tick(function_change_poll)
                     drain()
+                    if minute % 15 == 0:
+                        print(f"latency: idle, requests (Graph, BC) so far {counts()}", flush=True)
                 extra_company = (1 / BC_RENEW_HOURS + 1 / BC_SUPPORT_RECHECK_HOURS) if webhooks else 0.0
                 return cost_since(before, 1 / GRAPH_RENEW_HOURS, extra_company)
 
@@ -426,10 +438,12 @@ def run_latency(conn: str, model: Model, output: Path | None, write: bool = True
             services = get_services()
             for row in services.store.list_subscriptions():  # today's app holds none
                 services.store.delete_subscription(row.id)
+            quiet_start()
             before = counts()
             for _ in range(4):
                 tick(function_sync_timer)
                 drain()
+                print(f"latency: today's schedule, requests (Graph, BC) so far {counts()}", flush=True)
             idle["today"] = cost_since(before, 0.0, 0.0)
         finally:
             workers.close()
