@@ -217,13 +217,17 @@ def write_markdown(
     started: datetime,
     memory_method: str,
     machine: dict[str, str],
+    latency_markdown: str | None = None,
+    latency_failed: int = 0,
 ) -> None:
+    """`latency_markdown`: the latency case's section (bench/latency.py), placed after the targets;
+    `latency_failed`: how many of its own target checks failed, counted in the verdict line."""
     info = machine
-    failed = [v for v in verdicts if v.ok is False]
+    failed = len([v for v in verdicts if v.ok is False]) + latency_failed
     lines = [
         "# Benchmark results (issue 7)\n\n",
         f"Run {started.astimezone(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`; "
-        f"**{'all targets PASS' if not failed else f'{len(failed)} target check(s) FAIL'}**.\n\n",
+        f"**{'all targets PASS' if not failed else f'{failed} target check(s) FAIL'}**.\n\n",
         "## Latency model and limits\n\n",
         f"- Graph: {model.graph_latency * 1000:.0f} ms per item (every `$batch` operation and every request "
         f"outside a batch), spent while holding the mailbox's concurrency slot; {model.graph_concurrency} concurrent "
@@ -265,6 +269,7 @@ def write_markdown(
         "## Targets\n\n",
         "| result | target | case | detail |\n|---|---|---|---|\n",
         *(f"| {v.label} | {v.target} | {v.case} | {v.detail} |\n" for v in verdicts),
+        *(["\n", latency_markdown] if latency_markdown else []),
         "\n## Calibration (the latency model as measured through the engine's HTTP client)\n\n",
         *(f"- {k}: {v}\n" for k, v in calibration.items()),
         "\n## Details per case\n\n",

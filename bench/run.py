@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=(
             "only these groups: n<N> (e.g. n1000) for one user with N contacts, users<U> for U users, "
             "photos<N> for N contacts with pictures, companies<K> for one user syncing K companies of "
-            "500 contacts; repeatable; `latency` alone: the change-notification latency case (bench/latency.py)"
+            "500 contacts; repeatable; `latency`: the change-notification latency case (bench/latency.py; alone, it "
+            "writes only its own report; a full run includes it in results.md)"
         ),
     )
     p.add_argument("--users", type=int, help="users in the multi-user case (default 50; --quick: 5)")
@@ -94,7 +95,7 @@ def plan_groups(args: argparse.Namespace) -> list[str]:
         return args.case
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     users = args.users or (5 if args.quick else 50)
-    return [f"n{n}" for n in sizes] + [f"users{users}", "photos1000", "companies3"]
+    return [f"n{n}" for n in sizes] + [f"users{users}", "photos1000", "companies3", "latency"]
 
 
 def run_group(name: str, conn: str, model: Model, args: argparse.Namespace) -> list[CaseResult]:
@@ -258,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     calibration: dict[str, Any] = {}
     memory_method = ""
-    if args.case == ["latency"]:  # issue 15: its own report (bench/latency.py)
+    if args.case == ["latency"]:  # issue 15 alone: its own report (bench/latency.py), not results.md
         from bench.latency import run_latency
 
         with Azurite() as azurite:
-            return run_latency(azurite.connection_string, model, args.output)
+            return 1 if run_latency(azurite.connection_string, model, args.output).failed else 0
+    latency: dict[str, Any] | None = None
     with Azurite() as azurite:
         conn = azurite.connection_string
         if not args.no_calibration:
@@ -271,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in calibration.items():
                 print(f"calibration: {k}: {v}", flush=True)
         for name in groups:
+            if name == "latency":  # issue 15: its own figures, a section of results.md
+                from bench.latency import run_latency
+
+                report = run_latency(conn, model, None)
+                latency = {"markdown": report.markdown, "checks": report.checks}
+                continue
             group_results = run_group(name, conn, model, args)
             print_results(group_results)
             results.extend(group_results)
@@ -288,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             "code": code,
         },
         "full": full,
+        "latency": latency,
     }
     save_json(OUT / ("results-full.json" if full else "results.json"), payload)
     return render(payload, args.output)
@@ -297,8 +306,12 @@ def render(payload: dict[str, Any], output: Path | None) -> int:
     """Targets, markdown and plot from a run's figures; the exit status says whether all passed."""
     results: list[CaseResult] = payload["results"]
     verdicts = evaluate(results)
+    latency = payload.get("latency")  # absent in runs saved before the latency case joined
+    latency_failed = [name for name, ok, _ in (latency or {}).get("checks", []) if not ok]
     print()
     print_verdicts(verdicts)
+    for name, ok, value in (latency or {}).get("checks", []):
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {value}", flush=True)
     md = output or (HERE / "results.md" if payload["full"] else OUT / "results.md")
     png = md.with_suffix(".png")
     write_markdown(
@@ -311,10 +324,12 @@ def render(payload: dict[str, Any], output: Path | None) -> int:
         datetime.fromisoformat(payload["started"]),
         payload["memory_method"],
         payload["machine"],
+        latency["markdown"] if latency else None,
+        len(latency_failed),
     )
     wrote_png = write_plot(png, results)
     log(f"wrote {md}" + (f" and {png}" if wrote_png else ""))
-    failed = [v for v in verdicts if v.ok is False]
+    failed = [v.target for v in verdicts if v.ok is False] + latency_failed
     print(f"\n{len(failed)} target check(s) FAIL" if failed else "\nall targets PASS")
     return 1 if failed else 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bench.bounds import Model, Need, bc_time, graph_time, time_bound
@@ -63,3 +65,89 @@ def test_several_companies_are_read_each_on_its_own():
     assert Need(bc_read_rows=500, bc_read_requests=1, companies=3).bc_requests == 6
     # The initial sync: a page each, $metadata, each Country/Region table and the companies' names.
     assert Need(bc_read_rows=500, bc_reference_reads=1 + 3 + 1, companies=3).bc_requests == 8
+
+
+def test_percentiles_are_nearest_rank():
+    from bench.latency import percentile
+
+    values = [float(v) for v in range(20, 0, -1)]  # 20 readings, unordered
+    assert percentile(values, 95) == 19.0  # the 19th of 20, not the maximum
+    assert percentile(values, 50) == 10.0
+    assert percentile(values, 100) == 20.0
+    assert percentile([7.0], 95) == 7.0
+    assert math.isnan(percentile([], 95))
+
+
+def test_idle_cost_shares_the_company_part_among_its_users():
+    from bench.latency import IdleCost
+
+    # Graph per user, BC per company: 4 no-op runs of 2 Graph requests each, their BC reads shared.
+    today = IdleCost(per_user=8, per_company=8)
+    # One safety-net run, 4 subscription listings for 10 users, the renewal; its BC read and 60 questions.
+    poll = IdleCost(per_user=2 + 0.4 + 1 / 34, per_company=2 + 60)
+    hooks = IdleCost(per_user=2 + 0.4 + 1 / 34, per_company=2 + 4 + 1 / 48 + 1 / 24)
+    assert [round(today.per_user_hour(k), 2) for k in (1, 3, 10)] == [16, 10.67, 8.8]
+    assert [round(poll.per_user_hour(k), 2) for k in (1, 3, 10)] == [64.43, 23.1, 8.63]
+    # The poll costs more than today's schedule up to 9 users a company; webhooks less from one user on.
+    assert poll.per_user_hour(9) > today.per_user_hour(9)
+    assert poll.per_user_hour(10) < today.per_user_hour(10)
+    assert hooks.per_user_hour(1) < today.per_user_hour(1)
+    with pytest.raises(ValueError, match="at least 1"):
+        poll.per_user_hour(0)
+
+
+def test_an_edit_that_never_arrives_fails_the_case_whatever_the_p95():
+    from datetime import UTC, datetime
+
+    from bench.latency import UPNS, Edit, IdleCost, ModeResult, render
+
+    def mode(name: str, lost: bool) -> ModeResult:
+        edits = [Edit("outlook", f"a{i}@x.example", 0.0, seen={"bc": 10.0}) for i in range(40)]
+        for i in range(40):
+            seen = {u: 20.0 for u in UPNS[: len(UPNS) - (1 if lost and i == 0 else 0)]}
+            edits.append(Edit("bc", f"Title {i}", 0.0, f"c{i}", seen))
+        return ModeResult(name, edits)
+
+    idle = {"today": IdleCost(8, 8), "poll": IdleCost(2, 62), "webhooks": IdleCost(2, 6)}
+    report = render(
+        {"poll": mode("poll", False), "webhooks": mode("webhooks", True)}, idle, MODEL, datetime.now(UTC), 5
+    )
+    assert report.failed == ["BC → Outlook p95 ≤ 60 s, every edit arrived (BC webhooks)"]
+    assert (
+        "| BC webhooks | BC → Outlook (job title, per mailbox) | 40 (399) | 20.0 s | 20.0 s | 20.0 s | 1 |"
+        in (report.markdown)
+    )
+    assert "| BC webhooks | BC → Outlook, only the 5 mailboxes without Outlook edits | 40 (199) |" in (
+        report.markdown
+    )
+    assert "| today's 15-minute schedule | 16.0 | 10.7 | 8.8 |" in report.markdown
+    assert "| notifications + change poll | 64.0 | 22.7 | 8.2 |" in report.markdown
+
+
+def test_a_full_run_writes_the_latency_section_and_fails_with_its_targets(tmp_path):
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from bench.run import render
+
+    def payload(ok: bool) -> dict:
+        return {
+            "results": [],
+            "model": asdict(MODEL),
+            "calibration": {},
+            "command": "python -m bench.run",
+            "started": datetime.now(UTC).isoformat(),
+            "memory_method": "VmHWM",
+            "machine": {},
+            "full": True,
+            "latency": {
+                "markdown": "## Latency (issue 15): edit on one side → visible on the other\n",
+                "checks": [("Outlook → BC p95 ≤ 60 s", ok, "30.0 s")],
+            },
+        }
+
+    md = tmp_path / "results.md"
+    assert render(payload(True), md) == 0
+    assert "all targets PASS" in md.read_text() and "## Latency (issue 15)" in md.read_text()
+    assert render(payload(False), md) == 1
+    assert "**1 target check(s) FAIL**" in md.read_text()
