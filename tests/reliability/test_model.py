@@ -587,6 +587,16 @@ class SyncMachine(RuleBasedStateMachine):
 
     @rule(name=st.sampled_from(FOLDERS))
     def rename_folder(self, name: str) -> None:
+        """A subfolder renamed to the name of another folder is refused by the run (BEHAVIOUR §4.8);
+        a move to the default folder leaves the old subfolder behind, so the model picks no such name."""
+        fid = self.store.get_state(self.user).folder_id
+        current = fid and fid != self.cloud.graph.default_folder_id(self.user)
+        taken = [
+            f for f in self.cloud.graph.folders(self.user) if f["displayName"].casefold() == name.casefold()
+        ]
+        if current and any(f["id"] != fid for f in taken):
+            self.ctx.ops["settings: folder rename skipped (another folder has the name)"] += 1
+            return
         self._save_settings(folderName=name)
         self.ctx.ops["settings: folder rename"] += 1
 
