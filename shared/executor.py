@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, assert_never
 
+from shared import photos
 from shared.bc_client import BcClient, BcWrite
 from shared.filters import ContactFilter
 from shared.graph_client import GraphClient
@@ -45,7 +46,13 @@ class Outcome:
     # The folder a contact created through `/users/{id}/contacts` landed in: the default Contacts
     # folder's id, learnt from the first write when the folder was empty and its id unknown.
     folder_seen: str | None = None
+    # The links this run stored (by BC id) and removed: with the links the run started from, what the
+    # store now holds, without reading the user's whole partition again (the photo step needs it).
+    links_saved: dict[str, Link] = field(default_factory=dict)
+    links_removed: set[str] = field(default_factory=set)
 
+
+_CREATES_CONTACT = frozenset({ActionKind.CREATE_OUTLOOK, ActionKind.RECREATE_OUTLOOK})
 
 # A failed Outlook write based on a BC record holds the BC watermark before that record; a failed BC
 # write from Outlook holds the delta link (when the failure may pass), so the next run sees it again.
@@ -167,9 +174,10 @@ class Executor:
         if bc is None or outlook is None or outlook_id is None:
             raise ValueError("a link needs both records and the Outlook id")
         known = self.links.get(bc["id"])
-        if known is not None and known.outlook_id == outlook_id and known.adopted:
+        same = known is not None and known.outlook_id == outlook_id
+        if same and known is not None and known.adopted:
             adopted = True
-        return Link(
+        link = Link(
             bc_id=bc["id"],
             outlook_id=outlook_id,
             bc_hash=fingerprint(bc_view(bc, self.ctx)),
@@ -177,9 +185,18 @@ class Executor:
             email=bc.get("email") or "",
             adopted=adopted,
         )
+        if same and known is not None:  # the photo state is the photo step's (shared/photos.py): kept
+            link.photo, link.photo_stamp, link.photo_etag = known.photo, known.photo_stamp, known.photo_etag
+        return link
 
     def _save_links(self, upserts: list[Link], deletes: list[str]) -> None:
         self.checkpoint("before_links")
+        for link in upserts:
+            self.outcome.links_saved[link.bc_id] = link
+            self.outcome.links_removed.discard(link.bc_id)
+        for bc_id in deletes:
+            self.outcome.links_saved.pop(bc_id, None)
+            self.outcome.links_removed.add(bc_id)
         if upserts:
             self.store.upsert_links(
                 self.user, [replace(link, bc_id=self.link_key(link.bc_id)) for link in upserts]
@@ -329,6 +346,11 @@ class Executor:
         ):
             self.outcome.folder_seen = self.outcome.folder_seen or str(body["parentFolderId"])
         link = self._link(action.bc, body, new_id, action.adopted)
+        settled = None
+        if self.settings.sync_photos and action.bc is not None and action.kind in _CREATES_CONTACT:
+            settled = photos.new_contact_state(action.bc)
+        if settled is not None:
+            link.photo, link.photo_stamp, link.photo_etag = settled
         self.outcome.written[new_id] = link.outlook_hash
         upserts.append(link)
 

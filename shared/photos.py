@@ -105,6 +105,16 @@ def _stamp(bc: dict[str, Any]) -> str:
     return str(bc.get("@odata.etag") or bc.get("lastModifiedDateTime") or "")
 
 
+def new_contact_state(bc: dict[str, Any]) -> tuple[str, str, str] | None:
+    """The photo state of a link to an Outlook contact the sync has just created, when it is already
+    settled: BC's record says (through `$expand=picture`) it has no picture, and the new contact has no
+    photo. Stored with the link itself, so the photo step has nothing to write back (an initial sync
+    would otherwise write every link twice). None when the photo step must decide."""
+    if "picture" not in bc or bc_has_picture(bc):
+        return None
+    return NONE, _stamp(bc), ""
+
+
 def bc_has_picture(record: dict[str, Any]) -> bool:
     """From the contact's `$expand=picture` metadata: an empty picture has no content type and a width of 0."""
     picture = record.get("picture") or {}

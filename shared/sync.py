@@ -1153,7 +1153,8 @@ def _sync_photos(run: _UserRun, scope: _ScopeRun, sides: _BothSides, folder_id: 
     result, outcome, snapshot = scope.result, scope.outcome, scope.snapshot
     assert result is not None and outcome is not None and snapshot is not None
     # The links as the contact writes left them (the snapshot's when the plan wrote none).
-    links_now = _scope_links(run, scope) if result.actions else snapshot.links
+    links_now = {k: v for k, v in snapshot.links.items() if k not in outcome.links_removed}
+    links_now.update(outcome.links_saved)
     created = {
         links_now[action.bc_id].outlook_id
         for action in result.actions
@@ -1190,17 +1191,6 @@ def _sync_photos(run: _UserRun, scope: _ScopeRun, sides: _BothSides, folder_id: 
     if done.hold_bc_from and (outcome.hold_bc_from is None or done.hold_bc_from < outcome.hold_bc_from):
         outcome.hold_bc_from = done.hold_bc_from
     outcome.hold_delta = outcome.hold_delta or done.hold_delta
-
-
-def _scope_links(run: _UserRun, scope: _ScopeRun) -> dict[str, Link]:
-    """One company's stored links by BC id, as the executor left them."""
-    links: dict[str, Link] = {}
-    for key, link in run.store.get_links(run.settings.user).items():
-        company, bc_id = split_link_key(key)
-        if (company or run.home) == scope.company_id:
-            link.bc_id = bc_id
-            links[bc_id] = link
-    return links
 
 
 # Step 5: watermarks and report ---------------------------------------------------------------------
