@@ -185,18 +185,7 @@ def sync_photos(run: PhotoRun) -> PhotoOutcome:
         to_bc = [item for item in pool.map(one, sorted(cases)) if item is not None]
     if to_bc:
         _write_to_bc(run, to_bc, outcome)
-    _keep_state(run, outcome)
     return outcome
-
-
-def _keep_state(run: PhotoRun, outcome: PhotoOutcome) -> None:
-    """A link the contact writes stored anew lost its photo state in the store: put it back."""
-    for bc_id, now in run.links_now.items():
-        before = run.links_before.get(bc_id)
-        if bc_id in outcome.links or before is None or before.outlook_id != now.outlook_id:
-            continue
-        if not (now.photo or now.photo_stamp) and (before.photo or before.photo_stamp):
-            _remember(outcome, now, before.photo, before.photo_stamp, before.photo_etag)
 
 
 def _cases(run: PhotoRun) -> dict[str, _Case]:
@@ -205,12 +194,7 @@ def _cases(run: PhotoRun) -> dict[str, _Case]:
     for bc_id, now in run.links_now.items():
         before = run.links_before.get(bc_id)
         same_contact = before is not None and before.outlook_id == now.outlook_id
-        link = now
-        if same_contact and before is not None and not now.photo and not now.photo_stamp:
-            # The contact write stored the link anew; the photo state is still the one from before.
-            link = replace(
-                now, photo=before.photo, photo_stamp=before.photo_stamp, photo_etag=before.photo_etag
-            )
+        link = now  # a rewritten link keeps its photo state (executor._link)
         created = now.outlook_id in run.outlook_created
         unknown = not created and (not same_contact or now.outlook_id in run.outlook_changed)
         bc = run.bc_records.get(bc_id)
