@@ -181,7 +181,6 @@ class Config:
             "must start with a letter and hold only letters and digits",
         )
         schedule, change_poll = _schedules(read)
-        public_url, bc_webhooks = _notification_settings(read)
         poll_key = _poll_token_key(read)
         return cls(
             tenant_id=tenant,
@@ -206,9 +205,7 @@ class Config:
             poll_token_key=poll_key,
             api_audience=_audience(read.optional("SYNC_API_AUDIENCE"), client_id.lower()),
             change_poll_schedule=change_poll,
-            public_url=public_url,
-            bc_webhooks=bc_webhooks,
-            **_notify_settings(read),
+            **_notification_settings(read),
         )
 
 
@@ -305,18 +302,6 @@ def _storage_settings(read: _Reader) -> tuple[str | None, str | None, str | None
     return conn, table_uri, queue_uri
 
 
-def _notify_settings(read: _Reader) -> dict[str, Any]:
-    """Graph change notifications (BEHAVIOUR §8.2): the debounce and the safety net."""
-    return {
-        "notify_debounce_seconds": _number(
-            "SYNC_NOTIFY_DEBOUNCE_SECONDS", read.value("SYNC_NOTIFY_DEBOUNCE_SECONDS"), 0, 60
-        ),
-        "safety_net_minutes": _number(
-            "SYNC_SAFETY_NET_MINUTES", read.value("SYNC_SAFETY_NET_MINUTES"), 15, 1440
-        ),
-    }
-
-
 def _audience(value: str | None, client_id: str) -> str:
     """The token audience: a client id (GUID) or an Application ID URI (api://…, https://…)."""
     if not value:
@@ -345,11 +330,19 @@ def _schedules(read: _Reader) -> tuple[str, str]:
     return schedule, change_poll
 
 
-def _notification_settings(read: _Reader) -> tuple[str | None, bool]:
-    """(SYNC_PUBLIC_URL, SYNC_BC_WEBHOOKS): where BC sends webhook notifications, and whether to subscribe."""
-    return _public_url(read.optional("SYNC_PUBLIC_URL")), _flag(
-        "SYNC_BC_WEBHOOKS", read.value("SYNC_BC_WEBHOOKS")
-    )
+def _notification_settings(read: _Reader) -> dict[str, Any]:
+    """Change notifications (BEHAVIOUR §8.2, §8.3): the public URL Graph and BC call, whether to use BC
+    webhooks, the debounce of a notification's run and the safety-net interval."""
+    return {
+        "public_url": _public_url(read.optional("SYNC_PUBLIC_URL")),
+        "bc_webhooks": _flag("SYNC_BC_WEBHOOKS", read.value("SYNC_BC_WEBHOOKS")),
+        "notify_debounce_seconds": _number(
+            "SYNC_NOTIFY_DEBOUNCE_SECONDS", read.value("SYNC_NOTIFY_DEBOUNCE_SECONDS"), 0, 60
+        ),
+        "safety_net_minutes": _number(
+            "SYNC_SAFETY_NET_MINUTES", read.value("SYNC_SAFETY_NET_MINUTES"), 15, 1440
+        ),
+    }
 
 
 def _public_url(value: str | None) -> str | None:
