@@ -10,6 +10,7 @@ BC-id extended property of an unknown contact is read with a separate GET.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -227,6 +228,28 @@ class GraphClient:
     # Reading contacts -------------------------------------------------------------------
     def delta(self, user: str, folder_id: str, delta_link: str | None) -> DeltaPage:
         """One full delta round: from the stored link (or the start) to the next deltaLink."""
+        out = DeltaPage()
+        seen: dict[str, dict[str, Any]] = {}
+        removed: dict[str, None] = {}
+        for items, out.delta_link in self.delta_pages(user, folder_id, delta_link):
+            for item in items:
+                cid = item["id"]
+                if "@removed" in item:
+                    seen.pop(cid, None)
+                    removed[cid] = None
+                else:
+                    removed.pop(cid, None)
+                    seen[cid] = item  # replays: the last version wins
+        out.changed = list(seen.values())
+        out.removed = list(removed)
+        return out
+
+    def delta_pages(
+        self, user: str, folder_id: str, delta_link: str | None
+    ) -> Iterator[tuple[list[dict[str, Any]], str]]:
+        """The same round a page at a time: its items in Graph's order (removed ones carry `@removed`)
+        and, on the last page, the deltaLink (else ""). For a reader that can judge each page alone and
+        stop early instead of holding the whole round in memory."""
         if delta_link:
             try:
                 self.http.check_target(delta_link)
@@ -238,9 +261,6 @@ class GraphClient:
                 f"{self.user_path(user)}/contactFolders/{quote(folder_id, safe='')}/contacts/delta"
             )
             params = {"$select": ",".join(CONTACT_SELECT)}
-        out = DeltaPage()
-        seen: dict[str, dict[str, Any]] = {}
-        removed: dict[str, None] = {}
         headers = {"Prefer": f"odata.maxpagesize={DELTA_PAGE_SIZE}"}
         while True:
             try:
@@ -260,27 +280,19 @@ class GraphClient:
                     raise FolderGone(str(exc)) from None
                 raise
             params = None
-            for item in resp.body.get("value", []):
-                cid = item["id"]
-                if "@removed" in item:
-                    seen.pop(cid, None)
-                    removed[cid] = None
-                else:
-                    removed.pop(cid, None)
-                    seen[cid] = item  # replays: the last version wins
+            items: list[dict[str, Any]] = resp.body.get("value", [])
             next_link = resp.body.get("@odata.nextLink")
             if next_link:
+                yield items, ""
                 url = next_link
                 continue
-            out.delta_link = resp.body.get("@odata.deltaLink", "")
-            if out.delta_link:
+            link: str = resp.body.get("@odata.deltaLink", "")
+            if link:
                 # Stored, then called with a token on the next run: refuse a foreign one now, before
                 # it reaches Table Storage (a nextLink is refused by the request that would follow it).
-                self.http.check_target(out.delta_link)
-            break
-        out.changed = list(seen.values())
-        out.removed = list(removed)
-        return out
+                self.http.check_target(link)
+            yield items, link
+            return
 
     def fill_partial(self, user: str, folder_id: str, page: DeltaPage) -> DeltaPage:
         """Replace partial delta items by the whole contacts, read by id in `$batch` (≤ 20 a call).

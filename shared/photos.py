@@ -199,7 +199,9 @@ def _cases(run: PhotoRun) -> dict[str, _Case]:
         unknown = not created and (not same_contact or now.outlook_id in run.outlook_changed)
         bc = run.bc_records.get(bc_id)
         bc_moved = bc is not None and (_stamp(bc) != link.photo_stamp or not link.photo)
-        if created or unknown or bc_moved:
+        # A contact created this run is a case only when its state is not settled yet: a link written
+        # with `new_contact_state` (no picture on either side) has nothing left to do.
+        if unknown or bc_moved or (created and not link.photo):
             cases[bc_id] = _Case(link, created, unknown)
     return cases
 

@@ -46,17 +46,7 @@ def _put(client, settings: dict[str, Any]) -> None:
 @pytest.fixture
 def two(world):
     """CRONUS (the world's company) and Fabrikam, with people in each."""
-    bc = world.cloud.bc
-    fabrikam = bc.add_company("Fabrikam", display_name=FABRIKAM)
-    bc.add_country("NO", company_id=fabrikam)
-    world.person("Ola Oslo", "ola@cronus.example", city="Oslo")
-    world.person("Berit Bergen", "berit@cronus.example", city="Bergen")
-    bc.seed_contact(
-        fabrikam, type="Person", displayName="Fay Fabrikam", email="fay@fabrikam.example", jobTitle="CEO"
-    )
-    bc.seed_contact(
-        fabrikam, type="Person", displayName="Ned Nobody", email="ned@fabrikam.example", jobTitle="Clerk"
-    )
+    fabrikam = world.second_company(ned_title="Clerk")
     world.cloud.graph.add_mailbox(ALICE)
     return world, world.company, fabrikam
 

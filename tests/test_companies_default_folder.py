@@ -61,17 +61,7 @@ def _bc_emails(world: World, company: str) -> set[str]:
 @pytest.fixture
 def two(world):
     """CRONUS (the world's company) and Fabrikam, with people in each; Alice in the default folder."""
-    bc = world.cloud.bc
-    fabrikam = bc.add_company("Fabrikam", display_name=FABRIKAM)
-    bc.add_country("NO", company_id=fabrikam)
-    world.person("Ola Oslo", "ola@cronus.example", city="Oslo")
-    world.person("Berit Bergen", "berit@cronus.example", city="Bergen")
-    bc.seed_contact(
-        fabrikam, type="Person", displayName="Fay Fabrikam", email="fay@fabrikam.example", jobTitle="CEO"
-    )
-    bc.seed_contact(
-        fabrikam, type="Person", displayName="Ned Nobody", email="ned@fabrikam.example", jobTitle="CEO"
-    )
+    fabrikam = world.second_company(ned_title="CEO")
     world.cloud.graph.add_mailbox(ALICE)
     settings = {
         "folderName": None,

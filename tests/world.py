@@ -49,6 +49,21 @@ class World:
             self.company, type="Person", displayName=name, email=email, **fields
         )
 
+    def second_company(self, ned_title: str = "Clerk") -> str:
+        """Fabrikam ("Fabrikam, Inc."; Fay the CEO and Ned with `ned_title`) beside the world's CRONUS
+        (Ola in Oslo, Berit in Bergen): the two companies of the `companies` tests. Returns Fabrikam's id."""
+        bc = self.cloud.bc
+        fabrikam = bc.add_company("Fabrikam", display_name="Fabrikam, Inc.")
+        bc.add_country("NO", company_id=fabrikam)
+        self.person("Ola Oslo", "ola@cronus.example", city="Oslo")
+        self.person("Berit Bergen", "berit@cronus.example", city="Bergen")
+        for name, email, title in (
+            ("Fay Fabrikam", "fay@fabrikam.example", "CEO"),
+            ("Ned Nobody", "ned@fabrikam.example", ned_title),
+        ):
+            bc.seed_contact(fabrikam, type="Person", displayName=name, email=email, jobTitle=title)
+        return fabrikam
+
     # Running --------------------------------------------------------------------------------
     def sync(
         self, user: str | UserSettings = "alice@contoso.example", mode: str = "incremental", **kw: Any
