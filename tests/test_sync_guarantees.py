@@ -291,3 +291,25 @@ def test_contact_created_then_deleted_after_an_interrupted_run_is_recreated(worl
     assert report.mode == "full" and report.counts["outlookRecreated"] == 1
     assert sorted(world.outlook_by_email()) == ["first.person@example.com", "second.person@example.com"]
     assert writes(world.sync()) == 0
+
+
+def test_an_outlook_edit_made_while_the_run_writes_reaches_bc_on_the_next_run(world):
+    """The run reads one more delta round after its writes to store a link past its own echoes; an edit
+    the user made meanwhile, even on the echo's second page, must keep the start link so the next run
+    sees it (pullEditsFromOutlook: the edit goes to BC), and nothing is written twice."""
+    world.user(pullEditsFromOutlook=True)
+    people = _seed(world, 250, jobTitle="Buyer")  # the echo of 250 creates is two delta pages
+
+    def user_edits(name: str) -> None:
+        if name == "before_watermark":  # the run's state, folder id included, is not saved yet
+            folder = world.cloud.graph.find_folder(ALICE, "Business Central")["id"]
+            mine = world.cloud.graph.folder_contacts(ALICE, folder)
+            last = next(c for c in mine if c["emailAddresses"][0]["address"] == people[-1]["email"])
+            world.cloud.graph.user_update_contact(ALICE, folder, last["id"], jobTitle="Head Buyer")
+
+    first = world.sync(mode="full", checkpoint=user_edits)
+    assert first.status == "succeeded" and first.counts["outlookCreated"] == 250
+    report = world.sync()
+    assert report.counts["bcUpdated"] == 1 and writes(report) == 1, report.counts
+    assert world.cloud.bc.get_contact(world.company, people[-1]["id"])["jobTitle"] == "Head Buyer"
+    assert writes(world.sync()) == 0
