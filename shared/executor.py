@@ -22,7 +22,7 @@ from shared.filters import ContactFilter
 from shared.graph_client import GraphClient
 from shared.http_client import BatchItem, ItemResult
 from shared.mapping import DEFAULT_CONTEXT, BcContext, bc_view, fingerprint, outlook_view
-from shared.model import ActionKind, Link, ReportItem, RunReport, UserSettings, redact
+from shared.model import ActionKind, Link, ReportItem, RunReport, UserSettings, earliest, redact
 from shared.planner import Action, Plan, after_bc_write
 from shared.store import Store
 
@@ -158,9 +158,9 @@ class Executor:
         self.report.add("failed", action.bc_id, action.outlook_id, action.email, reason)
         log.warning("contact sync item failed: %s (%s)", action.kind.value, redact(reason, self.user))
         if action.bc is not None and action.kind in _HOLDS_BC_WATERMARK:
-            modified = action.bc.get("lastModifiedDateTime")
-            if modified and (self.outcome.hold_bc_from is None or modified < self.outcome.hold_bc_from):
-                self.outcome.hold_bc_from = modified
+            self.outcome.hold_bc_from = earliest(
+                self.outcome.hold_bc_from, action.bc.get("lastModifiedDateTime")
+            )
         if action.kind in _HOLDS_DELTA and (result is None or _transient(result)):
             self.outcome.hold_delta = True
 

@@ -55,6 +55,16 @@ def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
 
 
+def earliest(current: str | None, candidate: str | None) -> str | None:
+    """The earlier of two timestamps, compared as times. Never as text: BC trims the fraction's zeros
+    ("…:47.5Z", "…:47Z"), so "…:47Z" sorts after "…:47.1Z" and "…:47.5Z" after "…:47.50001Z"."""
+    if not candidate:
+        return current
+    if not current or parse_iso(candidate) < parse_iso(current):
+        return candidate
+    return current
+
+
 def user_hash(user: str) -> str:
     """How logs name a user: Application Insights gets no mailbox addresses."""
     return hashlib.sha256(user.encode()).hexdigest()[:16]

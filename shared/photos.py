@@ -41,7 +41,7 @@ from typing import Any
 from shared.bc_client import BcClient
 from shared.graph_client import GraphClient
 from shared.http_client import ApiError
-from shared.model import Link, ReportItem, RunReport, redact
+from shared.model import Link, ReportItem, RunReport, earliest, redact
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,6 @@ def _transient(run: PhotoRun, case: _Case, bc: dict[str, Any], outcome: PhotoOut
     """A picture read or write that failed for a passing reason: noted, and looked at again next run
     (the BC watermark is held before this contact, and the delta link when Outlook was involved)."""
     _skip(run, case.link, f"not copied this time: {redact(error, run.user)}")
-    modified = bc.get("lastModifiedDateTime")
     with run.lock:
-        if modified and (outcome.hold_bc_from is None or modified < outcome.hold_bc_from):
-            outcome.hold_bc_from = modified
+        outcome.hold_bc_from = earliest(outcome.hold_bc_from, bc.get("lastModifiedDateTime"))
         outcome.hold_delta = outcome.hold_delta or case.outlook_unknown

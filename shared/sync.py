@@ -53,6 +53,7 @@ from shared.model import (
     Scope,
     UserSettings,
     UserState,
+    earliest,
     iso,
     log_fields,
     parse_iso,
@@ -1188,8 +1189,7 @@ def _sync_photos(run: _UserRun, scope: _ScopeRun, sides: _BothSides, folder_id: 
     for outlook_id, fingerprint_ in done.outlook_written.items():
         outcome.written.setdefault(outlook_id, fingerprint_)
     outcome.photos_written.update(done.outlook_written)
-    if done.hold_bc_from and (outcome.hold_bc_from is None or done.hold_bc_from < outcome.hold_bc_from):
-        outcome.hold_bc_from = done.hold_bc_from
+    outcome.hold_bc_from = earliest(outcome.hold_bc_from, done.hold_bc_from)
     outcome.hold_delta = outcome.hold_delta or done.hold_delta
 
 
@@ -1228,7 +1228,7 @@ def _finish(run: _UserRun, sides: _BothSides, folder_id: str | None) -> None:
         state.companies = companies
         # The run-level watermark says "this user has synced"; each company's own is in `companies`.
         marks = [entry["bcWatermark"] for entry in companies.values() if "bcWatermark" in entry]
-        state.bc_watermark = min(marks) if marks else state.bc_watermark
+        state.bc_watermark = min(marks, key=parse_iso) if marks else state.bc_watermark
     else:
         scope = run.scopes[0]
         assert scope.company is not None and scope.outcome is not None
@@ -1338,14 +1338,16 @@ def _ensure_categories(run: _UserRun) -> None:
 
 
 def _next_bc_watermark(current: str | None, contacts: dict[str, dict[str, Any]], outcome: Outcome) -> str:
-    """The newest change read, held back before the oldest BC record whose write failed."""
-    newest = max((contact.get("lastModifiedDateTime") or "" for contact in contacts.values()), default="")
+    """The newest change read, held back before the oldest BC record whose write failed. Compared as
+    times, never as text (see `earliest`)."""
+    stamps = (str(c["lastModifiedDateTime"]) for c in contacts.values() if c.get("lastModifiedDateTime"))
+    newest = max(stamps, key=parse_iso, default="")
     watermark = current
-    if newest and (watermark is None or newest > watermark):
+    if newest and (watermark is None or parse_iso(newest) > parse_iso(watermark)):
         watermark = newest
     if outcome.hold_bc_from is not None:
         held = iso(parse_iso(outcome.hold_bc_from) - timedelta(microseconds=1))
-        watermark = min(watermark, held) if watermark else held
+        watermark = earliest(watermark, held)
     if watermark is None:
         watermark = iso(utcnow() - OVERLAP)  # an empty company: start from now
     return watermark

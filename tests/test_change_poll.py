@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.functions.timer import TimerRequest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import function_change_poll
 import function_sync_timer
 import function_sync_worker
+from sandbox.bc import format_datetime
 from sandbox.bindings import Collector
 from shared.config import Config, ConfigError
-from shared.model import utcnow
+from shared.model import earliest, utcnow
 from shared.sync import LEASE_SECONDS, RunInProgress
 
 ALICE = "alice@contoso.example"
@@ -202,3 +205,30 @@ def test_the_worker_and_the_wake_helper_agree_on_which_jobs_carry_a_mark():
     from shared import jobs, wake
 
     assert set(jobs.WAKE_REASONS) == set(wake.WAKE_REASONS) == {"poll", "notify", "webhook"}
+
+
+def test_bc_timestamps_with_trimmed_fractions_leave_no_change_for_the_poll(world):
+    """BC writes `lastModifiedDateTime` with the fraction's trailing zeros trimmed ("…:47.12345Z" is
+    .123450). As text, "…:47.12345Z" sorts after "…:47.123456Z", so a watermark taken as the largest
+    string would stop before the newest contact and every tick would queue a run for a change that
+    the user already has."""
+    when = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    ola = world.person("Ola Nordmann")
+    kari = world.person("Kari Nordmann")
+    world.cloud.bc.set_last_modified(world.company, ola["id"], when.replace(microsecond=123450))
+    world.cloud.bc.set_last_modified(world.company, kari["id"], when.replace(microsecond=123456))
+    world.user(ALICE)
+    _synced(world, ALICE)
+
+    assert _tick() == []
+
+
+_TIMES = st.datetimes(datetime(2000, 1, 1), datetime(2100, 1, 1), timezones=st.just(UTC))
+
+
+@given(_TIMES, _TIMES)
+def test_the_earlier_of_two_bc_timestamps_is_compared_as_time_not_text(a, b):
+    """What holds a watermark before the oldest failed write, in BC's own format (zeros trimmed)."""
+    assert earliest(format_datetime(a), format_datetime(b)) == format_datetime(min(a, b))
+    assert earliest(None, format_datetime(a)) == format_datetime(a)
+    assert earliest(format_datetime(a), None) == format_datetime(a)
