@@ -174,8 +174,9 @@ class Executor:
         if bc is None or outlook is None or outlook_id is None:
             raise ValueError("a link needs both records and the Outlook id")
         known = self.links.get(bc["id"])
-        same = known is not None and known.outlook_id == outlook_id
-        if same and known is not None and known.adopted:
+        if known is not None and known.outlook_id != outlook_id:
+            known = None  # the link moves to another contact: the old one's adoption and photo are not its
+        if known is not None and known.adopted:
             adopted = True
         link = Link(
             bc_id=bc["id"],
@@ -185,7 +186,7 @@ class Executor:
             email=bc.get("email") or "",
             adopted=adopted,
         )
-        if same and known is not None:  # the photo state is the photo step's (shared/photos.py): kept
+        if known is not None:  # the photo state is the photo step's (shared/photos.py): kept
             link.photo, link.photo_stamp, link.photo_etag = known.photo, known.photo_stamp, known.photo_etag
         return link
 

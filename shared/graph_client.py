@@ -231,7 +231,8 @@ class GraphClient:
         out = DeltaPage()
         seen: dict[str, dict[str, Any]] = {}
         removed: dict[str, None] = {}
-        for items, out.delta_link in self.delta_pages(user, folder_id, delta_link):
+        for items, link in self.delta_pages(user, folder_id, delta_link):
+            out.delta_link = link  # "" until the last page
             for item in items:
                 cid = item["id"]
                 if "@removed" in item:

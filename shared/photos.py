@@ -191,12 +191,11 @@ def sync_photos(run: PhotoRun) -> PhotoOutcome:
 def _cases(run: PhotoRun) -> dict[str, _Case]:
     """Every link whose picture may have changed on either side, with its photo state."""
     cases: dict[str, _Case] = {}
-    for bc_id, now in run.links_now.items():
+    for bc_id, link in run.links_now.items():  # a rewritten link keeps its photo state (executor._link)
         before = run.links_before.get(bc_id)
-        same_contact = before is not None and before.outlook_id == now.outlook_id
-        link = now  # a rewritten link keeps its photo state (executor._link)
-        created = now.outlook_id in run.outlook_created
-        unknown = not created and (not same_contact or now.outlook_id in run.outlook_changed)
+        same_contact = before is not None and before.outlook_id == link.outlook_id
+        created = link.outlook_id in run.outlook_created
+        unknown = not created and (not same_contact or link.outlook_id in run.outlook_changed)
         bc = run.bc_records.get(bc_id)
         bc_moved = bc is not None and (_stamp(bc) != link.photo_stamp or not link.photo)
         # A contact created this run is a case only when its state is not settled yet: a link written
